@@ -1,0 +1,40 @@
+# keyd: `make run` starts a demo daemon on an embedded OpenBao dev server; `make test` runs everything.
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then echo $$p; break; fi; done)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: run test lint unit integration resilience bench clean
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "keyd needs Python 3.11 or newer (python3.11, python3.12, ...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/keyd dev
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+integration: $(STAMP)
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+resilience: $(STAMP)
+	$(BIN)/pytest tests/resilience $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/keyd bench --compare
+
+clean:
+	rm -rf $(VENV) run .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,5 @@
+"""python -m keyd"""
+
+from keyd.cli import main
+
+raise SystemExit(main())

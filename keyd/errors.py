@@ -1,0 +1,63 @@
+"""keyd's own errors, sorted by what to do about them.
+
+Messages never contain a secret key, a Vault token or a secret_id: they are built by keyd from
+fixed text plus names (paths, app names, HTTP status codes), never from a Vault response body.
+"""
+
+from __future__ import annotations
+
+
+class KeydError(Exception):
+    """Base class of every error keyd raises on purpose."""
+
+
+class ConfigError(KeydError):
+    """The configuration is invalid; `problems` holds one line per problem, naming file and key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class VaultError(KeydError):
+    """A Vault call failed."""
+
+
+class VaultUnavailable(VaultError):
+    """Transient: Vault is down, sealed, slow or answered 5xx. Keep serving, retry with backoff."""
+
+
+class VaultAuthError(VaultError):
+    """The Vault token is missing, expired or revoked (401/403): log in again."""
+
+
+class VaultLoginError(VaultError):
+    """Logging in to Vault failed (bad role_id, used secret_id, missing credential file)."""
+
+
+class SecretError(VaultError):
+    """The secret is missing or malformed (path, field, value): fix it in Vault; the last good key stays."""
+
+
+class StartupError(KeydError):
+    """The daemon cannot start (socket in use, bad permissions on the socket path)."""
+
+
+class ApiError(KeydError):
+    """A request cannot be answered; carries the HTTP status and the stable error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class ClientError(KeydError):
+    """Raised by keyd.client when keyd answers with an error or cannot be reached."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}" if status else message)
+        self.status = status
+        self.code = code
+        self.message = message

@@ -1,0 +1,51 @@
+"""Logging set-up: plain text for people, one JSON object per line for machines.
+
+JSON lines have stable fields: ``time`` (RFC 3339, UTC), ``level``, ``logger``, ``message``, plus
+``app`` and ``key_version`` when a record carries them (``extra={"app": ...}``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import TextIO
+
+EXTRA_FIELDS = ("app", "key_version", "event")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in EXTRA_FIELDS:
+            if hasattr(record, name):
+                doc[name] = getattr(record, name)
+        if record.exc_info and record.exc_info[0] is not None:
+            doc["exception"] = record.exc_info[0].__name__
+        return json.dumps(doc, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatException(self, ei: object) -> str:
+        # Tracebacks can show local variables' reprs in some handlers; keep just the type.
+        exc_type = ei[0] if isinstance(ei, tuple) else None
+        return f"  ({getattr(exc_type, '__name__', 'exception')}; traceback suppressed)"
+
+
+def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())

@@ -1,0 +1,152 @@
+"""Who is calling (SO_PEERCRED on the Unix socket) and what they may ask for (the grants).
+
+A connection's caller is resolved once, when it connects: user and group names come from the
+system databases (cached for a minute), the systemd unit from ``/proc/<pid>/cgroup``.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+import socket
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from keyd.config import AppConfig, GrantConfig
+from keyd.errors import ApiError
+
+_CRED = struct.Struct("3i")
+_UNIT = re.compile(r"/([^/]+\.(?:service|scope))(?:/|$)")
+_CACHE_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    pid: int
+    uid: int
+    gid: int
+    user: str
+    groups: frozenset[str]
+    gids: frozenset[int]
+    unit: str
+
+    def describe(self) -> dict[str, object]:
+        return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "user": self.user, "unit": self.unit}
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix stream socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
+    pid, uid, gid = _CRED.unpack(raw)
+    return pid, uid, gid
+
+
+def unit_of(pid: int) -> str:
+    """The systemd unit (``*.service`` or ``*.scope``) a process runs in, or "" when unknown."""
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="ascii", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and parts[1] in ("", "name=systemd"):
+            found = _UNIT.findall(parts[2])
+            if found:
+                return str(found[-1])
+    return ""
+
+
+class Identities:
+    """uid -> (user name, group names, gids), cached so a busy caller costs no NSS lookups."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._cache: dict[tuple[int, int], tuple[float, str, frozenset[str], frozenset[int]]] = {}
+
+    def lookup(self, uid: int, gid: int) -> tuple[str, frozenset[str], frozenset[int]]:
+        now = self._clock()
+        hit = self._cache.get((uid, gid))
+        if hit and now - hit[0] < _CACHE_SECONDS:
+            return hit[1], hit[2], hit[3]
+        try:
+            entry = pwd.getpwuid(uid)
+            user = entry.pw_name
+            gids = set(os.getgrouplist(user, entry.pw_gid))
+        except KeyError:
+            user, gids = "", set()
+        gids.add(gid)
+        names = set()
+        for g in gids:
+            try:
+                names.add(grp.getgrgid(g).gr_name)
+            except KeyError:
+                continue
+        result = (user, frozenset(names), frozenset(gids))
+        self._cache[(uid, gid)] = (now, *result)
+        return result
+
+    def caller(self, pid: int, uid: int, gid: int) -> Caller:
+        user, names, gids = self.lookup(uid, gid)
+        return Caller(pid=pid, uid=uid, gid=gid, user=user, groups=names, gids=gids, unit=unit_of(pid))
+
+
+def grant_matches(grant: GrantConfig, caller: Caller) -> bool:
+    """All selectors a grant gives must match; a grant with none matches every caller."""
+    return (
+        (grant.user is None or grant.user == caller.user)
+        and (grant.uid is None or grant.uid == caller.uid)
+        and (grant.group is None or grant.group in caller.groups)
+        and (grant.gid is None or grant.gid in caller.gids)
+        and (grant.unit is None or grant.unit == caller.unit)
+    )
+
+
+_DEFAULT_GRANT = GrantConfig(index=-1, apps=("*",), types=("user",))
+
+
+class Policy:
+    """Decides each request by the first grant that matches the caller.
+
+    Without any ``[[grant]]`` table every caller that can open the socket gets user tokens only.
+    """
+
+    def __init__(self, grants: Sequence[GrantConfig]) -> None:
+        self._grants = tuple(grants) or (_DEFAULT_GRANT,)
+
+    def grant_for(self, caller: Caller) -> GrantConfig | None:
+        for grant in self._grants:
+            if grant_matches(grant, caller):
+                return grant
+        return None
+
+    def authorize(
+        self, caller: Caller, app: AppConfig, kind: str, ttl: float | None, user_id: str | None
+    ) -> GrantConfig:
+        """The grant that allows this request, or ApiError 403 naming what was refused."""
+        grant = self.grant_for(caller)
+        if grant is None or kind not in grant.types:
+            raise ApiError(
+                403,
+                "forbidden",
+                f"this caller may not request {kind} tokens"
+                if kind in ("user", "app")
+                else f"this caller may not use {kind}",
+            )
+        if "*" not in grant.apps and app.name not in grant.apps:
+            raise ApiError(403, "forbidden", f"this caller may not use app {app.name!r}")
+        if ttl is not None and grant.max_ttl is not None and ttl > grant.max_ttl:
+            raise ApiError(
+                403, "forbidden", f"ttl {int(ttl)} exceeds this caller's maximum of {int(grant.max_ttl)}s"
+            )
+        if (
+            user_id is not None
+            and grant.user_id_pattern is not None
+            and not grant.user_id_pattern.fullmatch(user_id)
+        ):
+            raise ApiError(403, "forbidden", "this caller may not request tokens for that user_id")
+        return grant

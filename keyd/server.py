@@ -1,0 +1,375 @@
+"""The Unix socket: bind or inherit, permissions, HTTP/1.1 parsing, limits, graceful shutdown.
+
+A bare asyncio protocol on httptools (the fastest option measured, see docs/design.md). Each request
+is handled synchronously inside ``data_received``: signing is pure CPU work of a few microseconds, so
+there is nothing to await, responses stay in order for pipelined requests, and no task is created
+per request. Timeouts are enforced by one sweeper task rather than a timer per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import grp
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qsl
+
+import httptools
+
+from keyd.api import Request, Response, error_body
+from keyd.config import ServerConfig
+from keyd.errors import StartupError
+from keyd.peers import Caller, Identities, peer_credentials
+
+log = logging.getLogger("keyd.server")
+
+MAX_HEADER_BYTES = 16384
+_STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+
+
+def _raw_response(status: int, code: str, message: str, close: bool = True) -> bytes:
+    body = error_body(code, message)
+    return (
+        _STATUS[status]
+        + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+        + (b"Connection: close\r\n" if close else b"")
+        + b"\r\n"
+        + body
+    )
+
+
+_TOO_MANY = _raw_response(503, "too_many_connections", "keyd is at its connection limit; retry shortly")
+_SHUTTING_DOWN = _raw_response(503, "shutting_down", "keyd is shutting down")
+
+
+def _resolve_group(group: str) -> int:
+    if not group:
+        return -1
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise StartupError(f"server.socket_group: no group named {group!r}") from None
+
+
+def bind_socket(config: ServerConfig) -> socket.socket:
+    """Bind a listening Unix socket at config.socket with its mode and group.
+
+    A stale socket file (nobody listening) is replaced; a live one makes this fail, so two daemons
+    never fight over one path. The socket is bound under a temporary name, given its mode and group,
+    then renamed into place: it is never reachable with looser permissions.
+    """
+    path = config.socket
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise StartupError(f"server.socket: directory {directory!r} does not exist")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"server.socket: {path!r} exists and is not a socket; not replacing it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(path)
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+                raise StartupError(f"server.socket: cannot probe {path!r}: {exc.strerror}") from None
+            log.info("replacing stale socket file %s", path)
+        else:
+            raise StartupError(f"server.socket: another process is already serving on {path!r}")
+        finally:
+            probe.close()
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(temporary)
+        gid = _resolve_group(config.socket_group)
+        if gid >= 0:
+            os.chown(temporary, -1, gid)
+        os.chmod(temporary, config.socket_mode)
+        os.rename(temporary, path)
+    except OSError as exc:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise StartupError(f"server.socket: cannot create {path!r}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+class _Abort(Exception):
+    """Stop parsing this connection: a response has been written and it will be closed."""
+
+
+class Connection(asyncio.Protocol):
+    """One client connection; parses requests with httptools and answers them in order."""
+
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_header_bytes",
+        "_headers",
+        "_paused",
+        "_url",
+        "busy",
+        "caller",
+        "deadline",
+        "parser",
+        "server",
+        "transport",
+    )
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.transport: Any = None
+        self.parser: Any = None
+        self.caller: Caller | None = None
+        self.busy = False
+        self.deadline = 0.0
+        self._url = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._paused = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        server = self.server
+        if server.closing:
+            transport.write(_SHUTTING_DOWN)
+            transport.close()
+            return
+        if len(server.connections) >= server.config.max_connections:
+            server.refused_connections += 1
+            transport.write(_TOO_MANY)
+            transport.close()
+            return
+        try:
+            pid, uid, gid = peer_credentials(transport.get_extra_info("socket"))
+            self.caller = server.identities.caller(pid, uid, gid)
+        except OSError:
+            transport.close()
+            return
+        server.connections.add(self)
+        self.parser = httptools.HttpRequestParser(self)
+        self.deadline = server.now() + server.config.idle_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.parser = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.parser is None:
+            return
+        try:
+            self.parser.feed_data(data)
+        except _Abort:
+            pass
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "bad_request", "protocol upgrades are not supported")
+        except httptools.HttpParserError:
+            self._fail(400, "bad_request", "malformed HTTP request")
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self.transport.resume_reading()
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.busy = True
+        self.deadline = self.server.now() + self.server.config.request_timeout
+        self._url = b""
+        self._headers = {}
+        self._header_bytes = 0
+        self._body = []
+        self._body_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > 8192:
+            self._fail(414, "uri_too_long", "the request URL is too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            self._fail(431, "headers_too_large", "the request headers are too large")
+        self._headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.server.config.max_body:
+            self._too_large()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.server.config.max_body:
+            self._too_large()
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        server = self.server
+        url = self._url
+        query: dict[str, str] = {}
+        path = url
+        if b"?" in url:
+            path, raw_query = url.split(b"?", 1)
+            query = dict(parse_qsl(raw_query.decode("latin-1")))
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        assert self.caller is not None  # noqa: S101 - set in connection_made before parsing
+        request = Request(
+            method=self.parser.get_method(),
+            path=path,
+            query=query,
+            headers=self._headers,
+            body=body,
+            caller=self.caller,
+        )
+        try:
+            response = server.handler(request)
+        except Exception:
+            log.exception("internal error while handling %s", request.path_text)
+            response = Response(500, error_body("internal_error", "keyd hit an internal error"))
+        keep_alive = self.parser.should_keep_alive() and not server.closing
+        self._write(response, keep_alive)
+        self.busy = False
+        if not keep_alive:
+            self.transport.close()
+            raise _Abort
+        self.deadline = server.now() + server.config.idle_timeout
+
+    # -- responses ---------------------------------------------------------------------------
+
+    def _write(self, response: Response, keep_alive: bool) -> None:
+        head = [
+            _STATUS[response.status],
+            b"Content-Type: ",
+            response.content_type,
+            b"\r\nContent-Length: %d\r\n" % len(response.body),
+        ]
+        for name, value in response.headers:
+            head.append(name + b": " + value + b"\r\n")
+        if not keep_alive:
+            head.append(b"Connection: close\r\n")
+        head.append(b"\r\n")
+        head.append(response.body)
+        self.transport.write(b"".join(head))
+
+    def _fail(self, status: int, code: str, message: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_raw_response(status, code, message))
+            self.transport.close()
+        self.parser = None
+        self.busy = False
+        raise _Abort
+
+    def _too_large(self) -> None:
+        limit = self.server.config.max_body
+        self._fail(413, "body_too_large", f"the request body exceeds {limit} bytes")
+
+    def expire(self) -> None:
+        """Called by the sweeper when the deadline passed: 408 mid-request, silent close when idle."""
+        if self.busy:
+            with contextlib.suppress(_Abort):
+                self._fail(408, "request_timeout", "the request was not received in time")
+        else:
+            self.transport.close()
+
+
+class Server:
+    """Accepts connections on one listening socket and hands parsed requests to ``handler``."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        handler: Callable[[Request], Response],
+        identities: Identities | None = None,
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        self.identities = identities or Identities()
+        self.connections: set[Connection] = set()
+        self.closing = False
+        self.refused_connections = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bound_path: str | None = None
+        self._bound_inode: int | None = None
+
+    def now(self) -> float:
+        assert self._loop is not None  # noqa: S101 - set by start()
+        return self._loop.time()
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Serve on an inherited listening socket, or bind config.socket."""
+        self._loop = asyncio.get_running_loop()
+        if sock is None:
+            sock = bind_socket(self.config)
+            self._bound_path = self.config.socket
+            self._bound_inode = os.stat(self.config.socket).st_ino
+        self._server = await self._loop.create_unix_server(lambda: Connection(self), sock=sock, backlog=4096)
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        interval = min(1.0, self.config.request_timeout / 4, self.config.idle_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = self.now()
+            for conn in [c for c in self.connections if c.deadline < now]:
+                conn.expire()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let requests in flight finish (bounded), close everything, remove the socket."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        self._remove_socket_file()
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.transport.close()
+        deadline = self.now() + self.config.shutdown_timeout
+        while any(c.busy for c in self.connections) and self.now() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.transport.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    def _remove_socket_file(self) -> None:
+        if self._bound_path is None:
+            return
+        try:
+            if os.stat(self._bound_path).st_ino == self._bound_inode:
+                os.unlink(self._bound_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove socket file %s: %s", self._bound_path, exc.strerror)
+        self._bound_path = None

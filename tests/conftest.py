@@ -1,0 +1,88 @@
+"""Fixtures shared by every test directory: a real OpenBao dev server and keyd processes on it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import hvac
+import pytest
+
+from keyd.dev import BaoServer
+from tests.helpers import KeydProcess
+
+
+@pytest.fixture(scope="session")
+def bao() -> Iterator[BaoServer]:
+    """One real OpenBao dev server (in memory, random root token) for the whole session."""
+    server = BaoServer(dev=True).start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def root(bao: BaoServer) -> hvac.Client:
+    return bao.client()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short directory path: Unix socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="kd-", dir="/tmp"))
+    os.chmod(path, 0o755)  # noqa: S103 - other test users must reach the socket inside
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def new_key() -> str:
+    return "sk_test_" + secrets.token_urlsafe(24)
+
+
+@pytest.fixture
+def secret_path(root: hvac.Client) -> tuple[str, str]:
+    """A fresh KV v2 path holding a random TalkJS key: (path, key)."""
+    path = "talkjs/" + secrets.token_hex(6)
+    key = new_key()
+    root.secrets.kv.v2.create_or_update_secret(path=path, secret={"secret_key": key}, mount_point="secret")
+    return path, key
+
+
+def base_config(bao: BaoServer, directory: Path, path: str, **apps_extra: Any) -> dict[str, Any]:
+    """A keyd config dict on `bao` with token auth from the environment and one app `default`."""
+    return {
+        "server": {"socket": str(directory / "keyd.sock"), "socket_mode": "0600"},
+        "vault": {"address": bao.address, "timeout": "2s", "auth": {"method": "token"}},
+        "refresh": {"interval": "30s", "max_stale": "1h", "retry_min": "0.2s", "retry_max": "1s"},
+        "apps": {"default": {"app_id": "tTestApp", "path": path, **apps_extra}},
+    }
+
+
+@pytest.fixture
+def keyd_factory(bao: BaoServer, root: hvac.Client, short_dir: Path) -> Iterator[Callable[..., KeydProcess]]:
+    """Start keyd processes; each gets a fresh child token via VAULT_TOKEN unless env says otherwise."""
+    started: list[KeydProcess] = []
+
+    def make(
+        config: dict[str, Any], env: dict[str, str] | None = None, start: bool = True, wait_ready: bool = True
+    ) -> KeydProcess:
+        if env is None:
+            token = root.auth.token.create(policies=["root"], ttl="1h")["auth"]["client_token"]
+            env = {"VAULT_TOKEN": token}
+        proc = KeydProcess(short_dir, config, env)
+        started.append(proc)
+        if start:
+            proc.start(wait_ready=wait_ready)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,217 @@
+"""Shared test helpers: write TOML, run keyd as a real process, talk HTTP over its socket."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(type(value))
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """A small TOML writer for test configs: scalars, lists, tables, and lists of tables."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    arrays: list[tuple[str, list[dict[str, Any]]]] = []
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            tables.append((name, value))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            arrays.append((name, value))
+        else:
+            lines.append(f"{key} = {toml_value(value)}")
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for name, table in tables:
+        out += f"\n[{name}]\n" + to_toml(table, name)
+    for name, items in arrays:
+        for item in items:
+            out += f"\n[[{name}]]\n" + to_toml(item, name)
+    return out
+
+
+class Http:
+    """A keep-alive HTTP/1.1 client over a Unix socket; returns (status, headers, body bytes)."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.conn: http.client.HTTPConnection | None = None
+
+    def _connect(self) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection("keyd", timeout=self.timeout)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        conn.sock = sock
+        return conn
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        body: bytes | str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        if self.conn is None:
+            self.conn = self._connect()
+        if isinstance(body, str):
+            body = body.encode()
+        self.conn.request(method, url, body=body, headers=headers or {})
+        resp = self.conn.getresponse()
+        data = resp.read()
+        hdrs = {k.lower(): v for k, v in resp.getheaders()}
+        if hdrs.get("connection", "").lower() == "close":
+            self.close()
+        return resp.status, hdrs, data
+
+    def post_json(self, url: str, payload: Any) -> tuple[int, Any]:
+        status, _, data = self.request("POST", url, json.dumps(payload), {"Content-Type": "application/json"})
+        return status, json.loads(data)
+
+    def get_json(self, url: str) -> tuple[int, Any]:
+        status, _, data = self.request("GET", url)
+        return status, json.loads(data)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+class KeydProcess:
+    """keyd run -c CONFIG as a child process, with its stderr captured to a file."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.config = config
+        self.config_path = workdir / "keyd.toml"
+        self.log_path = workdir / "keyd.log"
+        self.socket = str(config["server"]["socket"])
+        self.env = env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.responses: list[bytes] = []
+
+    def write_config(self) -> None:
+        self.config_path.write_text(to_toml(self.config))
+
+    def start(self, wait_ready: bool = True, timeout: float = 20.0) -> KeydProcess:
+        self.write_config()
+        env = {k: v for k, v in os.environ.items() if k not in ("VAULT_TOKEN", "NOTIFY_SOCKET")}
+        env.update(self.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "keyd", "run", "-c", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(self.workdir),
+            )
+        self.wait_for_socket(timeout)
+        if wait_ready:
+            self.wait_health(200, timeout)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def wait_for_socket(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"keyd exited with {self.process.returncode}:\n{self.logs()}")
+            if os.path.exists(self.socket):
+                with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+                    s.connect(self.socket)
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"keyd socket did not appear:\n{self.logs()}")
+
+    def wait_health(
+        self, status: int = 200, timeout: float = 20.0, field: str | None = None, value: Any = None
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                got, doc = self.http().get_json("/v1/health")
+                last = (got, doc)
+                if got == status and (field is None or doc.get(field) == value):
+                    return dict(doc)
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"health never reached {status} {field}={value}: {last}\n{self.logs()}")
+
+    def http(self) -> Http:
+        return RecordingHttp(self.socket, self.responses)
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+class RecordingHttp(Http):
+    """Http that keeps every response body, so a test can search all of them for secrets."""
+
+    def __init__(self, path: str, sink: list[bytes]) -> None:
+        super().__init__(path)
+        self.sink = sink
+
+    def request(
+        self, method: str, url: str, body: bytes | str | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        status, hdrs, data = super().request(method, url, body, headers)
+        self.sink.append(json.dumps(hdrs).encode() + data)
+        return status, hdrs, data
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what or predicate}")

@@ -21,8 +21,10 @@ from pathlib import Path
 import hvac
 
 from keyd.config import (
+    TOKEN_TYPES,
     AppConfig,
     Config,
+    GrantConfig,
     RefreshConfig,
     ServerConfig,
     VaultAuthConfig,
@@ -152,13 +154,18 @@ def demo_key() -> str:
 
 
 def dev_config(address: str, socket_path: str) -> Config:
-    """The configuration `keyd dev` runs with: token auth (VAULT_TOKEN), one demo app."""
+    """The configuration `keyd dev` runs with: token auth (VAULT_TOKEN), one demo app.
+
+    The socket is 0600 and the one grant lets its owner (you) ask for everything, so the demo can
+    show app tokens, signatures and webhook checks too.
+    """
     return Config(
         source="<keyd dev>",
         server=replace(ServerConfig(), socket=socket_path, socket_mode=0o600),
         vault=VaultConfig(address=address, auth=VaultAuthConfig(method="token")),
         refresh=RefreshConfig(interval=30.0, max_stale=600.0),
         apps={"default": AppConfig(name="default", app_id=DEMO_APP_ID, path=DEMO_PATH, field="secret_key")},
+        grants=(GrantConfig(index=0, uid=os.getuid(), types=TOKEN_TYPES),),
     )
 
 

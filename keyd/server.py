@@ -185,10 +185,15 @@ class Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except _Abort:
             pass
+        except httptools.HttpParserCallbackError as exc:
+            # httptools wraps whatever a callback raised; _Abort means "already answered".
+            if not isinstance(exc.__context__, _Abort):
+                log.error("internal error while parsing a request: %s", type(exc.__context__).__name__)
+                self._reject(500, "internal_error", "keyd hit an internal error")
         except httptools.HttpParserUpgrade:
-            self._fail(400, "bad_request", "protocol upgrades are not supported")
+            self._reject(400, "bad_request", "protocol upgrades are not supported")
         except httptools.HttpParserError:
-            self._fail(400, "bad_request", "malformed HTTP request")
+            self._reject(400, "bad_request", "malformed HTTP request")
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -279,12 +284,17 @@ class Connection(asyncio.Protocol):
         head.append(response.body)
         self.transport.write(b"".join(head))
 
-    def _fail(self, status: int, code: str, message: str) -> None:
+    def _reject(self, status: int, code: str, message: str) -> None:
+        """Answer with an error and close the connection."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(_raw_response(status, code, message))
             self.transport.close()
         self.parser = None
         self.busy = False
+
+    def _fail(self, status: int, code: str, message: str) -> None:
+        """From inside a parser callback: reject, then stop the parser."""
+        self._reject(status, code, message)
         raise _Abort
 
     def _too_large(self) -> None:
@@ -294,8 +304,7 @@ class Connection(asyncio.Protocol):
     def expire(self) -> None:
         """Called by the sweeper when the deadline passed: 408 mid-request, silent close when idle."""
         if self.busy:
-            with contextlib.suppress(_Abort):
-                self._fail(408, "request_timeout", "the request was not received in time")
+            self._reject(408, "request_timeout", "the request was not received in time")
         else:
             self.transport.close()
 

@@ -49,9 +49,13 @@ def unit_of(pid: int) -> str:
     """The systemd unit (``*.service`` or ``*.scope``) a process runs in, or "" when unknown."""
     try:
         with open(f"/proc/{pid}/cgroup", encoding="ascii", errors="replace") as handle:
-            text = handle.read()
+            return unit_from_cgroup(handle.read())
     except OSError:
         return ""
+
+
+def unit_from_cgroup(text: str) -> str:
+    """The innermost systemd unit named in the text of a ``/proc/<pid>/cgroup`` file, or ""."""
     for line in text.splitlines():
         parts = line.split(":", 2)
         if len(parts) == 3 and parts[1] in ("", "name=systemd"):
@@ -106,7 +110,59 @@ def grant_matches(grant: GrantConfig, caller: Caller) -> bool:
     )
 
 
-_DEFAULT_GRANT = GrantConfig(index=-1, apps=("*",), types=("user",))
+DEFAULT_GRANT = GrantConfig(index=-1, apps=("*",), types=("user",))
+MAX_BUCKETS = 4096
+
+
+class RateLimiter:
+    """Token buckets per (caller pid, grant): ``rate`` requests per second, bursts of up to one
+    second's worth (at least 1).
+
+    Memory is bounded: beyond ``max_buckets`` the buckets that have refilled completely are dropped
+    (forgetting them changes nothing), then the oldest ones. A process id that is reused by a new
+    process inherits the old bucket for at most a second's worth of requests.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_buckets: int = MAX_BUCKETS) -> None:
+        self._clock = clock
+        self._max = max_buckets
+        # (pid, grant index) -> [tokens left, time of the last request]
+        self._buckets: dict[tuple[int, int], list[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, pid: int, grant: GrantConfig) -> bool:
+        """Take one token from this caller's bucket; False when it is empty."""
+        rate = grant.rate
+        if rate is None:
+            return True
+        now = self._clock()
+        key = (pid, grant.index)
+        burst = max(1.0, rate)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self._max:
+                self._evict(now)
+            self._buckets[key] = [burst - 1.0, now]
+            return True
+        tokens = min(burst, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def _evict(self, now: float) -> None:
+        # A bucket idle for over a second (bursts are one second's worth) is full again: drop it.
+        full = [key for key, (_, last) in self._buckets.items() if now - last >= 1.0]
+        for key in full:
+            del self._buckets[key]
+        excess = len(self._buckets) - self._max + 1
+        if excess > 0:
+            for key in list(self._buckets)[: max(excess, self._max // 8)]:
+                del self._buckets[key]
 
 
 class Policy:
@@ -115,8 +171,14 @@ class Policy:
     Without any ``[[grant]]`` table every caller that can open the socket gets user tokens only.
     """
 
-    def __init__(self, grants: Sequence[GrantConfig]) -> None:
-        self._grants = tuple(grants) or (_DEFAULT_GRANT,)
+    def __init__(self, grants: Sequence[GrantConfig], limiter: RateLimiter | None = None) -> None:
+        self._grants = tuple(grants) or (DEFAULT_GRANT,)
+        self._limiter = limiter or RateLimiter()
+
+    @property
+    def grants(self) -> tuple[GrantConfig, ...]:
+        """The grants in the order they are tried (the implicit default grant when none is configured)."""
+        return self._grants
 
     def grant_for(self, caller: Caller) -> GrantConfig | None:
         for grant in self._grants:
@@ -127,8 +189,17 @@ class Policy:
     def authorize(
         self, caller: Caller, app: AppConfig, kind: str, ttl: float | None, user_id: str | None
     ) -> GrantConfig:
-        """The grant that allows this request, or ApiError 403 naming what was refused."""
+        """The grant that allows this request, or ApiError 403 naming what was refused.
+
+        Every request decided under a grant with a ``rate`` takes a token from the caller process's
+        bucket, refused ones included (so a flood of forbidden requests cannot flood the audit log
+        either); an empty bucket is ApiError 429 ``rate_limited``.
+        """
         grant = self.grant_for(caller)
+        if grant is not None and not self._limiter.allow(caller.pid, grant):
+            raise ApiError(
+                429, "rate_limited", f"this caller is limited to {format_rate(grant.rate)}; slow down"
+            )
         if grant is None or kind not in grant.types:
             raise ApiError(
                 403,
@@ -150,3 +221,14 @@ class Policy:
         ):
             raise ApiError(403, "forbidden", "this caller may not request tokens for that user_id")
         return grant
+
+
+def format_rate(rate: float | None) -> str:
+    """Requests per second as the friendliest of "N/s", "N/m", "N/h"."""
+    if rate is None:
+        return "unlimited"
+    for unit, seconds in (("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        amount = rate * seconds
+        if amount >= 1.0 and abs(amount - round(amount)) < 1e-6:
+            return f"{round(amount)}/{unit}"
+    return f"{rate:g}/s"

@@ -1,0 +1,196 @@
+"""The audit sink: one JSON line per decision (issued, verified or refused), to a file or stderr.
+
+A line looks like (one line, wrapped here)::
+
+    {"time":"2025-01-31T12:00:00.123Z","outcome":"issued","code":null,"app":"default",
+     "type":"user","sub":"alice","ttl":3600,"pid":4242,"uid":33,"gid":33,"user":"www-data",
+     "unit":"php-fpm.service"}
+
+With ``[audit] hash_user_ids`` the ``sub`` field is replaced by ``sub_sha256`` (hex). A line never
+holds a token, a signature or a key: ``record`` is not given any of them.
+
+The hot path stays cheap: a line is formatted by hand (the caller part is cached per caller, the
+time prefix per second) and appended to an in-memory buffer. The buffer is written with one
+``write(2)`` of whole lines after a short delay (``flush_interval``) or when it grows large, never
+fsynced. A crash can lose the last fraction of a second of audit lines; that is the trade for
+signing at full speed. A failing write is logged (at most once a minute) and does not stop signing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from json.encoder import encode_basestring_ascii as _json_str
+
+from keyd.config import AuditConfig
+from keyd.errors import StartupError
+from keyd.peers import Caller
+
+log = logging.getLogger("keyd.audit")
+
+FLUSH_INTERVAL = 0.2
+FLUSH_RECORDS = 256  # about 64 KiB of lines
+_MAX_CACHED_CALLERS = 1024
+_ERROR_EVERY = 60.0
+
+
+# (time, caller, app, type, sub, ttl, outcome, code): one decision, formatted at flush time.
+_Record = tuple[float, Caller, str | None, str | None, str | None, int | None, str, str | None]
+
+
+def _opt(value: str | None) -> str:
+    return "null" if value is None else _json_str(value)
+
+
+def open_append(path: str) -> int:
+    """Open (or create, mode 0600) ``path`` for appending; raises OSError."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+class AuditLog:
+    """Writes audit lines to ``config.file`` (or standard error when it is empty).
+
+    ``attach(loop)`` makes flushing lazy (one timer per burst); without a loop every line is
+    written at once, which is what unit tests and short-lived tools want.
+    """
+
+    def __init__(
+        self,
+        config: AuditConfig,
+        clock: Callable[[], float] = time.time,
+        flush_interval: float = FLUSH_INTERVAL,
+    ) -> None:
+        self.path = config.file
+        self._hash = config.hash_user_ids
+        self._clock = clock
+        self._flush_interval = flush_interval
+        self._pending: list[_Record] = []
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._callers: dict[Caller, str] = {}
+        self._second = -1
+        self._prefix = ""
+        self._last_error = -_ERROR_EVERY
+        self._fd = self._open()
+
+    def _open(self) -> int:
+        if not self.path:
+            return sys.stderr.fileno()
+        try:
+            return open_append(self.path)
+        except OSError as exc:
+            raise StartupError(f"audit.file: cannot open {self.path!r}: {exc.strerror}") from None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Buffer lines and flush them from ``loop`` shortly after they are recorded."""
+        self._loop = loop
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    def record(
+        self,
+        caller: Caller,
+        app: str | None,
+        kind: str | None,
+        sub: str | None,
+        ttl: int | None,
+        outcome: str,
+        code: str | None,
+    ) -> None:
+        """Append one decision. Never raises for a write problem (see the module docstring).
+
+        Only the raw fields are kept here; lines are formatted in ``flush``, many at a time. Measured
+        in keyd's request path (docs/benchmarks.md) formatting each line as it was recorded cost
+        more than signing the token, because it interleaved with everything else a request does.
+        """
+        self._pending.append((self._clock(), caller, app, kind, sub, ttl, outcome, code))
+        if len(self._pending) >= FLUSH_RECORDS or self._loop is None:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            self._loop.call_later(self._flush_interval, self.flush)
+
+    def _line(self, record: _Record) -> str:
+        now, caller, app, kind, sub, ttl, outcome, code = record
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        who = self._callers.get(caller)
+        if who is None:
+            who = self._caller_fields(caller)
+        if sub is None:
+            subject = '"sub":null'
+        elif self._hash:
+            subject = '"sub_sha256":"' + hashlib.sha256(sub.encode("utf-8", "replace")).hexdigest() + '"'
+        else:
+            subject = '"sub":' + _json_str(sub)
+        return (
+            f'{{"time":"{self._prefix}.{int((now - second) * 1000):03d}Z","outcome":{_json_str(outcome)},'
+            f'"code":{_opt(code)},"app":{_opt(app)},"type":{_opt(kind)},{subject},'
+            f'"ttl":{"null" if ttl is None else int(ttl)},{who}}}\n'
+        )
+
+    def _caller_fields(self, caller: Caller) -> str:
+        if len(self._callers) >= _MAX_CACHED_CALLERS:
+            self._callers.clear()
+        who = (
+            f'"pid":{caller.pid},"uid":{caller.uid},"gid":{caller.gid},'
+            f'"user":{_json_str(caller.user)},"unit":{_json_str(caller.unit)}'
+        )
+        self._callers[caller] = who
+        return who
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write every pending line with as few write(2) calls as the kernel allows."""
+        self._scheduled = False
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        line = self._line
+        data = "".join([line(record) for record in pending]).encode("utf-8", "replace")
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            now = time.monotonic()
+            if now - self._last_error >= _ERROR_EVERY:
+                self._last_error = now
+                log.error(
+                    "could not write %d bytes of audit lines to %s: %s",
+                    len(view),
+                    self.path or "stderr",
+                    exc.strerror,
+                )
+
+    def reopen(self) -> None:
+        """After log rotation (SIGHUP): flush to the old file, then continue in a fresh one."""
+        self.flush()
+        if not self.path:
+            return
+        try:
+            fd = open_append(self.path)
+        except OSError as exc:
+            log.error(
+                "could not reopen audit file %s (%s); still writing to the old one", self.path, exc.strerror
+            )
+            return
+        old, self._fd = self._fd, fd
+        os.close(old)
+        log.info("audit file %s reopened", self.path)
+
+    def close(self) -> None:
+        """Flush what is pending and close the file (standard error stays open)."""
+        self.flush()
+        if self.path and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

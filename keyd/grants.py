@@ -1,0 +1,152 @@
+"""Explain a policy before deploying it: what a given caller may do, and which grants look risky.
+
+Used by ``keyd grants`` and ``keyd check-config``; returns lines of text, the CLI prints them.
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+from collections.abc import Iterable
+
+from keyd.config import Config, GrantConfig
+from keyd.errors import ConfigError
+from keyd.peers import Caller, Identities, Policy, format_rate
+
+# A grant that lets a group with more members than this mint app tokens gets a warning.
+MANY_MEMBERS = 5
+_SELECTORS = ("user", "uid", "group", "gid", "unit")
+
+
+def caller_for(uid: int | None = None, user: str | None = None, unit: str = "") -> Caller:
+    """The Caller a process of this user would be: its primary and supplementary groups.
+
+    A uid without a passwd entry has no groups at all (gid -1).
+    """
+    if user is not None:
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise ConfigError([f"--user: no user named {user!r} on this host"]) from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+    elif uid is None:
+        raise ConfigError(["give --uid N or --user NAME"])
+    else:
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = -1
+    name, groups, gids = Identities().lookup(uid, gid)
+    return Caller(
+        pid=0,
+        uid=uid,
+        gid=gid,
+        user=name,
+        groups=groups,
+        gids=frozenset(g for g in gids if g >= 0),
+        unit=unit,
+    )
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def describe_grant(grant: GrantConfig) -> str:
+    """``grant[0] (group = "www-data")`` or the implicit default grant."""
+    if grant.index < 0:
+        return "the default grant (no [[grant]] tables: every caller, user tokens only)"
+    selectors = [
+        f"{name} = {getattr(grant, name)!r}" for name in _SELECTORS if getattr(grant, name) is not None
+    ]
+    return f"grant[{grant.index}] ({', '.join(selectors) or 'no selectors: every caller'})"
+
+
+def explain(config: Config, caller: Caller) -> tuple[bool, list[str]]:
+    """(whether any grant matches, lines describing what this caller may ask for)."""
+    groups = ", ".join(sorted(caller.groups)) or "none"
+    lines = [
+        f"caller: uid {caller.uid} ({caller.user or 'no passwd entry'}), gid {caller.gid}, groups: {groups}"
+        + (f", unit {caller.unit}" if caller.unit else "")
+    ]
+    grant = Policy(config.grants).grant_for(caller)
+    if grant is None:
+        lines.append("no grant matches: every request from this caller is refused (403 forbidden)")
+        return False, lines
+    lines.append(f"matches {describe_grant(grant)}")
+    lines.append(f"  types: {', '.join(grant.types)}")
+    apps = list(config.apps) if "*" in grant.apps else [a for a in grant.apps if a in config.apps]
+    lines.append(f"  apps: {', '.join(apps)}" + (' (["*"])' if "*" in grant.apps else ""))
+    for name in apps:
+        app = config.apps[name]
+        limits = []
+        if "user" in grant.types:
+            limits.append(f"user tokens up to {_duration(_cap(app.max_user_ttl, grant))}")
+        if "app" in grant.types:
+            limits.append(f"app tokens up to {_duration(_cap(app.max_app_ttl, grant))}")
+        if limits:
+            lines.append(f"    {name} ({app.app_id}): {', '.join(limits)}")
+    if grant.max_ttl is not None:
+        lines.append(f"  max_ttl: {_duration(grant.max_ttl)}")
+    pattern = grant.user_id_pattern.pattern if grant.user_id_pattern is not None else "any valid user_id"
+    lines.append(f"  user_id_pattern: {pattern}")
+    rate = f"{format_rate(grant.rate)} per caller process" if grant.rate is not None else "unlimited"
+    lines.append(f"  rate: {rate}")
+    return True, lines
+
+
+def _cap(app_max: float, grant: GrantConfig) -> float:
+    return app_max if grant.max_ttl is None else min(app_max, grant.max_ttl)
+
+
+def group_members(group: str | None, gid: int | None) -> set[str] | None:
+    """Users in a group (listed members plus users whose primary group it is); None if unknown."""
+    try:
+        entry = grp.getgrnam(group) if group is not None else grp.getgrgid(gid if gid is not None else -1)
+    except KeyError:
+        return None
+    members = set(entry.gr_mem)
+    members.update(p.pw_name for p in pwd.getpwall() if p.pw_gid == entry.gr_gid)
+    return members
+
+
+def warnings(config: Config, many: int = MANY_MEMBERS) -> list[str]:
+    """Grants worth a second look: app tokens for every caller or for a big group, dead grants."""
+    out: list[str] = []
+    catch_all: GrantConfig | None = None
+    for grant in config.grants:
+        where = f"{config.source}: grant[{grant.index}]"
+        if catch_all is not None:
+            out.append(
+                f"{where}: warning: never used, grant[{catch_all.index}] before it matches every caller"
+            )
+            continue
+        has_selector = any(getattr(grant, name) is not None for name in _SELECTORS)
+        if not has_selector:
+            catch_all = grant
+        if "app" not in grant.types:
+            continue
+        if not has_selector:
+            out.append(
+                f"{where}: warning: allows app tokens (full admin access to TalkJS) to every caller "
+                "that can open the socket; add user, uid, group, gid or unit"
+            )
+            continue
+        if grant.user is None and grant.uid is None and (grant.group is not None or grant.gid is not None):
+            members = group_members(grant.group, grant.gid)
+            label = grant.group if grant.group is not None else f"gid {grant.gid}"
+            if members is not None and len(members) > many:
+                out.append(
+                    f"{where}: warning: allows app tokens (full admin access to TalkJS) to group "
+                    f"{label!r}, which has {len(members)} members: {_sample(members)}"
+                )
+    return out
+
+
+def _sample(names: Iterable[str], count: int = 8) -> str:
+    ordered = sorted(names)
+    more = f", ... ({len(ordered) - count} more)" if len(ordered) > count else ""
+    return ", ".join(ordered[:count]) + more

@@ -1,21 +1,171 @@
 """A small client for keyd's socket API, for Python backends and for keyd's own commands.
 
     from keyd.client import KeydClient
-    token = KeydClient("/run/keyd/keyd.sock").user_token("alice")
+    client = KeydClient("/run/keyd/keyd.sock")
+    token = client.user_token("alice")
 
-Errors raise ``keyd.errors.ClientError`` carrying the HTTP status and the API's error code.
+    from keyd.client import AsyncKeydClient
+    async with AsyncKeydClient("/run/keyd/keyd.sock") as client:
+        token = await client.user_token("alice")
+
+Both keep keep-alive connections open and reconnect once when keyd closed an idle one. Errors are
+``ClientError`` subclasses carrying the HTTP status and the API's error code:
+
+- ``Unreachable``: no socket, permission denied, connection refused or reset, timeout (status 0);
+- ``InvalidRequest``: 4xx for a malformed or invalid request, an unknown app (400/404/405/413/415/422);
+- ``Forbidden``: 403, no grant allows this caller that request;
+- ``RateLimited``: 429, the caller's grant rate is used up;
+- ``WebhookRejected``: 401 from the webhook check (only if you call ``request`` yourself);
+- ``Unavailable``: 5xx; its subclass ``KeyUnavailable`` (503 ``key_unavailable``) means the key is
+  not loaded or could not be refreshed for longer than ``refresh.max_stale``.
+
+``verify_webhook`` returns True for an authentic, fresh webhook and False for one keyd judges not
+authentic (wrong signature, stale or malformed timestamp, missing header): reject that request.
+Everything that says nothing about the webhook itself (keyd unreachable, no grant, unknown app,
+key unavailable) raises, so a webhook endpoint answers 5xx and TalkJS retries it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.client
 import json
 import socket
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
 
 from keyd.errors import ClientError
 
+__all__ = [
+    "DEFAULT_SOCKET",
+    "AsyncKeydClient",
+    "ClientError",
+    "Forbidden",
+    "InvalidRequest",
+    "KeyUnavailable",
+    "KeydClient",
+    "RateLimited",
+    "Unavailable",
+    "Unreachable",
+    "WebhookRejected",
+]
+
 DEFAULT_SOCKET = "/run/keyd/keyd.sock"
+WEBHOOK_HEADERS = ("X-TalkJS-Timestamp", "X-TalkJS-Signature")
+# The answers that mean "this webhook is not authentic": verify_webhook returns False for them.
+WEBHOOK_REJECTIONS = frozenset({"invalid_signature", "stale_timestamp", "missing_header", "invalid_header"})
+MAX_RESPONSE = 1 << 20
+
+
+class Unreachable(ClientError):
+    """keyd cannot be reached: no socket, no permission, refused, reset, timed out, or a bad answer."""
+
+
+class InvalidRequest(ClientError):
+    """keyd rejected the request itself (400, 404, 405, 413, 415, 422): fix the request."""
+
+
+class Forbidden(ClientError):
+    """403: no grant allows this caller (its uid, group or unit) to make this request."""
+
+
+class RateLimited(ClientError):
+    """429: the caller's grant rate is used up; slow down."""
+
+
+class WebhookRejected(ClientError):
+    """401 from POST /v1/webhooks/verify: the webhook is not authentic or not fresh."""
+
+
+class Unavailable(ClientError):
+    """5xx: keyd cannot answer right now (shutting down, at its connection limit, internal error)."""
+
+
+class KeyUnavailable(Unavailable):
+    """503 key_unavailable: the app's key is not loaded, or is past refresh.max_stale."""
+
+
+def error_for(status: int, code: str, message: str) -> ClientError:
+    """The ClientError subclass for an error answer."""
+    cls: type[ClientError]
+    if status == 0:
+        cls = Unreachable
+    elif status == 401:
+        cls = WebhookRejected
+    elif status == 403:
+        cls = Forbidden
+    elif status == 429:
+        cls = RateLimited
+    elif code == "key_unavailable":
+        cls = KeyUnavailable
+    elif status >= 500:
+        cls = Unavailable
+    elif status >= 400:
+        cls = InvalidRequest
+    else:
+        cls = ClientError
+    return cls(status, code, message)
+
+
+def checked(status: int, data: Any) -> dict[str, Any]:
+    """The response document of a 200, or the matching ClientError raised."""
+    if status == 200 and isinstance(data, dict):
+        return data
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        raise error_for(status, str(error.get("code", "error")), str(error.get("message", "")))
+    raise error_for(status, "bad_response", f"keyd answered {status} without an error document")
+
+
+def _decode(status: int, raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        raise Unavailable(status, "bad_response", "keyd answered with invalid JSON") from None
+
+
+def _payload(**fields: Any) -> bytes:
+    return json.dumps({k: v for k, v in fields.items() if v is not None}).encode()
+
+
+def _safe_header(value: str) -> bool:
+    return value.isascii() and not any(c in value for c in "\r\n\0")
+
+
+def _webhook_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The two TalkJS headers from the incoming request's headers, looked up case-insensitively.
+
+    A value no HTTP sender could have sent (non-ASCII, CR, LF, NUL) is left out, so keyd answers
+    missing_header and the webhook is judged not authentic.
+    """
+    lowered = {name.lower(): value for name, value in headers.items()}
+    out = {"Content-Type": "application/json"}
+    for name in WEBHOOK_HEADERS:
+        value = lowered.get(name.lower())
+        if isinstance(value, str) and _safe_header(value):
+            out[name] = value
+    return out
+
+
+def _webhook_path(app: str | None) -> str:
+    return "/v1/webhooks/verify" + (f"?app={quote(app, safe='')}" if app is not None else "")
+
+
+def _unreachable(path: str, exc: OSError) -> Unreachable:
+    if isinstance(exc, FileNotFoundError):
+        return Unreachable(0, "unreachable", f"no keyd socket at {path}")
+    if isinstance(exc, PermissionError):
+        return Unreachable(0, "unreachable", f"permission denied opening {path}")
+    if isinstance(exc, ConnectionRefusedError):
+        return Unreachable(0, "unreachable", f"nothing is listening on {path} (is keyd running?)")
+    if isinstance(exc, TimeoutError):
+        return Unreachable(0, "unreachable", f"keyd at {path} did not answer in time")
+    return Unreachable(0, "unreachable", f"cannot reach keyd at {path}: {exc.strerror or type(exc).__name__}")
+
+
+# -- synchronous --------------------------------------------------------------------------------
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -35,7 +185,10 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class KeydClient:
-    """Synchronous client; keeps one keep-alive connection and reconnects when it drops."""
+    """Synchronous client; keeps one keep-alive connection and reconnects when it drops.
+
+    One instance is not thread-safe: give each thread its own (they are cheap).
+    """
 
     def __init__(self, socket_path: str = DEFAULT_SOCKET, timeout: float = 5.0) -> None:
         self.socket_path = socket_path
@@ -58,66 +211,228 @@ class KeydClient:
         method: str,
         path: str,
         body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, Any]]:
-        """Send one request; (status, decoded JSON). Raises ClientError when keyd is unreachable."""
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """Send one request; (status, decoded JSON). Raises Unreachable when keyd cannot be reached."""
         for attempt in (1, 2):
+            reused = self._conn is not None
             if self._conn is None:
                 self._conn = _UnixConnection(self.socket_path, self.timeout)
             try:
-                self._conn.request(method, path, body=body, headers=headers or {})
+                self._conn.request(method, path, body=body, headers=dict(headers or {}))
                 response = self._conn.getresponse()
                 raw = response.read()
                 if response.getheader("Connection", "").lower() == "close":
                     self.close()
                 break
-            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as exc:
+                # A kept-alive connection keyd closed while idle: try once on a fresh one.
                 self.close()
-                if attempt == 2:
-                    raise ClientError(
-                        0, "unreachable", f"keyd at {self.socket_path} closed the connection"
-                    ) from None
-            except FileNotFoundError:
+                if attempt == 2 or not reused:
+                    raise _unreachable(self.socket_path, exc) from None
+            except http.client.HTTPException:
                 self.close()
-                raise ClientError(0, "unreachable", f"no keyd socket at {self.socket_path}") from None
-            except PermissionError:
-                self.close()
-                raise ClientError(0, "unreachable", f"permission denied opening {self.socket_path}") from None
+                raise Unreachable(0, "bad_response", "keyd answered with a malformed HTTP response") from None
             except OSError as exc:
                 self.close()
-                raise ClientError(
-                    0, "unreachable", f"cannot reach keyd at {self.socket_path}: {exc.strerror or exc}"
-                ) from None
-        try:
-            data = json.loads(raw) if raw else {}
-        except ValueError:
-            raise ClientError(response.status, "bad_response", "keyd answered with invalid JSON") from None
-        return response.status, data
+                raise _unreachable(self.socket_path, exc) from None
+        return response.status, _decode(response.status, raw)
 
-    def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        status, data = self.request(
-            "POST", path, json.dumps(payload).encode(), {"Content-Type": "application/json"}
-        )
-        return _checked(status, data)
+    def _post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        status, data = self.request("POST", path, body, headers or {"Content-Type": "application/json"})
+        return checked(status, data)
 
-    def token(self, **payload: Any) -> dict[str, Any]:
-        """POST /v1/tokens with the given fields; returns the whole response document."""
-        return self._post("/v1/tokens", {k: v for k, v in payload.items() if v is not None})
+    def token(self, **fields: Any) -> dict[str, Any]:
+        """POST /v1/tokens with the given fields (None values left out); the whole response."""
+        return self._post("/v1/tokens", _payload(**fields))
 
     def user_token(self, user_id: str, ttl: int | None = None, app: str | None = None) -> str:
+        """A TalkJS user token (JWT) for ``user_id``."""
         return str(self.token(user_id=user_id, ttl=ttl, app=app)["token"])
 
     def app_token(self, ttl: int | None = None, app: str | None = None) -> str:
+        """A TalkJS REST API token (needs a grant with type "app")."""
         return str(self.token(type="app", ttl=ttl, app=app)["token"])
 
+    def signature(self, user_id: str, uppercase: bool = False, app: str | None = None) -> str:
+        """The legacy identity-verification signature (hex HMAC-SHA256 of the user id)."""
+        doc = self._post("/v1/signatures", _payload(user_id=user_id, uppercase=uppercase or None, app=app))
+        return str(doc["signature"])
+
+    def verify_webhook(self, headers: Mapping[str, str], body: bytes, app: str | None = None) -> bool:
+        """True when TalkJS signed this webhook (raw ``body`` bytes exactly as received) recently.
+
+        False when keyd says it is not authentic; raises ClientError when keyd cannot decide.
+        """
+        try:
+            self._post(_webhook_path(app), body, _webhook_headers(headers))
+        except (WebhookRejected, InvalidRequest) as exc:
+            if exc.code in WEBHOOK_REJECTIONS:
+                return False
+            raise
+        return True
+
     def health(self) -> tuple[int, dict[str, Any]]:
-        return self.request("GET", "/v1/health")
+        """(HTTP status, health document); 503 is an answer here, not an error."""
+        status, data = self.request("GET", "/v1/health")
+        if not isinstance(data, dict):
+            raise Unavailable(status, "bad_response", "keyd answered health with a non-object")
+        return status, data
 
 
-def _checked(status: int, data: dict[str, Any]) -> dict[str, Any]:
-    if status == 200:
-        return data
-    error = data.get("error") if isinstance(data, dict) else None
-    if isinstance(error, dict):
-        raise ClientError(status, str(error.get("code", "error")), str(error.get("message", "")))
-    raise ClientError(status, "error", f"keyd answered {status}")
+# -- asyncio ------------------------------------------------------------------------------------
+
+
+class _Closed(Exception):
+    """The server closed a reused connection before answering."""
+
+
+class AsyncKeydClient:
+    """asyncio client with the same methods as KeydClient (as coroutines).
+
+    Keeps up to ``pool_size`` idle keep-alive connections; concurrent requests each take their own
+    connection, so many coroutines can share one client.
+    """
+
+    def __init__(self, socket_path: str = DEFAULT_SOCKET, timeout: float = 5.0, pool_size: int = 8) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for _, writer in idle:
+            writer.close()
+        for _, writer in idle:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def __aenter__(self) -> AsyncKeydClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """Send one request; (status, decoded JSON). Raises Unreachable when keyd cannot be reached."""
+        head = [f"{method} {path} HTTP/1.1", "Host: keyd"]
+        for name, value in (headers or {}).items():
+            if not (_safe_header(name) and _safe_header(value)):
+                raise ValueError(f"header {name!r} holds characters HTTP does not allow")
+            head.append(f"{name}: {value}")
+        payload = body or b""
+        if body is not None or method in ("POST", "PUT"):
+            head.append(f"Content-Length: {len(payload)}")
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
+        for attempt in (1, 2):
+            reused = bool(self._idle)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    reader, writer = self._idle.pop() if reused else await self._connect()
+                    try:
+                        status, raw, keep = await self._exchange(reader, writer, data, reused)
+                    except BaseException:
+                        writer.close()
+                        raise
+            except _Closed:
+                if attempt == 2:
+                    raise Unreachable(
+                        0, "unreachable", f"keyd at {self.socket_path} closed the connection"
+                    ) from None
+                continue
+            except TimeoutError:
+                raise Unreachable(
+                    0, "unreachable", f"keyd at {self.socket_path} did not answer in time"
+                ) from None
+            except OSError as exc:
+                raise _unreachable(self.socket_path, exc) from None
+            if keep and len(self._idle) < self.pool_size:
+                self._idle.append((reader, writer))
+            else:
+                writer.close()
+            return status, _decode(status, raw)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_unix_connection(self.socket_path, limit=MAX_RESPONSE)
+
+    @staticmethod
+    async def _exchange(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes, reused: bool
+    ) -> tuple[int, bytes, bool]:
+        """Write one request, read one response: (status, body, whether the connection stays open)."""
+        try:
+            writer.write(data)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as exc:
+            nothing = not isinstance(exc, asyncio.IncompleteReadError) or not exc.partial
+            if reused and nothing:
+                raise _Closed from None
+            raise ConnectionResetError("keyd closed the connection mid-answer") from None
+        except asyncio.LimitOverrunError:
+            raise Unreachable(0, "bad_response", "keyd's response head is too large") from None
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise Unreachable(0, "bad_response", "keyd answered with a malformed HTTP response")
+        status = int(parts[1])
+        fields: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                fields[name.strip().lower()] = value.strip()
+        length_text = fields.get("content-length", "")
+        if not length_text.isdigit() or int(length_text) > MAX_RESPONSE:
+            raise Unreachable(0, "bad_response", "keyd's response has no usable Content-Length")
+        try:
+            raw = await reader.readexactly(int(length_text))
+        except asyncio.IncompleteReadError:
+            raise ConnectionResetError("keyd closed the connection mid-answer") from None
+        keep = fields.get("connection", "").lower() != "close" and parts[0] == "HTTP/1.1"
+        return status, raw, keep
+
+    async def _post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        status, data = await self.request("POST", path, body, headers or {"Content-Type": "application/json"})
+        return checked(status, data)
+
+    async def token(self, **fields: Any) -> dict[str, Any]:
+        """POST /v1/tokens with the given fields (None values left out); the whole response."""
+        return await self._post("/v1/tokens", _payload(**fields))
+
+    async def user_token(self, user_id: str, ttl: int | None = None, app: str | None = None) -> str:
+        """A TalkJS user token (JWT) for ``user_id``."""
+        return str((await self.token(user_id=user_id, ttl=ttl, app=app))["token"])
+
+    async def app_token(self, ttl: int | None = None, app: str | None = None) -> str:
+        """A TalkJS REST API token (needs a grant with type "app")."""
+        return str((await self.token(type="app", ttl=ttl, app=app))["token"])
+
+    async def signature(self, user_id: str, uppercase: bool = False, app: str | None = None) -> str:
+        """The legacy identity-verification signature (hex HMAC-SHA256 of the user id)."""
+        body = _payload(user_id=user_id, uppercase=uppercase or None, app=app)
+        return str((await self._post("/v1/signatures", body))["signature"])
+
+    async def verify_webhook(self, headers: Mapping[str, str], body: bytes, app: str | None = None) -> bool:
+        """True when TalkJS signed this webhook recently; False when not; raises when keyd cannot tell."""
+        try:
+            await self._post(_webhook_path(app), body, _webhook_headers(headers))
+        except (WebhookRejected, InvalidRequest) as exc:
+            if exc.code in WEBHOOK_REJECTIONS:
+                return False
+            raise
+        return True
+
+    async def health(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, health document); 503 is an answer here, not an error."""
+        status, data = await self.request("GET", "/v1/health")
+        if not isinstance(data, dict):
+            raise Unavailable(status, "bad_response", "keyd answered health with a non-object")
+        return status, data

@@ -1,7 +1,11 @@
 """Logging set-up: plain text for people, one JSON object per line for machines.
 
-JSON lines have stable fields: ``time`` (RFC 3339, UTC), ``level``, ``logger``, ``message``, plus
-``app`` and ``key_version`` when a record carries them (``extra={"app": ...}``).
+JSON lines have stable fields: ``time`` (RFC 3339, UTC, milliseconds), ``level``, ``logger``,
+``message``, and, when a record carries them (``extra={"app": ...}``): ``event`` (what happened, a
+fixed word such as ``loaded``, ``refresh``, ``rotation``, ``degraded``, ``unavailable``,
+``recovered``, ``renewal``, ``relogin``), ``app``, ``key_version``, ``previous_version``, ``ttl``
+(seconds) and ``error`` (a keyd error message, which never holds a secret). ``exception`` holds only
+the type name of an exception; tracebacks are never written. docs/operations.md lists the events.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import sys
 from datetime import UTC, datetime
 from typing import TextIO
 
-EXTRA_FIELDS = ("app", "key_version", "event")
+EXTRA_FIELDS = ("event", "app", "key_version", "previous_version", "ttl", "error")
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,0 +1,393 @@
+"""Prometheus metrics: cheap counters on the hot path, Prometheus families built only on a scrape.
+
+The request path does plain ``dict``/``list`` increments on the event loop's thread (no lock, no
+``prometheus_client`` object per request). ``KeydCollector`` turns those numbers, and gauges read
+from the daemon's parts at scrape time, into metric families when ``/metrics`` is asked for. A
+scrape is served on the event loop too (the socket route, or the optional loopback TCP listener,
+which runs on the same loop), so readers and writers never race.
+
+No label ever holds a user id, a token, a key or a caller-supplied path: labels are app table names
+(from the configuration), token types, outcomes, error codes (fixed strings chosen by keyd) and the
+names of known endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.process_collector import ProcessCollector
+
+from keyd.api import Request, Response
+
+log = logging.getLogger("keyd.metrics")
+
+# Handling time of one request inside keyd (parse, authorize, sign): microseconds when healthy.
+LATENCY_BUCKETS = (
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.1,
+    1.0,
+)
+OTHER_ENDPOINT = "other"
+CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
+
+
+class RequestStats:
+    """Counters written by the API on the event loop; read by ``KeydCollector`` at scrape time.
+
+    Every method is a handful of dict operations: measured at well under a microsecond per request,
+    against the 40-50 microseconds a whole request costs.
+    """
+
+    __slots__ = ("_bounds", "decisions", "errors", "latency", "requests")
+
+    def __init__(self, endpoints: Iterable[str] = ()) -> None:
+        self._bounds = LATENCY_BUCKETS
+        # (endpoint, status) -> count
+        self.requests: dict[tuple[str, int], int] = {}
+        # error code -> count (every error response the API produced)
+        self.errors: dict[str, int] = {}
+        # (app, type, outcome) -> count; outcome is "issued", "verified" or "refused"
+        self.decisions: dict[tuple[str, str, str], int] = {}
+        # endpoint -> [bucket counts..., +Inf count, sum of seconds]
+        self.latency: dict[str, list[float]] = {}
+        for endpoint in endpoints:
+            self._histogram(endpoint)
+
+    def _histogram(self, endpoint: str) -> list[float]:
+        buckets = self.latency.get(endpoint)
+        if buckets is None:
+            buckets = self.latency[endpoint] = [0.0] * (len(self._bounds) + 2)
+        return buckets
+
+    def request(self, endpoint: str, status: int, seconds: float) -> None:
+        """One answered request: its endpoint label (a known route or "other"), status and duration."""
+        key = (endpoint, status)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        buckets = self.latency.get(endpoint) or self._histogram(endpoint)
+        buckets[bisect.bisect_left(self._bounds, seconds)] += 1
+        buckets[-1] += seconds
+
+    def error(self, code: str) -> None:
+        errors = self.errors
+        errors[code] = errors.get(code, 0) + 1
+
+    def decision(self, app: str | None, kind: str | None, outcome: str) -> None:
+        """One decision after validation (the same ones the audit log records)."""
+        key = (app or "", kind or "", outcome)
+        decisions = self.decisions
+        decisions[key] = decisions.get(key, 0) + 1
+
+
+@dataclass(frozen=True)
+class AppView:
+    """One app's key state, as the health document describes it."""
+
+    name: str
+    can_sign: bool
+    key_loaded: bool
+    key_version: int | None
+    key_age: float | None
+    since_last_refresh: float | None
+    stale: bool
+    consecutive_failures: int
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where the scrape-time gauges come from; the daemon wires these to its parts.
+
+    ``health`` returns the key store's health document; ``vault`` returns the document
+    ``vault_section`` builds; the others return plain numbers.
+    """
+
+    health: Callable[[], Mapping[str, Any]]
+    vault: Callable[[], Mapping[str, Any]]
+    connections: Callable[[], int]
+    refused_connections: Callable[[], int]
+
+
+def apps_of(health: Mapping[str, Any]) -> list[AppView]:
+    views = []
+    for name, doc in (health.get("apps") or {}).items():
+        views.append(
+            AppView(
+                name=name,
+                can_sign=bool(doc.get("can_sign")),
+                key_loaded=bool(doc.get("key_loaded")),
+                key_version=doc.get("key_version"),
+                key_age=doc.get("key_age"),
+                since_last_refresh=doc.get("since_last_refresh"),
+                stale=bool(doc.get("stale")),
+                consecutive_failures=int(doc.get("refresh_failures") or 0),
+            )
+        )
+    return views
+
+
+class KeydCollector:
+    """Builds every keyd_* family from RequestStats and Sources when Prometheus scrapes."""
+
+    def __init__(self, stats: RequestStats, sources: Sources | None = None) -> None:
+        self._stats = stats
+        self._sources = sources
+
+    def describe(self) -> list[Metric]:
+        return []  # unchecked collector: names are fixed in collect()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._request_families()
+        if self._sources is not None:
+            yield from self._state_families(self._sources)
+
+    def _request_families(self) -> Iterator[Metric]:
+        stats = self._stats
+        requests = CounterMetricFamily(
+            "keyd_requests",
+            "Requests answered by the API, by endpoint and HTTP status.",
+            labels=["endpoint", "status"],
+        )
+        for (endpoint, status), count in sorted(dict(stats.requests).items()):
+            requests.add_metric([endpoint, str(status)], count)
+        yield requests
+
+        decisions = CounterMetricFamily(
+            "keyd_tokens",
+            "Decisions on valid requests by app, type (user, app, signature, webhook) and outcome "
+            "(issued, verified, refused).",
+            labels=["app", "type", "outcome"],
+        )
+        for (app, kind, outcome), count in sorted(dict(stats.decisions).items()):
+            decisions.add_metric([app, kind, outcome], count)
+        yield decisions
+
+        errors = CounterMetricFamily(
+            "keyd_refusals", "Error responses from the API, by error code.", labels=["code"]
+        )
+        for code, count in sorted(dict(stats.errors).items()):
+            errors.add_metric([code], count)
+        yield errors
+
+        latency = HistogramMetricFamily(
+            "keyd_request_duration_seconds",
+            "Time keyd spent handling a request (parse, authorize, sign), by endpoint.",
+            labels=["endpoint"],
+        )
+        bounds = LATENCY_BUCKETS
+        for endpoint, raw in sorted(dict(stats.latency).items()):
+            counts = list(raw)
+            cumulative, buckets = 0.0, []
+            for bound, observed in zip((*bounds, float("inf")), counts[:-1], strict=True):
+                cumulative += observed
+                buckets.append((_bound(bound), cumulative))
+            latency.add_metric([endpoint], buckets, sum_value=counts[-1])
+        yield latency
+
+    def _state_families(self, sources: Sources) -> Iterator[Metric]:
+        apps = apps_of(sources.health())
+        can_sign = GaugeMetricFamily("keyd_app_can_sign", "1 when the app can sign now.", labels=["app"])
+        loaded = GaugeMetricFamily(
+            "keyd_app_key_loaded", "1 when a key is loaded for the app.", labels=["app"]
+        )
+        version = GaugeMetricFamily(
+            "keyd_app_key_version", "KV version of the key in use (absent for KV v1).", labels=["app"]
+        )
+        age = GaugeMetricFamily(
+            "keyd_app_key_age_seconds", "Seconds since the key in use was read from Vault.", labels=["app"]
+        )
+        since = GaugeMetricFamily(
+            "keyd_app_seconds_since_refresh",
+            "Seconds since the last successful refresh of the app's key.",
+            labels=["app"],
+        )
+        stale = GaugeMetricFamily(
+            "keyd_app_key_stale",
+            "1 while the app signs with its last good key because refreshes fail.",
+            labels=["app"],
+        )
+        failing = GaugeMetricFamily(
+            "keyd_app_consecutive_refresh_failures",
+            "Refreshes of the app's key that failed since its last success.",
+            labels=["app"],
+        )
+        for app in apps:
+            can_sign.add_metric([app.name], float(app.can_sign))
+            loaded.add_metric([app.name], float(app.key_loaded))
+            stale.add_metric([app.name], float(app.stale))
+            failing.add_metric([app.name], app.consecutive_failures)
+            if app.key_version is not None:
+                version.add_metric([app.name], app.key_version)
+            if app.key_age is not None:
+                age.add_metric([app.name], app.key_age)
+            if app.since_last_refresh is not None:
+                since.add_metric([app.name], app.since_last_refresh)
+        yield from (can_sign, loaded, version, age, since, stale, failing)
+
+        vault = sources.vault()
+        yield _counter(
+            "keyd_refresh_failures", "Failed key refreshes since start.", vault.get("refresh_failures", 0)
+        )
+        yield _counter(
+            "keyd_login_failures", "Failed Vault logins since start.", vault.get("login_failures", 0)
+        )
+        yield GaugeMetricFamily(
+            "keyd_vault_logged_in",
+            "1 while keyd holds a Vault token.",
+            value=float(bool(vault.get("logged_in"))),
+        )
+        ttl = vault.get("token_ttl_remaining")
+        if ttl is not None:
+            yield GaugeMetricFamily(
+                "keyd_vault_token_ttl_seconds",
+                "Seconds the current Vault token has left before it must be renewed or replaced.",
+                value=ttl,
+            )
+        yield GaugeMetricFamily("keyd_connections", "Open client connections.", value=sources.connections())
+        yield _counter(
+            "keyd_connections_refused",
+            "Connections refused at server.max_connections.",
+            sources.refused_connections(),
+        )
+
+
+def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, text, value=value)
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def vault_section(token: Any, login_failures: int, refresh_failures: int, now: float) -> dict[str, Any]:
+    """The ``vault`` section of GET /v1/health: token lifetime and failure counts, never the token.
+
+    ``token`` is a ``vault.TokenInfo`` or None (not logged in).
+    """
+    expires = token.expires_at() if token is not None else None
+    return {
+        "logged_in": token is not None,
+        "token_renewable": bool(token.renewable) if token is not None else None,
+        "token_ttl_remaining": None if expires is None else round(max(0.0, expires - now), 3),
+        "login_failures": login_failures,
+        "refresh_failures": refresh_failures,
+    }
+
+
+class Metrics:
+    """The registry keyd serves: its own collector plus the standard process metrics."""
+
+    def __init__(self, stats: RequestStats, sources: Sources | None = None, process: bool = True) -> None:
+        self.stats = stats
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(KeydCollector(stats, sources))
+        if process:
+            ProcessCollector(registry=self.registry)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        data: bytes = generate_latest(self.registry)
+        return data
+
+    def handle(self, request: Request) -> Response:
+        """GET /metrics on the socket (an Api route)."""
+        return Response(200, self.render(), CONTENT_TYPE)
+
+
+# -- the optional loopback TCP listener ---------------------------------------------------------
+
+_MAX_HEAD = 8192
+_READ_TIMEOUT = 5.0
+
+
+def _http(status: str, body: bytes, content_type: bytes = b"text/plain; charset=utf-8") -> bytes:
+    return (
+        b"HTTP/1.1 "
+        + status.encode()
+        + b"\r\nContent-Type: "
+        + content_type
+        + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        + body
+    )
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """("127.0.0.1", 9464) from "127.0.0.1:9464"; "[::1]:9464" gives ("::1", 9464)."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class TcpListener:
+    """GET /metrics over loopback TCP for a Prometheus that cannot reach the Unix socket.
+
+    One request per connection; anything but ``GET /metrics`` gets 404 or 405. Runs on the daemon's
+    event loop, so it reads the same counters without locks.
+    """
+
+    def __init__(self, listen: str, render: Callable[[], bytes]) -> None:
+        self.host, self.port = parse_listen(listen)
+        self._render = render
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        sockets = self._server.sockets or ()
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+        log.info("serving metrics on http://%s:%d/metrics", self.host, self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT)
+            writer.write(self.answer(head))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def answer(self, head: bytes) -> bytes:
+        """The whole response to one request head."""
+        if len(head) > _MAX_HEAD:
+            return _http("431 Request Header Fields Too Large", b"request head too large\n")
+        parts = head.split(b"\r\n", 1)[0].split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            return _http("400 Bad Request", b"bad request\n")
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if target != b"/metrics":
+            return _http("404 Not Found", b"only /metrics is served here\n")
+        if method != b"GET":
+            return _http("405 Method Not Allowed", b"use GET\n")
+        return _http("200 OK", self._render(), CONTENT_TYPE)

@@ -1,0 +1,240 @@
+"""keyd.metrics: hot-path counters, the scrape-time collector, the Api hooks and the TCP listener."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from keyd import config as configuration
+from keyd.api import Api, Request
+from keyd.config import GrantConfig
+from keyd.keystore import KeySnapshot, KeyStore, SecretKey
+from keyd.metrics import (
+    CONTENT_TYPE,
+    LATENCY_BUCKETS,
+    Metrics,
+    RequestStats,
+    Sources,
+    TcpListener,
+    parse_listen,
+    vault_section,
+)
+from keyd.peers import Caller, Policy
+from keyd.vault import TokenInfo
+
+KEY = "sk_test_metrics_metrics_metrics_metrics"
+NOW = 1_700_000_000.0
+CALLER = Caller(pid=1, uid=1000, gid=1000, user="app", groups=frozenset(), gids=frozenset(), unit="")
+GRANT = (GrantConfig(index=0, types=("user", "signature", "webhook")),)
+
+
+def families(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    found = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def sample(found: dict[Any, float], name: str, **labels: str) -> float:
+    return found[(name, frozenset(labels.items()))]
+
+
+def post(path: bytes, body: dict[str, Any]) -> Request:
+    return Request(
+        method=b"POST",
+        path=path,
+        query={},
+        headers={b"content-type": b"application/json"},
+        body=json.dumps(body).encode(),
+        caller=CALLER,
+    )
+
+
+def get(path: bytes) -> Request:
+    return Request(method=b"GET", path=path, query={}, headers={}, body=b"", caller=CALLER)
+
+
+def store_with_key(clock: float = NOW) -> KeyStore:
+    store = KeyStore(["default", "live"], max_stale=3600.0, clock=lambda: clock)
+    secret = SecretKey.from_str(KEY)
+    store.update(KeySnapshot("default", secret, secret, version=4, kv_version=2, loaded_at=NOW - 30))
+    return store
+
+
+def make(stats: RequestStats, store: KeyStore) -> tuple[Api, Metrics]:
+    config = configuration.parse(
+        {"apps": {"default": {"app_id": "tDefault"}, "live": {"app_id": "tLive"}}}, "test.toml"
+    )
+    api = Api(config, store, Policy(GRANT), clock=lambda: NOW, stats=stats)
+    token = TokenInfo(ttl=600.0, renewable=True, obtained_at=NOW - 100)
+    sources = Sources(
+        health=lambda: store.health()[1],
+        vault=lambda: vault_section(token, login_failures=2, refresh_failures=5, now=NOW),
+        connections=lambda: 7,
+        refused_connections=lambda: 1,
+    )
+    metrics = Metrics(stats, sources)
+    api.add_route(b"/metrics", b"GET", metrics.handle)
+    return api, metrics
+
+
+def test_api_requests_are_counted_by_app_type_outcome_and_code():
+    stats = RequestStats()
+    api, metrics = make(stats, store_with_key())
+    for user in ("alice", "bob"):
+        assert api.handle(post(b"/v1/tokens", {"user_id": user})).status == 200
+    assert api.handle(post(b"/v1/signatures", {"user_id": "alice"})).status == 200
+    assert api.handle(post(b"/v1/tokens", {"type": "app"})).status == 403  # not in the grant
+    assert api.handle(post(b"/v1/tokens", {"user_id": "a", "app": "live"})).status == 503  # no key yet
+    assert api.handle(post(b"/v1/tokens", {"user_id": ""})).status == 422
+    assert api.handle(get(b"/v1/users/alice")).status == 404
+    assert api.handle(get(b"/v1/tokens")).status == 405
+
+    found = families(metrics)
+    assert sample(found, "keyd_tokens_total", app="default", type="user", outcome="issued") == 2
+    assert sample(found, "keyd_tokens_total", app="default", type="signature", outcome="issued") == 1
+    assert sample(found, "keyd_tokens_total", app="default", type="app", outcome="refused") == 1
+    assert sample(found, "keyd_tokens_total", app="live", type="user", outcome="refused") == 1
+    for code, count in (
+        ("forbidden", 1),
+        ("key_unavailable", 1),
+        ("invalid_field", 1),
+        ("not_found", 1),
+        ("method_not_allowed", 1),
+    ):
+        assert sample(found, "keyd_refusals_total", code=code) == count
+    assert sample(found, "keyd_requests_total", endpoint="/v1/tokens", status="200") == 2
+    assert sample(found, "keyd_requests_total", endpoint="/v1/tokens", status="405") == 1
+    assert sample(found, "keyd_requests_total", endpoint="other", status="404") == 1
+    assert sample(found, "keyd_request_duration_seconds_count", endpoint="/v1/tokens") == 6
+    assert sample(found, "keyd_request_duration_seconds_bucket", endpoint="/v1/tokens", le="+Inf") == 6
+    assert sample(found, "keyd_request_duration_seconds_sum", endpoint="/v1/tokens") > 0
+
+
+def test_scrape_gauges_from_the_daemon_parts():
+    stats = RequestStats()
+    api, metrics = make(stats, store_with_key())
+    response = api.handle(get(b"/metrics"))
+    assert response.status == 200 and response.content_type == CONTENT_TYPE
+    found = families(metrics)
+    assert sample(found, "keyd_app_key_version", app="default") == 4
+    assert sample(found, "keyd_app_key_age_seconds", app="default") == 30
+    assert sample(found, "keyd_app_can_sign", app="default") == 1
+    assert sample(found, "keyd_app_can_sign", app="live") == 0
+    assert sample(found, "keyd_app_key_loaded", app="live") == 0
+    assert ("keyd_app_key_version", frozenset({("app", "live")})) not in found  # nothing loaded: absent
+    assert sample(found, "keyd_app_key_stale", app="default") == 0
+    assert sample(found, "keyd_vault_token_ttl_seconds") == 500
+    assert sample(found, "keyd_vault_logged_in") == 1
+    assert sample(found, "keyd_login_failures_total") == 2
+    assert sample(found, "keyd_refresh_failures_total") == 5
+    assert sample(found, "keyd_connections") == 7
+    assert sample(found, "keyd_connections_refused_total") == 1
+
+
+def test_stale_app_is_flagged():
+    store = store_with_key()
+    store.record_failure("default", "reading secret/x: cannot connect to Vault")
+    _, metrics = make(RequestStats(), store)
+    found = families(metrics)
+    assert sample(found, "keyd_app_key_stale", app="default") == 1
+    assert sample(found, "keyd_app_consecutive_refresh_failures", app="default") == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(user=st.text(min_size=1, max_size=40).filter(lambda s: s.isprintable() and s.strip()))
+def test_no_label_ever_holds_a_user_id_or_a_caller_path(user):
+    stats = RequestStats()
+    api, metrics = make(stats, store_with_key())
+    api.handle(post(b"/v1/tokens", {"user_id": user}))
+    api.handle(post(b"/v1/signatures", {"user_id": user, "app": "live"}))
+    api.handle(post(b"/v1/tokens", {"user_id": user, "app": user}))  # unknown app named like the user
+    api.handle(get(b"/v1/" + user.encode()))
+    known = {
+        "default",
+        "live",
+        "user",
+        "signature",
+        "issued",
+        "refused",
+        "other",
+        "/v1/tokens",
+        "/v1/signatures",
+        "/metrics",
+        "/v1/health",
+        "/v1/webhooks/verify",
+    }
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for s in family.samples:
+            for name, label in s.labels.items():
+                if name in ("le", "status"):
+                    float(label)  # numbers only
+                elif name == "code":
+                    assert label.replace("_", "").isalpha() and label.islower()
+                else:
+                    assert label in known, (s.name, name, label)
+
+
+def test_latency_buckets_are_cumulative():
+    stats = RequestStats()
+    for seconds in (0.000001, 0.00003, 0.00003, 0.2, 5.0):
+        stats.request("/v1/tokens", 200, seconds)
+    found = families(Metrics(stats, process=False))
+    bucket = lambda le: sample(found, "keyd_request_duration_seconds_bucket", endpoint="/v1/tokens", le=le)  # noqa: E731
+    assert bucket(repr(LATENCY_BUCKETS[0])) == 1
+    assert bucket("5e-05") == 3
+    assert bucket("1.0") == 4
+    assert bucket("+Inf") == 5
+    assert sample(found, "keyd_request_duration_seconds_sum", endpoint="/v1/tokens") == pytest.approx(
+        5.200061
+    )
+
+
+def test_vault_section_never_holds_the_token():
+    info = TokenInfo(ttl=90.0, renewable=False, obtained_at=100.0, accessor="acc-123")
+    doc = vault_section(info, 0, 3, now=150.0)
+    assert doc == {
+        "logged_in": True,
+        "token_renewable": False,
+        "token_ttl_remaining": 40.0,
+        "login_failures": 0,
+        "refresh_failures": 3,
+    }
+    assert vault_section(None, 1, 0, now=0)["logged_in"] is False
+    unlimited = vault_section(TokenInfo(ttl=0, renewable=False, obtained_at=0), 0, 0, now=10)
+    assert unlimited["token_ttl_remaining"] is None
+
+
+def test_tcp_listener_answers_only_get_metrics():
+    listener = TcpListener("127.0.0.1:0", lambda: b"keyd_up 1\n")
+    ok = listener.answer(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and ok.endswith(b"\r\n\r\nkeyd_up 1\n")
+    assert CONTENT_TYPE in ok
+    assert listener.answer(b"GET /v1/tokens HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
+    assert listener.answer(b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
+    assert listener.answer(b"garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert parse_listen("[::1]:9464") == ("::1", 9464)
+
+
+def test_tcp_listener_serves_over_loopback():
+    async def run() -> bytes:
+        listener = TcpListener("127.0.0.1:0", lambda: b"keyd_up 1\n")
+        await listener.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            data = await reader.read()
+            writer.close()
+            return data
+        finally:
+            await listener.close()
+
+    data = asyncio.run(run())
+    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"keyd_up 1\n")

@@ -59,8 +59,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems = configuration.missing_files(config)
     if problems:
         raise ConfigError(problems)
+    from keyd import grants  # noqa: PLC0415
+
+    for line in grants.warnings(config):  # risky but valid: the exit code stays 0
+        print(line, file=sys.stderr)
     print(f"{args.config}: ok ({len(config.apps)} app(s): {', '.join(config.apps)})")
     return EXIT_OK
+
+
+def cmd_grants(args: argparse.Namespace) -> int:
+    from keyd import grants  # noqa: PLC0415
+
+    config = configuration.load(args.config)
+    caller = grants.caller_for(uid=args.uid, user=args.user, unit=args.unit)
+    matched, lines = grants.explain(config, caller)
+    print("\n".join(lines))
+    return EXIT_OK if matched else EXIT_FAILED
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -78,6 +92,12 @@ def cmd_token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_vault_setup(args: argparse.Namespace) -> int:
+    from keyd import vault_setup  # noqa: PLC0415 - imports hvac only when used
+
+    return vault_setup.main(args)
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     from keyd.client import KeydClient  # noqa: PLC0415
 
@@ -85,6 +105,52 @@ def cmd_health(args: argparse.Namespace) -> int:
         status, doc = client.health()
     print(json.dumps(doc, indent=2))
     return EXIT_OK if status == 200 else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from keyd import status  # noqa: PLC0415
+
+    colour = not args.json and sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    summary = status.summarize(args.socket, as_json=args.json, colour=colour)
+    print(summary.text)
+    return summary.exit_code
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from keyd import bench  # noqa: PLC0415 - never imported by `keyd run` (keeps its RSS down)
+
+    options = bench.Options(
+        socket=args.socket,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        duration=args.duration,
+        kind=args.type,
+        json=args.json,
+        compare=args.compare,
+        vault_address=args.vault_address,
+        memory=args.memory,
+        startup=args.startup,
+        warmup=args.warmup,
+    )
+    _, clean = bench.run(options)
+    return EXIT_OK if clean else EXIT_FAILED
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return number
+
+
+def _duration(value: str) -> float:
+    try:
+        seconds = configuration.parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("the duration must be positive")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check-config", cmd_check_config, "validate a config file without contacting Vault")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
 
+    p = add("grants", cmd_grants, "print what a caller may ask for; exit 1 when no grant matches")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--uid", type=int, help="the caller's uid")
+    who.add_argument("--user", help="the caller's user name")
+    p.add_argument("--unit", default="", help="the caller's systemd unit, e.g. php-fpm.service")
+
     p = add("token", cmd_token, "ask a running keyd for a token and print it")
     p.add_argument("--user-id", help="user token for this TalkJS user id")
     p.add_argument("--app-token", action="store_true", help="an app (REST API) token instead")
@@ -119,6 +192,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("health", cmd_health, "print a running keyd's health; exit 1 when it cannot sign")
     p.add_argument("--socket", default=_socket_default(), help="keyd socket (env KEYD_SOCKET)")
+
+    p = add("status", cmd_status, "summarise a running keyd; exit 0 healthy, 1 degraded, 2 unreachable")
+    p.add_argument("--socket", default=_socket_default(), help="keyd socket (env KEYD_SOCKET)")
+    p.add_argument("--json", action="store_true", help="print the health document as JSON, for scripts")
+
+    from keyd.vault_setup import add_arguments as add_vault_setup_arguments  # noqa: PLC0415 - stdlib only
+
+    vault_actions = sub.add_parser("vault", help="prepare Vault for keyd (run by a Vault operator)")
+    actions = vault_actions.add_subparsers(dest="vault_command", required=True, metavar="ACTION")
+    text = "enable AppRole, write keyd's policy and role, write its role_id/secret_id files (VAULT_TOKEN)"
+    p = actions.add_parser("setup", help=text, description=text)
+    p.set_defaults(func=cmd_vault_setup)
+    add_vault_setup_arguments(p)
+
+    p = add("bench", cmd_bench, "load-test keyd; --compare adds Vault Transit, PyJWT and a bare server")
+    p.add_argument("--socket", help="benchmark the keyd on this socket (default: start OpenBao dev + keyd)")
+    p.add_argument("--concurrency", type=_positive, default=32, help="connections (default 32)")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--requests", type=_positive, help="requests per target")
+    amount.add_argument("--duration", type=_duration, help="time per target (default 10s)")
+    p.add_argument("--type", choices=("user", "app"), default="user", help="token type (default user)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--compare", action="store_true", help="also measure Transit HMAC, PyJWT, reference")
+    p.add_argument("--vault-address", default="", help="Vault for --compare with --socket (env VAULT_ADDR)")
+    p.add_argument("--memory", action="store_true", help="keyd's RSS idle and over --requests (1M) tokens")
+    p.add_argument("--startup", action="store_true", help="time from `keyd run` to ready")
+    p.add_argument("--warmup", type=_duration, default=1.0, help="uncounted warm-up per target (1s)")
     return parser
 
 

@@ -28,6 +28,7 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+MAX_DURATION = 10 * 365 * 86400.0  # keeps scheduling arithmetic finite
 
 
 def parse_duration(value: object) -> float:
@@ -37,11 +38,13 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("must not be negative")
+        if not value <= MAX_DURATION:  # also catches nan and inf, which TOML allows
+            raise ValueError("must be a number of seconds of at most 10 years")
         return float(value)
     if isinstance(value, str):
         text = value.strip()
-        if text.isdigit():
-            return float(text)
+        if text.isascii() and text.isdigit():
+            return parse_duration(int(text))
         pos, total = 0, 0.0
         for match in _DURATION_PART.finditer(text):
             if match.start() != pos:
@@ -49,6 +52,8 @@ def parse_duration(value: object) -> float:
             total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
             pos = match.end()
         if text and pos == len(text):
+            if total > MAX_DURATION:
+                raise ValueError(f"{value!r} is longer than 10 years")
             return total
     raise ValueError(
         f'{value!r} is not a duration (use seconds, or a string such as "30s", "5m", "1h", "1d")'

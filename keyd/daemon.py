@@ -13,9 +13,12 @@ import time
 from typing import Any
 
 from keyd import containment, systemd
-from keyd.api import Api, Audit
+from keyd.api import Api
+from keyd.audit import AuditLog
 from keyd.config import Config
+from keyd.errors import StartupError
 from keyd.keystore import KeyStore
+from keyd.metrics import Metrics, RequestStats, Sources, TcpListener, vault_section
 from keyd.peers import Policy
 from keyd.refresher import Refresher
 from keyd.server import Server
@@ -37,12 +40,14 @@ def _ago(seconds: float) -> str:
 class Daemon:
     """One keyd process: key store, Vault refresher, API and socket server."""
 
-    def __init__(self, config: Config, audit: Audit | None = None) -> None:
+    def __init__(self, config: Config, audit: AuditLog | None = None) -> None:
         self.config = config
         self.store = KeyStore(config.apps, config.refresh.max_stale)
         self.vault = Vault(config.vault)
         self.policy = Policy(config.grants)
-        self.api = Api(config, self.store, self.policy, audit)
+        self.audit = audit or AuditLog(config.audit)
+        self.stats = RequestStats()
+        self.api = Api(config, self.store, self.policy, self.audit, stats=self.stats)
         self.server = Server(config.server, self.api.handle)
         self.notifier = systemd.Notifier()
         self.refresher = Refresher(
@@ -52,6 +57,19 @@ class Daemon:
             self.store,
             on_change=self._keys_changed_threadsafe,
         )
+        self.api.add_health("vault", self._vault_status)
+        self.metrics = Metrics(
+            self.stats,
+            Sources(
+                health=lambda: self.store.health()[1],
+                vault=self._vault_status,
+                connections=lambda: len(self.server.connections),
+                refused_connections=lambda: self.server.refused_connections,
+            ),
+        )
+        self.api.add_route(b"/metrics", b"GET", self.metrics.handle)
+        listen = config.metrics.listen
+        self.metrics_tcp = TcpListener(listen, self.metrics.render) if listen else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready_sent = False
@@ -66,7 +84,15 @@ class Daemon:
         self._stop = asyncio.Event()
         containment.harden()
         containment.raise_nofile()
+        self.audit.attach(self._loop)
         self.notifier.notify("STATUS=starting")
+        if self.metrics_tcp is not None:
+            try:
+                await self.metrics_tcp.start()
+            except OSError as exc:
+                raise StartupError(
+                    f"metrics.listen: cannot listen on {self.config.metrics.listen}: {exc.strerror}"
+                ) from None
         await self.server.start(systemd.listen_socket())
         log.info(
             "keyd listening on %s for %d app(s): %s",
@@ -107,6 +133,12 @@ class Daemon:
             self.refresher.stop()
         except Exception:
             log.exception("error while stopping the refresher")
+        if self.metrics_tcp is not None:
+            await self.metrics_tcp.close()
+        try:
+            self.audit.close()
+        except OSError:
+            log.exception("error while closing the audit log")
         self.notifier.close()
         log.info("stopped")
 
@@ -119,12 +151,17 @@ class Daemon:
         log.info("SIGHUP: refreshing every key now")
         self._reloading = True
         self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        reopen = getattr(self.api, "reopen", None)
-        if callable(reopen):
-            reopen()
+        self.audit.reopen()
         self.refresher.refresh_now()
 
     # -- key events and status ---------------------------------------------------------------
+
+    def _vault_status(self) -> dict[str, Any]:
+        """The Vault token's remaining TTL and failure counts, for /v1/health and /metrics."""
+        refresher = self.refresher
+        return vault_section(
+            self.vault.token, refresher.login_failures, refresher.refresh_failures, time.time()
+        )
 
     def _keys_changed_threadsafe(self) -> None:
         loop = self._loop

@@ -103,6 +103,14 @@ class KeySnapshot:
     loaded_at: float
 
 
+def _wipe(snapshot: KeySnapshot, keep: KeySnapshot) -> None:
+    """Zero the keys of `snapshot` that `keep` does not share."""
+    kept = (keep.signing, keep.webhook)
+    for key in {id(k): k for k in (snapshot.signing, snapshot.webhook)}.values():
+        if all(key is not k for k in kept):
+            key.wipe()
+
+
 @dataclass(slots=True)
 class AppState:
     """Refresh bookkeeping for one app; only the refresher thread writes it."""
@@ -165,12 +173,14 @@ class KeyStore:
         state.last_error = ""
         state.failures = 0
         state.expires_at = now + self._max_stale
-        if old is not None and changed:
-            # The old snapshot may still be in use by a request on the loop thread; that request
-            # holds its own HMAC copy, so wiping the raw bytes here cannot corrupt its token.
-            if old.webhook is not old.signing:
-                old.webhook.wipe()
-            old.signing.wipe()
+        if old is not None:
+            # Wipe whichever copy is not kept: the old snapshot after a change (a request on the
+            # loop thread may still hold it, but it signs with its own HMAC copy, so wiping the raw
+            # bytes cannot corrupt its token), or the fresh duplicate when nothing changed.
+            if changed:
+                _wipe(old, keep=snapshot)
+            else:
+                _wipe(snapshot, keep=old)
         return changed
 
     def record_failure(self, app: str, message: str) -> None:

@@ -84,6 +84,8 @@ class Refresher:
         self._auth_failures = 0
         self.login_failures = 0
         self.refresh_failures = 0
+        # app -> ("degraded" | "unavailable", last error): so each degradation is logged once
+        self._degraded: dict[str, tuple[str, str]] = {}
         self._generation = 0
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=max(2, len(apps) + 1))},
@@ -150,19 +152,26 @@ class Refresher:
                 if not relogin:
                     try:
                         info = self._vault.renew()
-                        log.info("renewed the Vault token (ttl now %ds)", int(info.ttl))
+                        log.info(
+                            "renewed the Vault token (ttl now %ds)",
+                            int(info.ttl),
+                            extra={"event": "renewal", "ttl": int(info.ttl)},
+                        )
                         # Renewal capped well below the original TTL means the max TTL is near:
                         # a fresh login gives a full-length token before this one runs out.
                         assert current is not None  # noqa: S101 - relogin is False only with a token
                         if info.ttl and info.ttl < current.ttl / 2:
-                            log.info("the Vault token is near its max TTL; logging in again")
+                            log.info(
+                                "the Vault token is near its max TTL; logging in again",
+                                extra={"event": "relogin"},
+                            )
                             relogin = True
                         else:
                             self._auth_failures = 0
                             self._schedule_renewal(info)
                             return
                     except VaultAuthError as exc:
-                        log.warning("%s; logging in again", exc)
+                        log.warning("%s; logging in again", exc, extra={"event": "relogin"})
                         relogin = True
                 if relogin:
                     self._vault.invalidate()
@@ -170,7 +179,12 @@ class Refresher:
         except VaultError as exc:
             self._auth_failures += 1
             delay = backoff(self._auth_failures, self._refresh.retry_min, self._refresh.retry_max, self._rand)
-            log.warning("Vault token renewal failed: %s; retrying in %.1fs", exc, delay)
+            log.warning(
+                "Vault token renewal failed: %s; retrying in %.1fs",
+                exc,
+                delay,
+                extra={"event": "renewal_failed"},
+            )
             self._schedule(TOKEN_JOB, self._renew_token, delay)
 
     # -- keys ------------------------------------------------------------------------------
@@ -212,35 +226,86 @@ class Refresher:
         except VaultError as exc:
             self.refresh_failures += 1
             self._store.record_failure(name, str(exc))
-            state = self._store.state(name)
-            kind = "login failed" if isinstance(exc, VaultLoginError) else "refresh failed"
-            log.warning(
-                "app %s: key %s (%s); keeping the last good key (%s)",
-                name,
-                kind,
-                exc,
-                "none loaded yet" if state.snapshot is None else f"version {state.snapshot.version}",
-            )
+            self._log_failure(name, exc)
             self._on_change()
             return False
         previous = self._store.state(name).snapshot
+        previous_version = previous.version if previous else None
         was_stale = self._store.state(name).failures > 0
         changed = self._store.update(snapshot)
+        self._degraded.pop(name, None)
+        extra = {"app": name, "key_version": snapshot.version}
+        if was_stale:
+            log.info(
+                "app %s: refresh succeeded again (version %s); no longer degraded",
+                name,
+                snapshot.version,
+                extra={**extra, "event": "recovered"},
+            )
         if changed and previous is None:
-            log.info("app %s: key loaded (KV v%d version %s)", name, snapshot.kv_version, snapshot.version)
+            log.info(
+                "app %s: key loaded (KV v%d version %s)",
+                name,
+                snapshot.kv_version,
+                snapshot.version,
+                extra={**extra, "event": "loaded"},
+            )
         elif changed:
             log.info(
                 "app %s: key rotated from version %s to %s",
                 name,
-                previous.version if previous else None,
+                previous_version,
                 snapshot.version,
+                extra={**extra, "event": "rotation", "previous_version": previous_version},
             )
-        elif was_stale:
-            log.info("app %s: refresh succeeded again (version %s)", name, snapshot.version)
-        else:
-            log.debug("app %s: key unchanged (version %s)", name, snapshot.version)
+        elif not was_stale:
+            log.info(
+                "app %s: key refreshed, unchanged (version %s)",
+                name,
+                snapshot.version,
+                extra={**extra, "event": "refresh"},
+            )
         self._on_change()
         return True
+
+    def _log_failure(self, name: str, exc: VaultError) -> None:
+        """A failed refresh: a warning when an app becomes degraded (or its error changes), an error
+        once when it is past max_stale, and debug lines for repeats of the same failure."""
+        state = self._store.state(name)
+        version = state.snapshot.version if state.snapshot is not None else None
+        kind = "login failed" if isinstance(exc, VaultLoginError) else "refresh failed"
+        message = str(exc)
+        expired = state.snapshot is not None and self._clock() > state.expires_at
+        level, event = logging.DEBUG, "refresh_failed"
+        previous = self._degraded.get(name)
+        if expired and (previous is None or previous[0] != "unavailable"):
+            level, event = logging.ERROR, "unavailable"
+        elif previous is None:
+            level, event = logging.WARNING, "degraded"
+        elif previous[1] != message:
+            level = logging.WARNING
+        self._degraded[name] = ("unavailable" if expired else "degraded", message)
+        extra = {"app": name, "key_version": version, "event": event, "error": message}
+        if event == "unavailable":
+            log.log(
+                level,
+                "app %s: key %s (%s); past refresh.max_stale, refusing to sign until a refresh succeeds",
+                name,
+                kind,
+                message,
+                extra=extra,
+            )
+        else:
+            kept = "none loaded yet" if version is None and state.snapshot is None else f"version {version}"
+            log.log(
+                level,
+                "app %s: key %s (%s); keeping the last good key (%s)",
+                name,
+                kind,
+                message,
+                kept,
+                extra=extra,
+            )
 
     def _refresh_app(self, name: str) -> None:
         generation = self._generation

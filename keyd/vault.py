@@ -20,6 +20,7 @@ import hvac
 import hvac.exceptions
 import requests
 
+from keyd import containment
 from keyd.config import VaultConfig
 from keyd.errors import (
     SecretError,
@@ -138,11 +139,12 @@ class Vault:
         if self._auth.method == "cert":
             cert = (self._auth.client_cert, self._auth.client_key)
         self._client = hvac.Client(url=config.address, verify=verify, timeout=config.timeout, cert=cert)
-        # A token given in the environment is read once and removed, so it does not linger in
-        # /proc/<pid>/environ or reach child processes. It is kept only in this object.
+        # A token given in the environment is read once and removed, so it does not reach child
+        # processes or linger in /proc/<pid>/environ. It is kept only in this object.
         self._env_token: str | None = None
         if self._auth.method == "token" and not self._auth.token_file:
             self._env_token = os.environ.pop("VAULT_TOKEN", None)
+            containment.scrub_environ()
         self._unwrapped_secret_id: str | None = None
         self.token: TokenInfo | None = None
 
@@ -233,7 +235,13 @@ class Vault:
 
     def _login_cert(self) -> dict[str, Any]:
         params = {"name": self._auth.cert_role} if self._auth.cert_role else {}
-        response = self._client.adapter.login(f"/v1/auth/{self._auth.mount_point}/login", json=params)
+        try:
+            response = self._client.adapter.login(f"/v1/auth/{self._auth.mount_point}/login", json=params)
+        except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden):
+            raise VaultLoginError(
+                "Vault refused the TLS certificate login: check vault.auth.client_cert and client_key, "
+                "and that a cert role trusts their CA (keyd vault setup --client-ca FILE)"
+            ) from None
         auth: dict[str, Any] = response["auth"]
         return auth
 

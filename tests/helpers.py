@@ -103,13 +103,25 @@ class Http:
 class KeydProcess:
     """keyd run -c CONFIG as a child process, with its stderr captured to a file."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
+        python_args: tuple[str, ...] = ("-m", "keyd"),
+    ):
+        """``prefix`` runs before Python (e.g. systemd-socket-activate ... --); ``python_args`` replace
+        ``-m keyd`` (e.g. ``-c WRAPPER`` that sandboxes the process, then runs keyd's CLI)."""
         self.workdir = workdir
         self.config = config
         self.config_path = workdir / "keyd.toml"
         self.log_path = workdir / "keyd.log"
         self.socket = str(config["server"]["socket"])
         self.env = env or {}
+        self.prefix = prefix
+        self.python_args = python_args
+        self.python = sys.executable  # another one when keyd runs as a user who cannot reach it
         self.process: subprocess.Popen[bytes] | None = None
         self.responses: list[bytes] = []
 
@@ -123,7 +135,7 @@ class KeydProcess:
         env["PYTHONUNBUFFERED"] = "1"
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "keyd", "run", "-c", str(self.config_path)],
+                [*self.prefix, self.python, *self.python_args, "run", "-c", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

@@ -1,0 +1,589 @@
+"""keyd.config: TOML -> frozen dataclasses; every problem named by file and key path."""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keyd import config
+from keyd.errors import ConfigError
+from tests.helpers import ROOT, to_toml
+
+SOURCE = "/etc/keyd/test.toml"
+
+
+def minimal(**apps_extra: Any) -> dict[str, Any]:
+    return {"apps": {"default": {"app_id": "tApp", **apps_extra}}}
+
+
+def problems_of(data: dict[str, Any], source: str = SOURCE) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config.parse(data, source)
+    return info.value.problems
+
+
+def one_problem(data: dict[str, Any]) -> str:
+    problems = problems_of(data)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+# -- durations --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (0, 0.0),
+        (30, 30.0),
+        (2.5, 2.5),
+        ("45", 45.0),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1d", 86400.0),
+        ("500ms", 0.5),
+        ("0.2s", 0.2),
+        ("1h30m", 5400.0),
+        ("1d2h3m4s", 93784.0),
+        (" 5m ", 300.0),
+    ],
+)
+def test_durations_accept_seconds_and_unit_strings(value: object, seconds: float) -> None:
+    assert config.parse_duration(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "value", ["", "5x", "m", "5 m", "1h 30m", "-5s", "five", "5m3", "1w", True, False, None, [5], -1]
+)
+def test_bad_durations_are_rejected(value: object) -> None:
+    with pytest.raises(ValueError, match=r"duration|negative"):
+        config.parse_duration(value)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 10**12, "99999999999", "4000d", "\u00b2"])
+def test_non_finite_and_absurd_durations_are_rejected(value: object) -> None:
+    # TOML allows inf and nan; either would break the refresher's scheduling arithmetic.
+    with pytest.raises(ValueError, match=r"10 years|not a duration"):
+        config.parse_duration(value)
+
+
+def test_infinite_interval_in_a_file_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "inf.toml"
+    path.write_text("[refresh]\ninterval = inf\n\n[apps.default]\napp_id = 't'\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert info.value.problems == [
+        f"{path}: refresh.interval: must be a number of seconds of at most 10 years"
+    ]
+
+
+def test_bad_duration_in_a_file_names_the_key() -> None:
+    data = minimal()
+    data["refresh"] = {"interval": "5 minutes"}
+    line = one_problem(data)
+    assert line.startswith(f"{SOURCE}: refresh.interval: ")
+    assert "'5 minutes' is not a duration" in line
+
+
+def test_zero_duration_is_rejected_where_it_must_be_positive() -> None:
+    data = minimal()
+    data["refresh"] = {"max_stale": 0}
+    assert one_problem(data) == f"{SOURCE}: refresh.max_stale: must be greater than zero"
+
+
+# -- a full file -----------------------------------------------------------------------------
+
+
+FULL = """
+[server]
+socket = "/tmp/k.sock"
+socket_mode = "0640"
+socket_group = "0"
+max_body = 4096
+request_timeout = "3s"
+idle_timeout = 20
+max_connections = 10
+shutdown_timeout = "2s"
+
+[vault]
+address = "https://vault.example.com:8200/"
+ca_cert = "/etc/ssl/vault-ca.pem"
+timeout = "7s"
+
+[vault.auth]
+method = "approle"
+mount = "approle-keyd"
+role_id_file = "/etc/keyd/role-id"
+secret_id_file = "/etc/keyd/secret-id"
+secret_id_wrapped = true
+
+[refresh]
+interval = "1m"
+max_stale = "2h"
+retry_min = "500ms"
+retry_max = "1m"
+
+[apps.default]
+app_id = "tLive"
+kv_mount = "/kv/"
+kv_version = 1
+path = "/talkjs/live/"
+field = "key"
+user_ttl = "2h"
+max_user_ttl = "1d"
+app_ttl = 10
+max_app_ttl = "1m"
+webhook_path = "talkjs/webhook"
+webhook_field = "whk"
+webhook_tolerance = "1m"
+
+[apps."staging.eu-1"]
+app_id = "tStaging"
+
+[[grant]]
+user = "www-data"
+apps = ["default"]
+types = ["user", "signature"]
+max_ttl = "30m"
+user_id_pattern = "^[a-z]+$"
+rate = "600/m"
+
+[[grant]]
+uid = 0
+types = ["user", "app", "webhook"]
+
+[audit]
+file = "/tmp/audit.log"
+hash_user_ids = true
+
+[log]
+level = "debug"
+format = "json"
+
+[metrics]
+listen = "127.0.0.1:9464"
+"""
+
+
+def test_every_key_type_is_parsed(tmp_path: Path) -> None:
+    file = tmp_path / "keyd.toml"
+    file.write_text(FULL)
+    cfg = config.load(file)
+    assert cfg.source == str(file)
+    assert cfg.server == config.ServerConfig(
+        socket="/tmp/k.sock",
+        socket_mode=0o640,
+        socket_group="0",
+        max_body=4096,
+        request_timeout=3.0,
+        idle_timeout=20.0,
+        max_connections=10,
+        shutdown_timeout=2.0,
+    )
+    assert cfg.vault.address == "https://vault.example.com:8200"  # trailing slash dropped
+    assert cfg.vault.ca_cert == "/etc/ssl/vault-ca.pem"
+    assert cfg.vault.timeout == 7.0
+    assert cfg.vault.auth.method == "approle"
+    assert cfg.vault.auth.mount_point == "approle-keyd"
+    assert cfg.vault.auth.secret_id_wrapped is True
+    assert cfg.refresh == config.RefreshConfig(interval=60.0, max_stale=7200.0, retry_min=0.5, retry_max=60.0)
+    live = cfg.apps["default"]
+    assert (live.app_id, live.kv_mount, live.kv_version, live.path, live.field) == (
+        "tLive",
+        "kv",
+        1,
+        "talkjs/live",
+        "key",
+    )
+    assert (live.user_ttl, live.max_user_ttl, live.app_ttl, live.max_app_ttl) == (7200, 86400, 10, 60)
+    assert live.webhook_source == ("talkjs/webhook", "whk")
+    assert live.separate_webhook_key
+    assert live.webhook_tolerance == 60.0
+    staging = cfg.apps["staging.eu-1"]
+    assert staging == config.AppConfig(name="staging.eu-1", app_id="tStaging")
+    assert not staging.separate_webhook_key
+    first, second = cfg.grants
+    assert (first.index, first.user, first.apps, first.types, first.max_ttl) == (
+        0,
+        "www-data",
+        ("default",),
+        ("user", "signature"),
+        1800.0,
+    )
+    assert first.user_id_pattern is not None and first.user_id_pattern.pattern == "^[a-z]+$"
+    assert first.rate == pytest.approx(10.0)
+    assert (second.uid, second.apps, second.types) == (0, ("*",), ("user", "app", "webhook"))
+    assert cfg.audit == config.AuditConfig(file="/tmp/audit.log", hash_user_ids=True)
+    assert cfg.log == config.LogConfig(level="debug", format="json")
+    assert cfg.metrics.listen == "127.0.0.1:9464"
+    assert cfg.default_app == "default"
+
+
+def test_config_is_frozen() -> None:
+    cfg = config.parse(minimal(), SOURCE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.server.socket = "/elsewhere"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.apps["default"].app_id = "tOther"  # type: ignore[misc]
+
+
+def test_defaults_match_the_documented_contract() -> None:
+    cfg = config.parse(minimal(), SOURCE)
+    assert cfg.server.socket == "/run/keyd/keyd.sock"
+    assert cfg.server.socket_mode == 0o660
+    assert cfg.server.max_body == 16384
+    assert cfg.vault.auth.method == "approle"
+    assert cfg.vault.auth.mount_point == "approle"
+    assert cfg.refresh.interval == 300.0
+    assert cfg.refresh.max_stale == 3600.0
+    app = cfg.apps["default"]
+    assert (app.kv_mount, app.kv_version, app.path, app.field) == ("secret", 2, "talkjs/live", "secret_key")
+    assert (app.user_ttl, app.max_user_ttl, app.app_ttl, app.max_app_ttl) == (3600, 86400, 30, 300)
+    assert cfg.grants == ()
+
+
+# -- problems: one line each, with file and key path ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"sever": {}}, "sever: unknown key"),
+        ({"server": {"sokcet": "/x"}}, "server.sokcet: unknown key"),
+        ({"vault": {"auth": {"metod": "token"}}}, "vault.auth.metod: unknown key"),
+        ({"apps": {"default": {"app_id": "t", "ttl": 5}}}, "apps.default.ttl: unknown key"),
+        ({"grant": [{"types": ["user"], "useer": "x"}]}, "grant[0].useer: unknown key"),
+        ({"refresh": {"every": "1m"}}, "refresh.every: unknown key"),
+        ({"log": {"colour": True}}, "log.colour: unknown key"),
+    ],
+)
+def test_unknown_keys_are_named_with_file_and_path(data: dict[str, Any], expected: str) -> None:
+    merged = {**minimal(), **data}
+    if "apps" in data:
+        merged["apps"] = data["apps"]
+    assert one_problem(merged) == f"{SOURCE}: {expected}"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "text"),
+    [
+        ("server", "socket", 5, "must be a string, not int"),
+        ("server", "socket_mode", True, "is not a file mode"),
+        ("server", "socket_mode", "0999", "is not a file mode"),
+        ("server", "max_body", "16k", "must be an integer, not str"),
+        ("server", "max_body", 0, "must be greater than zero"),
+        ("server", "max_connections", 1.5, "must be an integer, not float"),
+        ("vault", "address", "vault.example.com", "is not an http:// or https:// URL"),
+        ("vault", "timeout", [5], "is not a duration"),
+        ("refresh", "interval", True, "duration"),
+    ],
+)
+def test_wrong_types_are_named(section: str, key: str, value: object, text: str) -> None:
+    data = minimal()
+    data[section] = {key: value}
+    line = one_problem(data)
+    assert line.startswith(f"{SOURCE}: {section}.{key}: "), line
+    assert text in line
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "text"),
+    [
+        ("method", "ldap", "'ldap' is not one of token, approle, cert"),
+        ("secret_id_wrapped", "yes", "must be true or false, not str"),
+        ("role_id_file", 3, "must be a string, not int"),
+    ],
+)
+def test_wrong_auth_values_are_named(key: str, value: object, text: str) -> None:
+    data = minimal()
+    data["vault"] = {"auth": {key: value}}
+    assert one_problem(data) == f"{SOURCE}: vault.auth.{key}: {text}"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "text"),
+    [
+        ("app_id", "", "must not be empty"),
+        ("app_id", 7, "must be a string, not int"),
+        ("kv_version", 3, "must be 1 or 2"),
+        ("kv_version", "2", "must be an integer, not str"),
+        ("kv_version", True, "must be an integer, not bool"),
+        ("path", "  ", "must not be empty"),
+        ("user_ttl", "1 hour", "is not a duration"),
+        ("max_app_ttl", -5, "must not be negative"),
+    ],
+)
+def test_wrong_app_values_are_named(key: str, value: object, text: str) -> None:
+    line = one_problem(minimal(**{key: value}))
+    assert line.startswith(f"{SOURCE}: apps.default.{key}: "), line
+    assert text in line
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_kv_version_one_and_two(version: int) -> None:
+    assert config.parse(minimal(kv_version=version), SOURCE).apps["default"].kv_version == version
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    data = {
+        "server": {"socket_mode": "rw", "extra": 1},
+        "vault": {"timeout": "soon"},
+        "apps": {"default": {"app_id": "t", "kv_version": 9}},
+    }
+    assert problems_of(data) == [
+        f"{SOURCE}: server.socket_mode: 'rw' is not a file mode (use a string such as \"0660\")",
+        f"{SOURCE}: server.extra: unknown key",
+        f"{SOURCE}: vault.timeout: 'soon' is not a duration "
+        '(use seconds, or a string such as "30s", "5m", "1h", "1d")',
+        f"{SOURCE}: apps.default.kv_version: must be 1 or 2",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "maximum"),
+    [
+        ({"user_ttl": "2d"}, "user_ttl", "max_user_ttl"),
+        ({"user_ttl": "2h", "max_user_ttl": "1h"}, "user_ttl", "max_user_ttl"),
+        ({"app_ttl": "10m"}, "app_ttl", "max_app_ttl"),
+    ],
+)
+def test_default_ttl_above_its_maximum_is_rejected(extra: dict[str, Any], key: str, maximum: str) -> None:
+    assert (
+        one_problem(minimal(**extra)) == f"{SOURCE}: apps.default.{key}: must not be greater than {maximum}"
+    )
+
+
+def test_ttl_equal_to_its_maximum_is_fine() -> None:
+    cfg = config.parse(minimal(user_ttl="1d", app_ttl="5m"), SOURCE)
+    assert cfg.apps["default"].user_ttl == cfg.apps["default"].max_user_ttl
+
+
+def test_retry_min_above_retry_max() -> None:
+    data = minimal()
+    data["refresh"] = {"retry_min": "10s", "retry_max": "5s"}
+    assert one_problem(data) == f"{SOURCE}: refresh.retry_min: must not be greater than refresh.retry_max"
+
+
+# -- apps ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["default", "live", "eu-1", "a.b_c", "X" * 64])
+def test_good_app_names(name: str) -> None:
+    cfg = config.parse({"apps": {name: {"app_id": "t"}}}, SOURCE)
+    assert list(cfg.apps) == [name]
+    assert cfg.default_app == name  # the only app is the default
+
+
+@pytest.mark.parametrize("name", ["has space", "slash/y", "ümlaut", "X" * 65, "", "quote'"])
+def test_bad_app_names(name: str) -> None:
+    line = one_problem({"apps": {name: {"app_id": "t"}}})
+    assert line == f"{SOURCE}: apps.{name}: app names may hold only letters, digits, '_', '.' and '-'"
+
+
+def test_app_id_is_required() -> None:
+    assert one_problem({"apps": {"default": {}}}) == (
+        f"{SOURCE}: apps.default.app_id: is required (your TalkJS app ID)"
+    )
+
+
+def test_at_least_one_app() -> None:
+    assert one_problem({}) == f"{SOURCE}: apps: at least one [apps.NAME] table is required"
+
+
+def test_app_must_be_a_table() -> None:
+    assert one_problem({"apps": {"default": "tApp"}}) == (
+        f"{SOURCE}: apps.default: must be a table such as [apps.default]"
+    )
+
+
+def test_default_app_choice() -> None:
+    two = {"apps": {"live": {"app_id": "a"}, "test": {"app_id": "b"}}}
+    assert config.parse(two, SOURCE).default_app is None
+    two["apps"]["default"] = {"app_id": "c"}
+    assert config.parse(two, SOURCE).default_app == "default"
+
+
+def test_grant_naming_an_unknown_app() -> None:
+    data = minimal()
+    data["grant"] = [{"apps": ["default", "nope"]}]
+    assert one_problem(data) == f"{SOURCE}: grant[0].apps: names app 'nope', which has no [apps.nope] table"
+
+
+def test_grant_with_an_unknown_type_and_bad_rate() -> None:
+    data = minimal()
+    data["grant"] = [{"types": ["user", "admin"], "rate": "fast"}]
+    assert problems_of(data) == [
+        f"{SOURCE}: grant[0].types: 'admin' is not one of user, app, signature, webhook",
+        f'{SOURCE}: grant[0].rate: \'fast\' is not a rate (use "50/s", "600/m" or "1000/h")',
+    ]
+
+
+# -- socket group ------------------------------------------------------------------------------
+
+
+def test_socket_group_by_name_number_and_unknown_name() -> None:
+    existing = grp.getgrgid(os.getgid()).gr_name
+    for value, expected in ((existing, existing), (0, "0"), ("0", "0")):
+        data = minimal()
+        data["server"] = {"socket_group": value}
+        assert config.parse(data, SOURCE).server.socket_group == expected
+    data = minimal()
+    data["server"] = {"socket_group": "no-such-group-keyd"}
+    assert (
+        one_problem(data)
+        == f"{SOURCE}: server.socket_group: no group named 'no-such-group-keyd' on this host"
+    )
+
+
+# -- ${VAR} expansion ------------------------------------------------------------------------
+
+
+def test_env_vars_expand_in_file_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/keyd.service")
+    monkeypatch.setenv("KEYD_RUN", "/run/keyd")
+    data = minimal()
+    data["vault"] = {"auth": {"secret_id_file": "${CREDENTIALS_DIRECTORY}/secret-id"}}
+    data["server"] = {"socket": "${KEYD_RUN}/keyd.sock"}
+    cfg = config.parse(data, SOURCE)
+    assert cfg.vault.auth.secret_id_file == "/run/credentials/keyd.service/secret-id"
+    assert cfg.server.socket == "/run/keyd/keyd.sock"
+
+
+def test_unset_env_var_is_an_error_not_an_empty_string(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KEYD_UNSET_FOR_TEST", raising=False)
+    data = minimal()
+    data["vault"] = {"auth": {"role_id_file": "${KEYD_UNSET_FOR_TEST}/role-id"}}
+    assert one_problem(data) == (
+        f"{SOURCE}: vault.auth.role_id_file: refers to ${{KEYD_UNSET_FOR_TEST}}, which is not set in the environment"
+    )
+
+
+def test_dollar_without_braces_is_left_alone() -> None:
+    data = minimal()
+    data["vault"] = {"auth": {"token_file": "/etc/keyd/$HOME/token"}}
+    assert config.parse(data, SOURCE).vault.auth.token_file == "/etc/keyd/$HOME/token"
+
+
+# -- loading files -----------------------------------------------------------------------------
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert info.value.problems == [f"{path}: file not found"]
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[server\nsocket = 1\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    (line,) = info.value.problems
+    assert line.startswith(f"{path}: not valid TOML: ")
+
+
+def test_round_trip_through_the_test_toml_writer(tmp_path: Path) -> None:
+    data = minimal(kv_version=1, user_ttl="5m")
+    data["grant"] = [{"uid": 0, "types": ["user", "app"]}]
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(data))
+    cfg = config.load(path)
+    assert cfg.apps["default"].user_ttl == 300.0
+    assert cfg.grants[0].types == ("user", "app")
+
+
+def test_the_example_config_loads() -> None:
+    cfg = config.load(ROOT / "config.example.toml")
+    assert "default" in cfg.apps
+    assert cfg.default_app == "default"
+
+
+# -- files read at run time --------------------------------------------------------------------
+
+
+def approle_config(tmp_path: Path, **auth: Any) -> config.Config:
+    data = minimal()
+    data["vault"] = {"auth": {"method": "approle", **auth}}
+    return config.parse(data, str(tmp_path / "keyd.toml"))
+
+
+def test_missing_files_names_each_absent_credential(tmp_path: Path) -> None:
+    role = tmp_path / "role-id"
+    role.write_text("r")
+    cfg = approle_config(tmp_path, role_id_file=str(role), secret_id_file=str(tmp_path / "nope"))
+    assert config.missing_files(cfg) == [
+        f"{tmp_path / 'keyd.toml'}: vault.auth.secret_id_file: file {str(tmp_path / 'nope')!r} does not exist"
+    ]
+
+
+def test_missing_files_empty_when_all_present(tmp_path: Path) -> None:
+    for name in ("role-id", "secret-id", "ca.pem"):
+        (tmp_path / name).write_text("x")
+    data = minimal()
+    data["vault"] = {
+        "ca_cert": str(tmp_path / "ca.pem"),
+        "auth": {
+            "method": "approle",
+            "role_id_file": str(tmp_path / "role-id"),
+            "secret_id_file": str(tmp_path / "secret-id"),
+        },
+    }
+    data["audit"] = {"file": str(tmp_path / "audit.log")}
+    assert config.missing_files(config.parse(data, SOURCE)) == []
+
+
+def test_missing_ca_cert_and_audit_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VAULT_TOKEN", "unused")
+    data = minimal()
+    data["vault"] = {"ca_cert": str(tmp_path / "ca.pem"), "auth": {"method": "token"}}
+    data["audit"] = {"file": str(tmp_path / "no-dir" / "audit.log")}
+    assert config.missing_files(config.parse(data, SOURCE)) == [
+        f"{SOURCE}: vault.ca_cert: file {str(tmp_path / 'ca.pem')!r} does not exist",
+        f"{SOURCE}: audit.file: directory {str(tmp_path / 'no-dir')!r} does not exist",
+    ]
+
+
+def test_token_method_needs_a_file_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    data = minimal()
+    data["vault"] = {"auth": {"method": "token"}}
+    monkeypatch.delenv("VAULT_TOKEN", raising=False)
+    assert config.missing_files(config.parse(data, SOURCE)) == [
+        f"{SOURCE}: vault.auth.token_file: is empty and VAULT_TOKEN is not set"
+    ]
+    monkeypatch.setenv("VAULT_TOKEN", "s.x")
+    assert config.missing_files(config.parse(data, SOURCE)) == []
+    data["vault"]["auth"]["token_file"] = str(tmp_path / "token")
+    assert config.missing_files(config.parse(data, SOURCE)) == [
+        f"{SOURCE}: vault.auth.token_file: file {str(tmp_path / 'token')!r} does not exist"
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
+def test_unreadable_credential_file(tmp_path: Path) -> None:
+    for name in ("role-id", "secret-id"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "secret-id").chmod(0)
+    cfg = approle_config(
+        tmp_path, role_id_file=str(tmp_path / "role-id"), secret_id_file=str(tmp_path / "secret-id")
+    )
+    assert config.missing_files(cfg) == [
+        f"{tmp_path / 'keyd.toml'}: vault.auth.secret_id_file: file {str(tmp_path / 'secret-id')!r} is not readable"
+    ]
+
+
+def test_cert_method_requires_its_files() -> None:
+    data = minimal()
+    data["vault"] = {"auth": {"method": "cert"}}
+    assert problems_of(data) == [
+        f'{SOURCE}: vault.auth.client_cert: is required when method = "cert"',
+        f'{SOURCE}: vault.auth.client_key: is required when method = "cert"',
+    ]

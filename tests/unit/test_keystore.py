@@ -1,0 +1,274 @@
+"""keyd.keystore: atomic swaps, staleness against an injected clock, health, and key hygiene."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import pickle
+
+import pytest
+
+from keyd.errors import ApiError
+from keyd.keystore import KeySnapshot, KeyStore, SecretKey
+
+OLD = "sk_test_old_old_old_old_old_old_old"
+NEW = "sk_test_new_new_new_new_new_new_new"
+
+
+class Clock:
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def snap(app: str, key: str, version: int | None = 1, loaded_at: float = 0.0) -> KeySnapshot:
+    secret = SecretKey.from_str(key)
+    return KeySnapshot(
+        app=app, signing=secret, webhook=secret, version=version, kv_version=2, loaded_at=loaded_at
+    )
+
+
+def mac(secret: SecretKey, data: bytes = b"x") -> bytes:
+    m = secret.hmac()
+    m.update(data)
+    return bytes(m.digest())
+
+
+def expected_mac(key: str, data: bytes = b"x") -> bytes:
+    return hmac.new(key.encode(), data, hashlib.sha256).digest()
+
+
+def assert_unavailable(store: KeyStore, app: str, text: str) -> None:
+    with pytest.raises(ApiError) as info:
+        store.signing(app)
+    assert (info.value.status, info.value.code) == (503, "key_unavailable")
+    assert text in info.value.message
+
+
+# -- SecretKey ---------------------------------------------------------------------------------
+
+
+def test_secret_key_never_shows_itself() -> None:
+    secret = SecretKey.from_str(OLD)
+    for shown in (
+        repr(secret),
+        str(secret),
+        f"{secret}",
+        f"{secret!r}",
+        repr([secret]),
+        repr(snap("a", OLD)),
+    ):
+        assert OLD not in shown
+        assert "redacted" in shown or "SecretKey" in shown
+    assert repr(secret) == "SecretKey(<redacted>)"
+    with pytest.raises(TypeError):
+        pickle.dumps(secret)
+
+
+def test_secret_key_hmac_matches_and_copies_are_independent() -> None:
+    secret = SecretKey.from_str(OLD)
+    first = secret.hmac()
+    first.update(b"abc")
+    assert mac(secret, b"abc") == expected_mac(OLD, b"abc")
+    assert first.digest() == expected_mac(OLD, b"abc")
+
+
+def test_wipe_zeroes_the_material_but_not_hmacs_already_prepared() -> None:
+    secret = SecretKey.from_str(OLD)
+    in_flight = secret.hmac()
+    secret.wipe()
+    assert secret.reveal() == b"\x00" * len(OLD)
+    in_flight.update(b"x")
+    assert in_flight.digest() == expected_mac(OLD)
+
+
+def test_same_as_compares_material() -> None:
+    assert SecretKey.from_str(OLD).same_as(SecretKey.from_str(OLD))
+    assert not SecretKey.from_str(OLD).same_as(SecretKey.from_str(NEW))
+
+
+# -- signing, swap, staleness ------------------------------------------------------------------
+
+
+def test_nothing_to_sign_before_the_first_load() -> None:
+    store = KeyStore(["default"], max_stale=60, clock=Clock())
+    assert_unavailable(store, "default", "not loaded yet")
+    assert not store.ready()
+
+
+def test_update_swaps_atomically_and_wipes_the_old_key() -> None:
+    clock = Clock()
+    store = KeyStore(["default"], max_stale=60, clock=clock)
+    assert store.update(snap("default", OLD, 1)) is True
+    held = store.signing("default")  # a request that started before the rotation
+    assert store.update(snap("default", NEW, 2)) is True
+    current = store.signing("default")
+    assert current.version == 2
+    assert mac(current.signing) == expected_mac(NEW)
+    # The held snapshot still signs wholly with the old key (its HMAC context was prepared at load),
+    # while the old raw bytes are gone from memory.
+    assert mac(held.signing) == expected_mac(OLD)
+    assert held.signing.reveal() == b"\x00" * len(OLD)
+
+
+def test_unchanged_refresh_keeps_the_installed_snapshot() -> None:
+    clock = Clock()
+    store = KeyStore(["default"], max_stale=60, clock=clock)
+    first = snap("default", OLD, 1)
+    store.update(first)
+    again = snap("default", OLD, 1)
+    assert store.update(again) is False
+    assert store.signing("default") is first
+    assert mac(first.signing) == expected_mac(OLD)
+    assert first.signing.reveal() == OLD.encode()
+    # The duplicate copy is not kept around in memory.
+    assert again.signing.reveal() == b"\x00" * len(OLD)
+
+
+def test_same_version_different_key_is_a_change() -> None:
+    store = KeyStore(["default"], max_stale=60, clock=Clock())
+    store.update(snap("default", OLD, None))
+    assert store.update(snap("default", NEW, None)) is True
+    assert mac(store.signing("default").signing) == expected_mac(NEW)
+
+
+def test_max_stale_expiry_with_injected_clock() -> None:
+    clock = Clock(1_000.0)
+    store = KeyStore(["default"], max_stale=10, clock=clock)
+    store.update(snap("default", OLD))
+    clock.now = 1_005.0
+    store.record_failure("default", "cannot connect to Vault")
+    store.record_failure("default", "cannot connect to Vault")
+    assert store.signing("default").version == 1  # failures do not stop signing within max_stale
+    clock.now = 1_010.0
+    assert store.signing("default").version == 1  # exactly at the limit still signs
+    clock.now = 1_010.01
+    assert_unavailable(store, "default", "refresh.max_stale")
+    # A later success starts a new max_stale window.
+    store.update(snap("default", OLD))
+    assert store.signing("default").version == 1
+    clock.now = 1_020.0
+    assert store.signing("default").version == 1
+    clock.now = 1_020.02
+    assert_unavailable(store, "default", "refresh.max_stale")
+
+
+def test_apps_are_independent() -> None:
+    clock = Clock()
+    store = KeyStore(["a", "b"], max_stale=10, clock=clock)
+    store.update(snap("a", OLD))
+    assert store.signing("a").app == "a"
+    assert_unavailable(store, "b", "'b'")
+    assert not store.ready()
+    store.update(snap("b", NEW))
+    assert store.ready()
+    assert store.apps == ["a", "b"]
+
+
+def test_failure_bookkeeping() -> None:
+    clock = Clock(50.0)
+    store = KeyStore(["default"], max_stale=10, clock=clock)
+    store.record_failure("default", "first")
+    clock.now = 51.0
+    store.record_failure("default", "second")
+    state = store.state("default")
+    assert (state.failures, state.last_error, state.last_attempt, state.last_success) == (
+        2,
+        "second",
+        51.0,
+        None,
+    )
+    store.update(snap("default", OLD))
+    assert (state.failures, state.last_error, state.last_success, state.expires_at) == (0, "", 51.0, 61.0)
+
+
+# -- health ------------------------------------------------------------------------------------
+
+
+def test_health_starting_ok_degraded_unavailable() -> None:
+    clock = Clock(100.0)
+    store = KeyStore(["default"], max_stale=10, clock=clock)
+
+    ok, doc = store.health()
+    assert (ok, doc["status"]) == (False, "starting")
+    app = doc["apps"]["default"]
+    assert app["key_loaded"] is False and app["key_version"] is None and app["since_last_refresh"] is None
+
+    store.update(snap("default", OLD, 3, loaded_at=100.0))
+    clock.now = 102.5
+    ok, doc = store.health()
+    assert (ok, doc["status"]) == (True, "ok")
+    assert doc["apps"]["default"] == {
+        "can_sign": True,
+        "key_loaded": True,
+        "key_version": 3,
+        "kv_version": 2,
+        "key_age": 2.5,
+        "since_last_refresh": 2.5,
+        "stale": False,
+        "refresh_failures": 0,
+        "last_error": None,
+    }
+
+    store.record_failure("default", "reading secret/x: cannot connect to Vault")
+    ok, doc = store.health()
+    assert (ok, doc["status"]) == (True, "degraded")
+    assert doc["apps"]["default"]["stale"] is True
+    assert doc["apps"]["default"]["last_error"] == "reading secret/x: cannot connect to Vault"
+
+    clock.now = 111.0
+    ok, doc = store.health()
+    assert (ok, doc["status"]) == (False, "unavailable")
+    assert doc["apps"]["default"]["can_sign"] is False
+    assert doc["apps"]["default"]["since_last_refresh"] == 11.0
+
+    store.update(snap("default", OLD, 3))
+    assert store.health()[1]["status"] == "ok"
+
+
+def test_health_with_failures_before_the_first_load_is_starting() -> None:
+    store = KeyStore(["default"], max_stale=10, clock=Clock())
+    store.record_failure("default", "cannot connect to Vault")
+    ok, doc = store.health()
+    assert (ok, doc["status"]) == (False, "starting")
+    assert doc["apps"]["default"]["stale"] is False
+    assert doc["apps"]["default"]["refresh_failures"] == 1
+
+
+def test_health_one_app_expired_one_missing_is_unavailable() -> None:
+    clock = Clock(0.0)
+    store = KeyStore(["a", "b"], max_stale=5, clock=clock)
+    store.update(snap("a", OLD))
+    assert store.health()[1]["status"] == "starting"
+    clock.now = 6.0
+    assert store.health()[1]["status"] == "unavailable"
+
+
+def test_health_never_contains_key_material() -> None:
+    store = KeyStore(["default"], max_stale=10, clock=Clock())
+    store.update(snap("default", OLD))
+    store.record_failure("default", "boom")
+    text = json.dumps(store.health()[1])
+    assert OLD not in text
+    assert "sk_test" not in text
+
+
+def test_installing_the_same_snapshot_twice_wipes_nothing() -> None:
+    store = KeyStore(["default"], max_stale=60, clock=Clock())
+    first = snap("default", OLD, 1)
+    store.update(first)
+    assert store.update(first) is False
+    assert mac(store.signing("default").signing) == expected_mac(OLD)
+    assert first.signing.reveal() == OLD.encode()
+
+
+def test_separate_webhook_key_is_wiped_with_its_snapshot() -> None:
+    store = KeyStore(["default"], max_stale=60, clock=Clock())
+    signing, webhook = SecretKey.from_str(OLD), SecretKey.from_str(NEW)
+    store.update(KeySnapshot("default", signing, webhook, 1, 2, 0.0))
+    store.update(snap("default", NEW, 2))
+    assert signing.reveal() == b"\x00" * len(OLD)
+    assert webhook.reveal() == b"\x00" * len(NEW)

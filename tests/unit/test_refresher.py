@@ -1,0 +1,390 @@
+"""keyd.refresher against a fake Vault, an injected clock and injected randomness.
+
+The scheduler is not started: each test calls the job functions directly and records what they
+schedule next (job id and delay), so no test sleeps to see a refresh, a retry or a renewal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from keyd.config import AppConfig, RefreshConfig
+from keyd.errors import SecretError, VaultAuthError, VaultError, VaultLoginError, VaultUnavailable
+from keyd.keystore import KeyStore, SecretKey
+from keyd.refresher import TOKEN_JOB, Refresher, backoff, jittered
+from keyd.vault import Secret, TokenInfo
+from tests.helpers import wait_until
+
+KEY1 = "sk_test_one_one_one_one_one_one_one"
+KEY2 = "sk_test_two_two_two_two_two_two_two"
+
+
+class Clock:
+    def __init__(self, now: float = 10_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeVault:
+    """Implements refresher.VaultLike. Queue errors with fail_*; secrets live in `secrets`."""
+
+    def __init__(self, clock: Clock, ttl: float = 60.0, renewable: bool = True) -> None:
+        self.clock = clock
+        self.ttl = ttl
+        self.renewable = renewable
+        self.token: TokenInfo | None = None
+        self.secrets: dict[tuple[str, str, str], tuple[str, int]] = {}
+        self.login_errors: list[VaultError] = []
+        self.renew_errors: list[VaultError] = []
+        self.read_errors: list[VaultError] = []
+        self.renew_ttl: float | None = None
+        self.calls: list[str] = []
+        self.on_read: Callable[[], None] | None = None
+
+    @property
+    def logged_in(self) -> bool:
+        return self.token is not None
+
+    def login(self) -> TokenInfo:
+        self.calls.append("login")
+        if self.login_errors:
+            raise self.login_errors.pop(0)
+        self.token = TokenInfo(ttl=self.ttl, renewable=self.renewable, obtained_at=self.clock())
+        return self.token
+
+    def renew(self) -> TokenInfo:
+        self.calls.append("renew")
+        if self.renew_errors:
+            raise self.renew_errors.pop(0)
+        ttl = self.ttl if self.renew_ttl is None else self.renew_ttl
+        self.token = TokenInfo(ttl=ttl, renewable=self.renewable, obtained_at=self.clock())
+        return self.token
+
+    def invalidate(self) -> None:
+        self.calls.append("invalidate")
+        self.token = None
+
+    def read(self, mount: str, path: str, field: str, kv_version: int) -> Secret:
+        self.calls.append(f"read {mount}/{path}#{field}")
+        if self.on_read is not None:
+            self.on_read()
+        if self.read_errors:
+            raise self.read_errors.pop(0)
+        if (mount, path, field) not in self.secrets:
+            raise SecretError(f"reading {mount}/{path}: not found (404)")
+        value, version = self.secrets[(mount, path, field)]
+        return Secret(value=SecretKey.from_str(value), version=version, kv_version=kv_version)
+
+
+class Harness:
+    def __init__(
+        self,
+        apps: dict[str, AppConfig] | None = None,
+        rand: float = 0.5,
+        ttl: float = 60.0,
+        renewable: bool = True,
+        refresh: RefreshConfig | None = None,
+    ) -> None:
+        self.clock = Clock()
+        self.rand = rand
+        self.apps = apps or {"default": AppConfig(name="default", app_id="tApp", path="talkjs/live")}
+        self.refresh = refresh or RefreshConfig(
+            interval=300.0, max_stale=3600.0, retry_min=1.0, retry_max=300.0
+        )
+        self.vault = FakeVault(self.clock, ttl=ttl, renewable=renewable)
+        for app in self.apps.values():
+            self.vault.secrets[(app.kv_mount, app.path, app.field)] = (KEY1, 1)
+        self.store = KeyStore(self.apps, self.refresh.max_stale, clock=self.clock)
+        self.changes = 0
+        self.refresher = Refresher(
+            dict(self.apps),
+            self.refresh,
+            self.vault,
+            self.store,
+            clock=self.clock,
+            rand=lambda: self.rand,
+            on_change=self._changed,
+        )
+        self.scheduled: list[tuple[str, float]] = []
+
+        def record(job_id: str, func: Callable[..., None], delay: float, *args: Any) -> None:
+            self.scheduled.append((job_id, delay))
+
+        self.refresher._schedule = record  # type: ignore[method-assign]  # observe, do not run
+
+    def _changed(self) -> None:
+        self.changes += 1
+
+    def last(self, job_id: str) -> float:
+        delays = [d for j, d in self.scheduled if j == job_id]
+        assert delays, f"{job_id} was never scheduled: {self.scheduled}"
+        return delays[-1]
+
+    def key_mac(self, app: str = "default") -> bytes:
+        m = self.store.signing(app).signing.hmac()
+        m.update(b"x")
+        return bytes(m.digest())
+
+
+def mac_of(key: str) -> bytes:
+    return hmac.new(key.encode(), b"x", hashlib.sha256).digest()
+
+
+# -- backoff and jitter ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failures", range(1, 60))
+@pytest.mark.parametrize("rand", [0.0, 0.3, 0.999999, 1.0])
+def test_backoff_stays_between_half_a_second_and_five_minutes(failures: int, rand: float) -> None:
+    delay = backoff(failures, 1.0, 300.0, lambda: rand)
+    assert 0.5 <= delay <= 300.0
+
+
+def test_backoff_grows_exponentially_to_the_cap_with_jitter() -> None:
+    top = [backoff(n, 1.0, 300.0, lambda: 1.0) for n in range(1, 12)]
+    assert top == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
+    bottom = [backoff(n, 1.0, 300.0, lambda: 0.0) for n in range(1, 12)]
+    assert bottom == [t / 2 for t in top]
+    assert backoff(10_000, 1.0, 300.0, lambda: 0.0) == 150.0  # huge counts neither overflow nor shrink
+
+
+def test_backoff_is_never_a_tight_loop_even_at_failure_zero() -> None:
+    assert backoff(0, 1.0, 300.0, lambda: 0.0) == 0.5
+
+
+@pytest.mark.parametrize(("rand", "factor"), [(0.0, 0.9), (0.5, 1.0), (1.0, 1.1)])
+def test_interval_jitter_is_ten_percent(rand: float, factor: float) -> None:
+    assert jittered(300.0, lambda: rand) == pytest.approx(300.0 * factor)
+
+
+# -- refresh -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rand", "expected"), [(0.0, 270.0), (1.0, 330.0)])
+def test_success_loads_the_key_and_schedules_the_next_read_at_interval(rand: float, expected: float) -> None:
+    h = Harness(rand=rand)
+    h.refresher._refresh_app("default")
+    assert h.key_mac() == mac_of(KEY1)
+    assert h.store.signing("default").version == 1
+    assert h.vault.calls == ["login", "read secret/talkjs/live#secret_key"]
+    assert h.last("key:default") == pytest.approx(expected)
+    assert h.last(TOKEN_JOB) == pytest.approx(40.0)  # renewal at 2/3 of the 60 s TTL
+    assert h.changes == 1
+
+
+def test_failures_back_off_and_keep_the_cached_key() -> None:
+    h = Harness(rand=1.0)
+    h.refresher._refresh_app("default")
+    h.vault.read_errors = [VaultUnavailable("cannot connect to Vault")] * 12
+    delays = []
+    for _ in range(12):
+        h.refresher._refresh_app("default")
+        delays.append(h.last("key:default"))
+        assert h.key_mac() == mac_of(KEY1)
+    assert delays == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]
+    state = h.store.state("default")
+    assert state.failures == 12
+    assert state.last_error == "cannot connect to Vault"
+    assert h.refresher.refresh_failures == 12
+    h.refresher._refresh_app("default")
+    assert h.last("key:default") == pytest.approx(330.0)  # back to the normal interval
+    assert h.store.state("default").failures == 0
+
+
+def test_first_load_failure_retries_quickly() -> None:
+    h = Harness(rand=0.0)
+    h.vault.login_errors = [VaultUnavailable("cannot connect to Vault")]
+    h.refresher._refresh_app("default")
+    assert h.last("key:default") == 0.5
+    assert h.refresher.login_failures == 1
+    assert h.store.health()[1]["status"] == "starting"
+    h.refresher._refresh_app("default")
+    assert h.key_mac() == mac_of(KEY1)
+
+
+def test_rotation_installs_the_new_version() -> None:
+    h = Harness()
+    h.refresher.refresh_app("default")
+    h.vault.secrets[("secret", "talkjs/live", "secret_key")] = (KEY2, 2)
+    assert h.refresher.refresh_app("default") is True
+    assert h.store.signing("default").version == 2
+    assert h.key_mac() == mac_of(KEY2)
+
+
+def test_bad_secret_keeps_the_last_good_key() -> None:
+    h = Harness()
+    h.refresher.refresh_app("default")
+    h.vault.read_errors = [SecretError("reading secret/talkjs/live: field 'secret_key' is empty")]
+    assert h.refresher.refresh_app("default") is False
+    assert h.key_mac() == mac_of(KEY1)
+    assert "is empty" in h.store.state("default").last_error
+
+
+def test_403_on_read_logs_in_again_and_retries() -> None:
+    h = Harness()
+    h.refresher.refresh_app("default")
+    h.vault.calls.clear()
+    h.vault.secrets[("secret", "talkjs/live", "secret_key")] = (KEY2, 2)
+    h.vault.read_errors = [VaultAuthError("reading secret/talkjs/live: permission denied (403)")]
+    assert h.refresher.refresh_app("default") is True
+    assert h.vault.calls == [
+        "read secret/talkjs/live#secret_key",
+        "invalidate",
+        "login",
+        "read secret/talkjs/live#secret_key",
+    ]
+    assert h.key_mac() == mac_of(KEY2)
+    assert h.store.state("default").failures == 0
+
+
+def test_403_again_after_login_is_a_policy_problem() -> None:
+    h = Harness()
+    h.refresher.refresh_app("default")
+    denied = VaultAuthError("permission denied (403)")
+    h.vault.read_errors = [denied, denied]
+    assert h.refresher.refresh_app("default") is False
+    assert "check keyd's Vault policy" in h.store.state("default").last_error
+    assert h.key_mac() == mac_of(KEY1)
+    assert h.vault.calls.count("login") == 2  # one re-login, not a loop
+
+
+def test_failed_relogin_after_403_keeps_the_key() -> None:
+    h = Harness()
+    h.refresher.refresh_app("default")
+    h.vault.read_errors = [VaultAuthError("permission denied (403)")]
+    h.vault.login_errors = [VaultLoginError("Vault refused the AppRole login")]
+    assert h.refresher.refresh_app("default") is False
+    assert h.key_mac() == mac_of(KEY1)
+    assert h.store.state("default").last_error == "Vault refused the AppRole login"
+    assert h.refresher.login_failures == 1
+
+
+def test_separate_webhook_key_is_read_too() -> None:
+    app = AppConfig(name="default", app_id="tApp", path="talkjs/live", webhook_field="webhook_key")
+    h = Harness(apps={"default": app})
+    h.vault.secrets[("secret", "talkjs/live", "webhook_key")] = (KEY2, 1)
+    h.refresher.refresh_app("default")
+    snapshot = h.store.signing("default")
+    m = snapshot.webhook.hmac()
+    m.update(b"x")
+    assert m.digest() == mac_of(KEY2)
+    assert h.key_mac() == mac_of(KEY1)
+
+
+def test_one_app_failing_does_not_touch_another() -> None:
+    apps = {
+        "a": AppConfig(name="a", app_id="tA", path="talkjs/a"),
+        "b": AppConfig(name="b", app_id="tB", path="talkjs/b"),
+    }
+    h = Harness(apps=apps)
+    del h.vault.secrets[("secret", "talkjs/b", "secret_key")]
+    h.refresher._refresh_app("a")
+    h.refresher._refresh_app("b")
+    assert h.key_mac("a") == mac_of(KEY1)
+    assert h.store.state("b").failures == 1
+    assert h.last("key:a") == pytest.approx(300.0)
+    assert h.last("key:b") == pytest.approx(0.75)
+
+
+def test_sighup_during_a_read_schedules_another_read_at_once() -> None:
+    h = Harness()
+    h.vault.on_read = h.refresher.refresh_now
+    h.refresher._refresh_app("default")
+    # refresh_now scheduled an immediate read, and the run that was under way asks for one too.
+    assert [d for j, d in h.scheduled if j == "key:default"] == [0.0, 0.0]
+    h.vault.on_read = None
+    h.refresher._refresh_app("default")
+    assert h.last("key:default") == pytest.approx(300.0)
+
+
+# -- Vault token renewal -----------------------------------------------------------------------
+
+
+def test_renewal_at_two_thirds_of_the_ttl() -> None:
+    h = Harness(ttl=90.0)
+    h.refresher.refresh_app("default")
+    assert h.last(TOKEN_JOB) == pytest.approx(60.0)
+    h.clock.now += 60.0
+    h.vault.calls.clear()
+    h.refresher._renew_token()
+    assert h.vault.calls == ["renew"]
+    assert h.last(TOKEN_JOB) == pytest.approx(60.0)
+
+
+def test_token_without_ttl_is_never_renewed() -> None:
+    h = Harness(ttl=0.0)
+    h.refresher.refresh_app("default")
+    assert all(j != TOKEN_JOB for j, _ in h.scheduled)
+
+
+def test_renewal_refused_logs_in_again() -> None:
+    h = Harness(ttl=30.0)
+    h.refresher.refresh_app("default")
+    h.vault.calls.clear()
+    h.vault.renew_errors = [VaultAuthError("Vault token renewal: permission denied (403)")]
+    h.refresher._renew_token()
+    assert h.vault.calls == ["renew", "invalidate", "login"]
+    assert h.last(TOKEN_JOB) == pytest.approx(20.0)
+    assert h.vault.logged_in
+
+
+def test_not_renewable_logs_in_again() -> None:
+    h = Harness(ttl=30.0, renewable=False)
+    h.refresher.refresh_app("default")
+    h.vault.calls.clear()
+    h.refresher._renew_token()
+    assert h.vault.calls == ["invalidate", "login"]
+
+
+def test_near_max_ttl_logs_in_again() -> None:
+    h = Harness(ttl=30.0)
+    h.refresher.refresh_app("default")
+    h.vault.calls.clear()
+    h.vault.renew_ttl = 5.0  # Vault capped the renewal: the token's max TTL is close
+    h.refresher._renew_token()
+    assert h.vault.calls == ["renew", "invalidate", "login"]
+    assert h.vault.token is not None and h.vault.token.ttl == 30.0
+
+
+def test_failed_renewal_and_login_never_drop_the_key_and_back_off() -> None:
+    h = Harness(ttl=30.0, rand=1.0)
+    h.refresher.refresh_app("default")
+    h.vault.renew_errors = [VaultUnavailable("cannot connect to Vault")]
+    h.vault.login_errors = [VaultUnavailable("cannot connect to Vault")] * 3
+    h.refresher._renew_token()  # renewal fails with a transient error: retried, no re-login yet
+    assert h.last(TOKEN_JOB) == 1.0
+    assert h.key_mac() == mac_of(KEY1)
+    h.vault.renew_errors = [VaultAuthError("permission denied (403)")]
+    delays = []
+    for _ in range(4):
+        h.refresher._renew_token()
+        delays.append(h.last(TOKEN_JOB))
+        assert h.key_mac() == mac_of(KEY1)
+        assert h.store.signing("default").version == 1
+    assert delays[:3] == [2.0, 4.0, 8.0]
+    assert delays[3] == pytest.approx(20.0)  # logged in at last: renewal at 2/3 TTL again
+    assert h.refresher.login_failures == 3
+
+
+def test_a_real_scheduler_loads_every_key_on_start() -> None:
+    apps = {n: AppConfig(name=n, app_id="t" + n, path=f"talkjs/{n}") for n in ("a", "b")}
+    clock = Clock()
+    vault = FakeVault(clock)
+    for app in apps.values():
+        vault.secrets[("secret", app.path, "secret_key")] = (KEY1, 7)
+    store = KeyStore(apps, 60.0, clock=clock)
+    refresher = Refresher(apps, RefreshConfig(interval=300.0), vault, store, clock=clock)
+    refresher.start()
+    try:
+        wait_until(store.ready, timeout=5, what="both keys loaded")
+    finally:
+        refresher.stop()
+    assert store.signing("a").version == 7 and store.signing("b").version == 7
+    assert vault.calls.count("login") == 1

@@ -8,6 +8,7 @@ nothing.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from keyd.keystore import KeySnapshot
 from keyd.peers import Caller, Policy
 
 MAX_USER_ID = 256
+_perf_counter = time.perf_counter
 JSON = b"application/json"
 
 
@@ -58,6 +60,25 @@ class NoAudit:
         return None
 
 
+class Stats(Protocol):
+    """Request counters for the metrics (keyd.metrics.RequestStats); called on the hot path."""
+
+    def request(self, endpoint: str, status: int, seconds: float) -> None: ...
+    def error(self, code: str) -> None: ...
+    def decision(self, app: str | None, kind: str | None, outcome: str) -> None: ...
+
+
+class NoStats:
+    def request(self, endpoint: str, status: int, seconds: float) -> None:
+        return None
+
+    def error(self, code: str) -> None:
+        return None
+
+    def decision(self, app: str | None, kind: str | None, outcome: str) -> None:
+        return None
+
+
 def error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
 
@@ -73,15 +94,23 @@ def _invalid(message: str) -> ApiError:
     return ApiError(422, "invalid_field", message)
 
 
+_decode_json = json.JSONDecoder().decode  # what json.loads(str) uses, minus a call
+
+
 def parse_json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]:
-    if content_type is not None:
+    if content_type is not None and content_type != JSON:
         media = content_type.split(b";", 1)[0].strip().lower()
         if media != JSON and not (media.startswith(b"application/") and media.endswith(b"+json")):
             raise ApiError(
                 415, "unsupported_media_type", "send the request body as Content-Type: application/json"
             )
     try:
-        data = json.loads(body)
+        # A body starting with "{" is decoded as UTF-8 right away, exactly as json.loads(bytes)
+        # would after sniffing the encoding; anything else (a BOM, UTF-16) takes json.loads' path.
+        if body[:1] == b"{":
+            data = _decode_json(body.decode("utf-8", "surrogatepass"))
+        else:
+            data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "malformed_json", "the request body is not valid JSON") from None
     if not isinstance(data, dict):
@@ -124,6 +153,7 @@ def _ttl(value: Any, maximum: float) -> int:
     return value
 
 
+_TIMESTAMP = re.compile(rb"[0-9]{1,16}(?:\.[0-9]{1,9})?")
 _TOKEN_FIELDS = frozenset({"user_id", "type", "ttl", "app"})
 _SIGNATURE_FIELDS = frozenset({"user_id", "app", "uppercase"})
 
@@ -138,8 +168,11 @@ class Api:
         policy: Policy,
         audit: Audit | None = None,
         clock: Callable[[], float] = time.time,
+        stats: Stats | None = None,
     ) -> None:
         self._config = config
+        self._stats: Stats = stats or NoStats()
+        self._health_sections: dict[str, Callable[[], Any]] = {}
         self._keys = keys
         self._policy = policy
         self._audit: Audit = audit or NoAudit()
@@ -156,27 +189,43 @@ class Api:
             b"/v1/signatures": {b"POST": self.signatures},
             b"/v1/webhooks/verify": {b"POST": self.verify_webhook},
         }
+        # Metric label per known path; anything else is "other", so no caller text becomes a label.
+        self._endpoints = {path: path.decode() for path in self._routes}
 
     def add_route(self, path: bytes, method: bytes, handler: Callable[[Request], Response]) -> None:
         """Extension point for optional endpoints (metrics)."""
         self._routes.setdefault(path, {})[method] = handler
+        self._endpoints[path] = path.decode()
+
+    def add_health(self, name: str, section: Callable[[], Any]) -> None:
+        """Extension point: a section the daemon adds to GET /v1/health (e.g. the Vault token's TTL)."""
+        self._health_sections[name] = section
 
     def handle(self, request: Request) -> Response:
+        started = _perf_counter()
         methods = self._routes.get(request.path)
         if methods is None:
-            return error_response(ApiError(404, "not_found", f"no such endpoint: {request.path_text}"))
+            self._stats.error("not_found")
+            response = error_response(ApiError(404, "not_found", f"no such endpoint: {request.path_text}"))
+            self._stats.request("other", 404, _perf_counter() - started)
+            return response
         handler = methods.get(request.method)
         if handler is None:
             allowed = ",".join(m.decode() for m in methods)
-            return Response(
+            response = Response(
                 405,
                 error_body("method_not_allowed", f"use {allowed} for {request.path_text}"),
                 headers=((b"Allow", allowed.encode()),),
             )
-        try:
-            return handler(request)
-        except ApiError as exc:
-            return error_response(exc)
+            self._stats.error("method_not_allowed")
+        else:
+            try:
+                response = handler(request)
+            except ApiError as exc:
+                self._stats.error(exc.code)
+                response = error_response(exc)
+        self._stats.request(self._endpoints[request.path], response.status, _perf_counter() - started)
+        return response
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -201,6 +250,7 @@ class Api:
         exc: ApiError,
     ) -> ApiError:
         self._audit.record(request.caller, app, kind, sub, ttl, "refused", exc.code)
+        self._stats.decision(app, kind, "refused")
         return exc
 
     # -- routes ----------------------------------------------------------------------------
@@ -223,7 +273,9 @@ class Api:
             default, maximum = app.app_ttl, app.max_app_ttl
         ttl = _ttl(data["ttl"], maximum) if "ttl" in data else int(default)
         try:
-            grant = self._policy.authorize(request.caller, app, kind, ttl, user_id)
+            # Only an explicit ttl can exceed the grant; a default one is lowered to it below.
+            asked = ttl if "ttl" in data else None
+            grant = self._policy.authorize(request.caller, app, kind, asked, user_id)
             if "ttl" not in data and grant.max_ttl is not None and ttl > grant.max_ttl:
                 ttl = int(grant.max_ttl)  # the caller's own default is its grant's maximum
             snapshot = self._keys.signing(name)
@@ -235,6 +287,7 @@ class Api:
         else:
             token = tokens.app_token(snapshot.signing, app.app_id, iat, ttl)
         self._audit.record(request.caller, name, kind, user_id, ttl, "issued", None)
+        self._stats.decision(name, kind, "issued")
         name_json, app_id_json = self._app_json[name]
         body = (
             f'{{"token":"{token}","type":"{kind}","app":{name_json},"app_id":{app_id_json},'
@@ -257,6 +310,7 @@ class Api:
             raise self._refuse(request, name, "signature", user_id, None, exc) from None
         sig = tokens.signature(snapshot.signing, user_id, uppercase)
         self._audit.record(request.caller, name, "signature", user_id, None, "issued", None)
+        self._stats.decision(name, "signature", "issued")
         return Response(
             200,
             b'{"signature":"%s","app":%s,"key_version":%s}'
@@ -272,15 +326,16 @@ class Api:
             if not value:
                 raise ApiError(400, "missing_header", f"the {header} header is required")
         assert timestamp is not None and given is not None  # noqa: S101 - checked just above
+        # Digits only: float() alone would take "nan" (which no window comparison rejects), "inf",
+        # "1e9" or surrounding spaces.
+        if not _TIMESTAMP.fullmatch(timestamp):
+            raise ApiError(400, "invalid_header", "X-TalkJS-Timestamp must be a number")
+        stamp = float(timestamp)
         try:
             self._policy.authorize(request.caller, app, "webhook", None, None)
             snapshot = self._keys.signing(name)
         except ApiError as exc:
             raise self._refuse(request, name, "webhook", None, None, exc) from None
-        try:
-            stamp = float(timestamp.decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            raise ApiError(400, "invalid_header", "X-TalkJS-Timestamp must be a number") from None
         if stamp > 1e11:
             stamp /= 1000.0  # milliseconds
         valid = tokens.webhook_signature_valid(snapshot.webhook, timestamp, request.body, given)
@@ -303,10 +358,13 @@ class Api:
                 ApiError(401, "stale_timestamp", "the webhook timestamp is outside the allowed window"),
             )
         self._audit.record(request.caller, name, "webhook", None, None, "verified", None)
+        self._stats.decision(name, "webhook", "verified")
         return Response(200, b'{"valid":true,"app":%s}' % self._app_json[name][0].encode())
 
     def health(self, request: Request) -> Response:
         ok, doc = self._keys.health()
+        for name, section in self._health_sections.items():
+            doc[name] = section()
         return Response(200 if ok else 503, json.dumps(doc).encode())
 
 

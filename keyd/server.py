@@ -31,6 +31,8 @@ from keyd.peers import Caller, Identities, peer_credentials
 log = logging.getLogger("keyd.server")
 
 MAX_HEADER_BYTES = 16384
+LINGER_SECONDS = 1.0  # after a 413: how long to discard the rest of an oversized body
+CLOSE_GRACE = 1.0  # after closing: how long a peer that reads nothing may keep its connection
 _STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 
@@ -299,14 +301,31 @@ class Connection(asyncio.Protocol):
 
     def _too_large(self) -> None:
         limit = self.server.config.max_body
-        self._fail(413, "body_too_large", f"the request body exceeds {limit} bytes")
+        if self.transport is None or self.transport.is_closing():
+            raise _Abort
+        self.transport.write(_raw_response(413, "body_too_large", f"the request body exceeds {limit} bytes"))
+        # The client is most likely still sending its body. Closing now, with its bytes unread,
+        # would reset the connection and it might never read this answer: stop writing, discard
+        # whatever still arrives (parser is None), and let the sweeper close it shortly.
+        self.transport.write_eof()
+        self.parser = None
+        self.busy = False
+        self.deadline = self.server.now() + LINGER_SECONDS
+        raise _Abort
 
     def expire(self) -> None:
-        """Called by the sweeper when the deadline passed: 408 mid-request, silent close when idle."""
-        if self.busy:
+        """Called by the sweeper when the deadline passed: 408 mid-request, silent close when idle.
+
+        close() waits for the write buffer to drain; a peer that never reads would keep its slot
+        forever. So a connection still open one grace second after being closed is aborted.
+        """
+        if self.transport.is_closing():
+            self.transport.abort()
+        elif self.busy:
             self._reject(408, "request_timeout", "the request was not received in time")
         else:
             self.transport.close()
+        self.deadline = self.server.now() + CLOSE_GRACE
 
 
 class Server:

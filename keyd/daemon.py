@@ -73,7 +73,7 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready_sent = False
-        self._reloading = False
+        self._reload_waiting: set[str] = set()
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -149,7 +149,7 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: re-read every key now (and let listeners such as the audit log reopen files)."""
         log.info("SIGHUP: refreshing every key now")
-        self._reloading = True
+        self._reload_waiting = set(self.config.apps)
         self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         self.audit.reopen()
         self.refresher.refresh_now()
@@ -163,18 +163,22 @@ class Daemon:
             self.vault.token, refresher.login_failures, refresher.refresh_failures, time.time()
         )
 
-    def _keys_changed_threadsafe(self) -> None:
+    def _keys_changed_threadsafe(self, app: str) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._keys_changed)
+                loop.call_soon_threadsafe(self._keys_changed, app)
 
-    def _keys_changed(self) -> None:
-        if not self.store.ready():
+    def _keys_changed(self, app: str) -> None:
+        """After each refresh attempt of one app: READY=1 at start-up and at the end of a reload."""
+        if self._reload_waiting:
+            self._reload_waiting.discard(app)
+            if not self._reload_waiting and self._ready_sent:
+                log.info("reload finished: every app's key was re-read")
+                self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
             return
-        if not self._ready_sent or self._reloading:
+        if not self._ready_sent and self.store.ready():
             self._ready_sent = True
-            self._reloading = False
             log.info("ready: every app has a key loaded")
             self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
 

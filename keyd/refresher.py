@@ -71,7 +71,7 @@ class Refresher:
         store: KeyStore,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
-        on_change: Callable[[], None] | None = None,
+        on_change: Callable[[str], None] | None = None,
     ) -> None:
         self._apps = apps
         self._refresh = refresh
@@ -79,7 +79,7 @@ class Refresher:
         self._store = store
         self._clock = clock
         self._rand = rand
-        self._on_change = on_change or (lambda: None)
+        self._on_change = on_change or (lambda app: None)
         self._auth_lock = threading.Lock()
         self._auth_failures = 0
         self.login_failures = 0
@@ -227,7 +227,7 @@ class Refresher:
             self.refresh_failures += 1
             self._store.record_failure(name, str(exc))
             self._log_failure(name, exc)
-            self._on_change()
+            self._on_change(name)
             return False
         previous = self._store.state(name).snapshot
         previous_version = previous.version if previous else None
@@ -265,7 +265,7 @@ class Refresher:
                 snapshot.version,
                 extra={**extra, "event": "refresh"},
             )
-        self._on_change()
+        self._on_change(name)
         return True
 
     def _log_failure(self, name: str, exc: VaultError) -> None:

@@ -187,6 +187,7 @@ class Vault:
                 method,
                 f"{int(info.ttl)}s" if info.ttl else "unlimited",
                 info.renewable,
+                extra={"event": "login"},
             )
             return info
 

@@ -103,6 +103,7 @@ class Harness:
             self.vault.secrets[(app.kv_mount, app.path, app.field)] = (KEY1, 1)
         self.store = KeyStore(self.apps, self.refresh.max_stale, clock=self.clock)
         self.changes = 0
+        self.changed_apps: list[str] = []
         self.refresher = Refresher(
             dict(self.apps),
             self.refresh,
@@ -119,8 +120,9 @@ class Harness:
 
         self.refresher._schedule = record  # type: ignore[method-assign]  # observe, do not run
 
-    def _changed(self) -> None:
+    def _changed(self, app: str) -> None:
         self.changes += 1
+        self.changed_apps.append(app)
 
     def last(self, job_id: str) -> float:
         delays = [d for j, d in self.scheduled if j == job_id]
@@ -176,7 +178,7 @@ def test_success_loads_the_key_and_schedules_the_next_read_at_interval(rand: flo
     assert h.vault.calls == ["login", "read secret/talkjs/live#secret_key"]
     assert h.last("key:default") == pytest.approx(expected)
     assert h.last(TOKEN_JOB) == pytest.approx(40.0)  # renewal at 2/3 of the 60 s TTL
-    assert h.changes == 1
+    assert h.changed_apps == ["default"]
 
 
 def test_failures_back_off_and_keep_the_cached_key() -> None:

@@ -338,25 +338,15 @@ class Api:
             raise self._refuse(request, name, "webhook", None, None, exc) from None
         if stamp > 1e11:
             stamp /= 1000.0  # milliseconds
-        valid = tokens.webhook_signature_valid(snapshot.webhook, timestamp, request.body, given)
-        if not valid:
-            raise self._refuse(
-                request,
-                name,
-                "webhook",
-                None,
-                None,
-                ApiError(401, "invalid_signature", "the webhook signature does not match"),
+        rejection = None
+        if not tokens.webhook_signature_valid(snapshot.webhook, timestamp, request.body, given):
+            rejection = ApiError(401, "invalid_signature", "the webhook signature does not match")
+        elif abs(self._clock() - stamp) > app.webhook_tolerance:
+            rejection = ApiError(
+                401, "stale_timestamp", "the webhook timestamp is outside the allowed window"
             )
-        if abs(self._clock() - stamp) > app.webhook_tolerance:
-            raise self._refuse(
-                request,
-                name,
-                "webhook",
-                None,
-                None,
-                ApiError(401, "stale_timestamp", "the webhook timestamp is outside the allowed window"),
-            )
+        if rejection is not None:
+            raise self._refuse(request, name, "webhook", None, None, rejection)
         self._audit.record(request.caller, name, "webhook", None, None, "verified", None)
         self._stats.decision(name, "webhook", "verified")
         return Response(200, b'{"valid":true,"app":%s}' % self._app_json[name][0].encode())

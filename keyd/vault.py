@@ -46,6 +46,16 @@ class TokenInfo:
     obtained_at: float
     accessor: str = ""
 
+    @classmethod
+    def parse(cls, data: dict[str, Any], ttl_field: str, now: float) -> TokenInfo:
+        """From a login/renew ``auth`` block (``lease_duration``) or a lookup-self ``data`` (``ttl``)."""
+        return cls(
+            ttl=float(data.get(ttl_field) or 0),
+            renewable=bool(data.get("renewable")),
+            obtained_at=now,
+            accessor=str(data.get("accessor") or ""),
+        )
+
     def expires_at(self) -> float | None:
         return self.obtained_at + self.ttl if self.ttl else None
 
@@ -167,20 +177,10 @@ class Vault:
                 if method == "token":
                     self._client.token = self._static_token()
                     data = self._client.auth.token.lookup_self()["data"]
-                    info = TokenInfo(
-                        ttl=float(data.get("ttl") or 0),
-                        renewable=bool(data.get("renewable")),
-                        obtained_at=self._clock(),
-                        accessor=str(data.get("accessor") or ""),
-                    )
+                    info = TokenInfo.parse(data, "ttl", self._clock())
                 else:
                     auth = self._login_approle() if method == "approle" else self._login_cert()
-                    info = TokenInfo(
-                        ttl=float(auth.get("lease_duration") or 0),
-                        renewable=bool(auth.get("renewable")),
-                        obtained_at=self._clock(),
-                        accessor=str(auth.get("accessor") or ""),
-                    )
+                    info = TokenInfo.parse(auth, "lease_duration", self._clock())
             self.token = info
             log.info(
                 "logged in to Vault with %s auth (token ttl %s, renewable %s)",
@@ -250,12 +250,7 @@ class Vault:
         """renew-self; VaultAuthError when the token is gone (log in again instead)."""
         with self._lock, translate("Vault token renewal"):
             auth = self._client.auth.token.renew_self()["auth"]
-            info = TokenInfo(
-                ttl=float(auth.get("lease_duration") or 0),
-                renewable=bool(auth.get("renewable")),
-                obtained_at=self._clock(),
-                accessor=str(auth.get("accessor") or ""),
-            )
+            info = TokenInfo.parse(auth, "lease_duration", self._clock())
             self.token = info
             return info
 

@@ -107,10 +107,8 @@ def parse_json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]
     try:
         # A body starting with "{" is decoded as UTF-8 right away, exactly as json.loads(bytes)
         # would after sniffing the encoding; anything else (a BOM, UTF-16) takes json.loads' path.
-        if body[:1] == b"{":
-            data = _decode_json(body.decode("utf-8", "surrogatepass"))
-        else:
-            data = json.loads(body)
+        text = body.decode("utf-8", "surrogatepass") if body[:1] == b"{" else None
+        data = _decode_json(text) if text is not None else json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "malformed_json", "the request body is not valid JSON") from None
     if not isinstance(data, dict):

@@ -9,10 +9,10 @@ A line looks like (one line, wrapped here)::
 With ``[audit] hash_user_ids`` the ``sub`` field is replaced by ``sub_sha256`` (hex). A line never
 holds a token, a signature or a key: ``record`` is not given any of them.
 
-The hot path stays cheap: a line is formatted by hand (the caller part is cached per caller, the
-time prefix per second) and appended to an in-memory buffer. The buffer is written with one
-``write(2)`` of whole lines after a short delay (``flush_interval``) or when it grows large, never
-fsynced. A crash can lose the last fraction of a second of audit lines; that is the trade for
+The hot path stays cheap: ``record`` appends the decision's raw fields to an in-memory buffer; the
+lines are formatted by hand when the buffer is flushed (the caller part cached per caller, the time
+prefix per second) and written with one ``write(2)`` after a short delay (``flush_interval``) or
+once 256 decisions are pending, never fsynced. A crash can lose the last fraction of a second of audit lines; that is the trade for
 signing at full speed. A failing write is logged (at most once a minute) and does not stop signing.
 """
 

@@ -1,0 +1,338 @@
+"""What the resilience scenarios share: a persistent OpenBao, keyd's config, and a counting client load."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import secrets
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hvac
+import pytest
+
+from keyd.dev import BaoServer, free_port
+from tests.helpers import KeydProcess, wait_until
+
+KV_PATH = "talkjs/resilience"
+APP_ID = "tResilience"
+POLICY = """
+path "secret/data/talkjs/*" { capabilities = ["read"] }
+path "secret/metadata/talkjs/*" { capabilities = ["read"] }
+"""
+
+
+def new_key() -> str:
+    return "sk_test_" + secrets.token_urlsafe(24)
+
+
+class PersistentBao:
+    """An OpenBao server with persistent (Raft) storage: stop/start keep the data; seal/unseal on demand."""
+
+    def __init__(self) -> None:
+        self.storage = tempfile.mkdtemp(prefix="keyd-bao-data-")
+        self.port = free_port()
+        cluster_port = free_port()
+        # OpenBao 2 has no "file" storage; a single-node Raft keeps the data across restarts.
+        # performance_multiplier = 1: leader election in about a second instead of five.
+        hcl = f"""
+storage "raft" {{
+  path = "{self.storage}"
+  node_id = "keyd-resilience"
+  performance_multiplier = 1
+}}
+listener "tcp" {{
+  address = "127.0.0.1:{self.port}"
+  cluster_address = "127.0.0.1:{cluster_port}"
+  tls_disable = true
+}}
+api_addr = "http://127.0.0.1:{self.port}"
+cluster_addr = "http://127.0.0.1:{cluster_port}"
+ui = false
+"""
+        self.server = BaoServer(dev=False, config_hcl=hcl, port=self.port)
+        self.address = self.server.address
+        self.root_token = ""
+        self.unseal_key = ""
+
+    def first_start(self) -> None:
+        self.server.start()
+        client = hvac.Client(url=self.address)
+        init = client.sys.initialize(secret_shares=1, secret_threshold=1)
+        self.root_token = init["root_token"]
+        self.unseal_key = init["keys"][0]
+        self.unseal()
+
+    def client(self) -> hvac.Client:
+        return hvac.Client(url=self.address, token=self.root_token, timeout=5)
+
+    @property
+    def running(self) -> bool:
+        process = self.server.process
+        return process is not None and process.poll() is None
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        """Start again on the same port and storage, and unseal."""
+        self.server.start()
+        self.unseal()
+
+    def seal(self) -> None:
+        self.client().sys.seal()
+
+    def unseal(self) -> None:
+        client = hvac.Client(url=self.address)
+        client.sys.submit_unseal_key(self.unseal_key)
+        wait_until(lambda: not client.sys.is_sealed(), 20, what="OpenBao unsealed")
+        # Active and serving requests (not merely unsealed) before a scenario goes on.
+        wait_until(self._active, 20, what="OpenBao active")
+
+    def _active(self) -> bool:
+        with contextlib.suppress(Exception):
+            self.client().auth.token.lookup_self()
+            return True
+        return False
+
+    def ensure_up(self) -> None:
+        if not self.running:
+            self.start()
+        elif hvac.Client(url=self.address).sys.is_sealed():
+            self.unseal()
+
+    def write_key(self, key: str) -> int:
+        """A new KV version of the app's key; returns its version number."""
+        response = self.client().secrets.kv.v2.create_or_update_secret(
+            path=KV_PATH, secret={"secret_key": key}, mount_point="secret"
+        )
+        return int(response["data"]["version"])
+
+    def cleanup(self) -> None:
+        self.server.cleanup()
+        shutil.rmtree(self.storage, ignore_errors=True)
+
+
+def keyd_config(address: str, directory: Path, approle: tuple[Path, Path], **refresh: str) -> dict[str, Any]:
+    """keyd with AppRole auth and fast refresh/backoff, so scenarios take seconds, not minutes."""
+    return {
+        "server": {"socket": str(directory / "keyd.sock"), "socket_mode": "0600"},
+        "vault": {
+            "address": address,
+            "timeout": "2s",
+            "auth": {"method": "approle", "role_id_file": str(approle[0]), "secret_id_file": str(approle[1])},
+        },
+        "refresh": {"interval": "1s", "max_stale": "1h", "retry_min": "0.2s", "retry_max": "1s", **refresh},
+        "audit": {"file": str(directory / "audit.log")},
+        "apps": {"default": {"app_id": APP_ID, "path": KV_PATH}},
+    }
+
+
+# -- client load -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes
+    seconds: float
+
+
+@dataclass
+class Load:
+    """Continuous requests on keyd's socket from a few threads, each with a keep-alive connection.
+
+    Every attempt is counted: by HTTP status, or by the failure that prevented an answer
+    (``connect_refused``, ``connect_missing``, ``reset``, ``eof`` for a connection closed before any
+    byte of an answer, ``truncated`` for an answer cut short, ``timeout``).
+    """
+
+    socket: str
+    connections: int = 4
+    body: bytes = b'{"user_id": "alice"}'
+    keep_bodies: bool = False
+    statuses: Counter[int | str] = field(default_factory=Counter)
+    codes: Counter[str] = field(default_factory=Counter)
+    bodies: list[bytes] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    timeline: list[tuple[float, int | str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __enter__(self) -> Load:
+        for i in range(self.connections):
+            thread = threading.Thread(target=self._run, name=f"load-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(15)
+
+    @property
+    def total(self) -> int:
+        return sum(self.statuses.values())
+
+    def failures(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status != 200)
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items(), key=lambda kv: str(kv[0])))
+        codes = f"; error codes {dict(self.codes)}" if self.codes else ""
+        lat = sorted(self.latencies)
+        timing = ""
+        if lat:
+            timing = (
+                f"; latency p50 {lat[len(lat) // 2] * 1000:.2f} ms, "
+                f"p99 {lat[int(len(lat) * 0.99)] * 1000:.2f} ms, max {lat[-1] * 1000:.2f} ms"
+            )
+        return f"{self.total} requests ({counts}){codes}{timing}"
+
+    def answers_since(self, moment: float) -> Counter[int | str]:
+        """Counts of the answers (and failures) recorded after ``moment`` (time.monotonic())."""
+        with self._lock:
+            return Counter(status for at, status in self.timeline if at >= moment)
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> None:
+        """Block until at least ``count`` more answers have been counted."""
+        target = self.total + count
+        wait_until(lambda: self.total >= target, timeout, what=f"{count} more answers")
+
+    def _count(self, status: int | str, answer: Answer | None = None) -> None:
+        with self._lock:
+            self.statuses[status] += 1
+            self.timeline.append((time.monotonic(), status))
+            if answer is not None:
+                self.latencies.append(answer.seconds)
+                if status != 200:
+                    self.codes[_error_code(answer.body)] += 1
+                elif self.keep_bodies:
+                    self.bodies.append(answer.body)
+
+    def _run(self) -> None:
+        request = (
+            b"POST /v1/tokens HTTP/1.1\r\nHost: keyd\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(self.body), self.body)
+        )
+        sock: socket.socket | None = None
+        while not self._stop.is_set():
+            if sock is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(10)
+                try:
+                    sock.connect(self.socket)
+                except OSError as exc:
+                    sock.close()
+                    sock = None
+                    self._count(
+                        "connect_missing" if isinstance(exc, FileNotFoundError) else "connect_refused"
+                    )
+                    self._stop.wait(0.02)
+                    continue
+            started = time.perf_counter()
+            try:
+                sock.sendall(request)
+                status, body, close = read_response(sock)
+            except _Eof:
+                self._count("eof")
+                status = 0
+            except _Truncated:
+                self._count("truncated")
+                status = 0
+            except TimeoutError:
+                self._count("timeout")
+                status = 0
+            except OSError:
+                self._count("reset")
+                status = 0
+            if status == 0:
+                sock.close()
+                sock = None
+                continue
+            self._count(status, Answer(status, body, time.perf_counter() - started))
+            if close:
+                sock.close()
+                sock = None
+        if sock is not None:
+            sock.close()
+
+
+class _Eof(Exception):
+    """The connection closed before any byte of an answer."""
+
+
+class _Truncated(Exception):
+    """The connection closed in the middle of an answer."""
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes, bool]:
+    """(status, body, server closes) of one HTTP/1.1 response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise _Truncated if data else _Eof
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get(b"content-length", b"0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise _Truncated
+        rest += chunk
+    return status, rest[:length], headers.get(b"connection", b"").lower() == b"close"
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "<no error envelope>"
+
+
+def health(proc: KeydProcess) -> tuple[int, dict[str, Any]]:
+    conn = proc.http()
+    try:
+        return conn.get_json("/v1/health")
+    finally:
+        conn.close()
+
+
+def raise_nofile(wanted: int) -> None:
+    """Raise this process's soft open-files limit (the test holds thousands of connections)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+        if target < wanted:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below the {wanted} descriptors this test needs")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def try_call(action: Callable[[], object]) -> bool:
+    """True when ``action`` ran without raising."""
+    try:
+        action()
+    except Exception:
+        return False
+    return True

@@ -1,0 +1,175 @@
+"""keyd.bench: the load generator's bookkeeping, HTTP framing, Transit key wrapping and CLI options.
+
+No timing is asserted here: numbers come from `keyd bench` runs (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
+
+from keyd import bench, cli
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(i) for i in range(1, 101)]
+    assert bench.percentile(values, 0.50) == 50.0
+    assert bench.percentile(values, 0.99) == 99.0
+    assert bench.percentile(values, 1.0) == 100.0
+    assert bench.percentile([7.0], 0.99) == 7.0
+    assert bench.percentile([], 0.5) == 0.0
+
+
+def test_result_counts_every_non_200_and_connection_error() -> None:
+    result = bench.Result.from_latencies("x", [0.001, 0.002, 0.003], 1.5, {200: 2, 503: 1}, errors=4)
+    assert result.requests == 3
+    assert result.non_200 == 5
+    assert result.throughput == 2.0
+    assert result.max_ms == pytest.approx(3.0)
+    doc = result.to_json()
+    assert doc["statuses"] == {"200": 2, "503": 1}
+    assert doc["latency_ms"]["p50"] == pytest.approx(2.0)
+
+
+def test_response_length_from_content_length_in_any_case_or_chunked() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5"
+    assert bench.response_length(head + b"\r\n\r\nhello", len(head)) == len(head) + 4 + 5
+    lower = b"HTTP/1.1 200 OK\r\ncontent-length: 2"
+    assert bench.response_length(lower + b"\r\n\r\nhi", len(lower)) == len(lower) + 6
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked"
+    assert bench.response_length(chunked + b"\r\n\r\n", len(chunked)) == -1
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_client_parses_answers_split_across_reads_and_sends_the_next_request() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        load = bench._Load(
+            loop, bench.Endpoint(unix="/nowhere"), [b"REQ"], total=2, seconds=None, concurrency=1
+        )
+        client = bench._Client(load)
+        transport = _Transport()
+        client.connection_made(transport)
+        assert transport.written == [b"REQ"]
+        answer = b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"token":1}'
+        client.data_received(answer[:20])
+        client.data_received(answer[20:-3])
+        assert load.statuses == {}
+        client.data_received(answer[-3:])
+        assert load.statuses == {200: 1}
+        assert transport.written == [b"REQ", b"REQ"]
+        client.data_received(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}")
+        assert load.statuses == {200: 1, 503: 1}
+        assert transport.closed, "the run is over after two requests"
+        assert len(load.latencies) == 2
+    finally:
+        loop.close()
+
+
+def test_requests_are_well_formed_http() -> None:
+    requests = bench.keyd_requests("user")
+    assert len(requests) == bench.USER_IDS
+    head, _, body = requests[3].partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /v1/tokens HTTP/1.1\r\n")
+    assert f"Content-Length: {len(body)}".encode() in head
+    assert json.loads(body) == {"user_id": "user-00003"}
+    assert json.loads(bench.keyd_requests("app")[0].partition(b"\r\n\r\n")[2]) == {"type": "app"}
+
+
+def test_transit_requests_ask_for_the_hmac_of_the_jwt_signing_input() -> None:
+    [request] = bench.transit_requests("http://127.0.0.1:8200", "tok", "transit", "talkjs", "app")
+    head, _, body = request.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /v1/transit/hmac/talkjs/sha2-256 HTTP/1.1\r\nHost: 127.0.0.1:8200\r\n")
+    signing_input = base64.b64decode(json.loads(body)["input"])
+    token = (signing_input + b"." + bench._b64url(hmac.digest(b"k" * 32, signing_input, "sha256"))).decode()
+    claims = jwt.decode(token, b"k" * 32, algorithms=["HS256"], issuer=bench.APP_ID)
+    assert claims["tokenType"] == "app"
+
+
+def test_wrap_for_import_is_rsa_oaep_sha256_then_aes_kwp() -> None:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    key = b"sk_test_" + os.urandom(20)
+    blob = base64.b64decode(bench.wrap_for_import(key, pem.decode()))
+    size = private.key_size // 8
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+    ephemeral = private.decrypt(blob[:size], oaep)
+    assert len(ephemeral) == 32
+    assert aes_key_unwrap_with_padding(ephemeral, blob[size:]) == key
+
+
+def test_cli_options_map_onto_bench_options() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["bench", "--socket", "/s", "--concurrency", "8", "--duration", "2s", "--compare"]
+    )
+    assert (args.socket, args.concurrency, args.duration, args.requests, args.compare) == (
+        "/s",
+        8,
+        2.0,
+        None,
+        True,
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--requests", "10", "--duration", "1s"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--concurrency", "0"])
+
+
+def test_load_against_the_reference_server_counts_every_answer(tmp_path: Path) -> None:
+    """End to end on a real Unix socket: the reference server in its own process, the client here."""
+    path = str(tmp_path / "ref.sock")
+    server = subprocess.Popen(
+        [sys.executable, "-c", f"from keyd.bench import serve_reference; serve_reference({path!r})"]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path):
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        result = asyncio.run(
+            bench.run_load("ref", bench.Endpoint(unix=path), bench.keyd_requests(), 4, total=300, warmup=0)
+        )
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert result.requests == 300
+    assert result.statuses == {200: 300}
+    assert result.non_200 == 0
+    assert 0 < result.p50_ms <= result.p99_ms <= result.max_ms
+
+
+def test_a_dead_socket_ends_the_run_with_connection_errors(tmp_path: Path) -> None:
+    result = asyncio.run(
+        bench.run_load(
+            "none", bench.Endpoint(unix=str(tmp_path / "absent.sock")), [b"x"], 2, total=5, warmup=0
+        )
+    )
+    assert result.requests == 0
+    assert result.connection_errors > 0

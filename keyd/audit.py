@@ -3,8 +3,8 @@
 A line looks like (one line, wrapped here)::
 
     {"time":"2025-01-31T12:00:00.123Z","outcome":"issued","code":null,"app":"default",
-     "type":"user","sub":"alice","ttl":3600,"pid":4242,"uid":33,"gid":33,"user":"www-data",
-     "unit":"php-fpm.service"}
+     "type":"user","ttl":3600,"pid":4242,"uid":33,"gid":33,"user":"www-data",
+     "unit":"php-fpm.service","sub":"alice"}
 
 With ``[audit] hash_user_ids`` the ``sub`` field is replaced by ``sub_sha256`` (hex). A line never
 holds a token, a signature or a key: ``record`` is not given any of them.
@@ -36,6 +36,7 @@ log = logging.getLogger("keyd.audit")
 FLUSH_INTERVAL = 0.2
 FLUSH_RECORDS = 256  # about 64 KiB of lines
 _MAX_CACHED_CALLERS = 1024
+_MILLIS = [f".{ms:03d}Z" for ms in range(1000)] + [".999Z"]  # the last entry absorbs float rounding
 _ERROR_EVERY = 60.0
 
 
@@ -72,7 +73,7 @@ class AuditLog:
         self._pending: list[_Record] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._callers: dict[Caller, str] = {}
+        self._middles: dict[tuple[Caller, str, str | None, str | None, str | None, int | None], str] = {}
         self._second = -1
         self._prefix = ""
         self._last_error = -_ERROR_EVERY
@@ -120,31 +121,32 @@ class AuditLog:
         second = int(now)
         if second != self._second:
             self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        who = self._callers.get(caller)
-        if who is None:
-            who = self._caller_fields(caller)
+            self._prefix = time.strftime('{"time":"%Y-%m-%dT%H:%M:%S', time.gmtime(second))
+        # Everything but the time and the subject repeats from line to line (few callers, apps,
+        # types, outcomes and ttls), so that part is encoded once and cached.
+        key = (caller, outcome, code, app, kind, ttl)
+        middle = self._middles.get(key)
+        if middle is None:
+            middle = self._middle(key)
         if sub is None:
-            subject = '"sub":null'
+            subject = '"sub":null}\n'
         elif self._hash:
-            subject = '"sub_sha256":"' + hashlib.sha256(sub.encode("utf-8", "replace")).hexdigest() + '"'
+            subject = '"sub_sha256":"' + hashlib.sha256(sub.encode("utf-8", "replace")).hexdigest() + '"}\n'
         else:
-            subject = '"sub":' + _json_str(sub)
-        return (
-            f'{{"time":"{self._prefix}.{int((now - second) * 1000):03d}Z","outcome":{_json_str(outcome)},'
-            f'"code":{_opt(code)},"app":{_opt(app)},"type":{_opt(kind)},{subject},'
-            f'"ttl":{"null" if ttl is None else int(ttl)},{who}}}\n'
-        )
+            subject = '"sub":' + _json_str(sub) + "}\n"
+        return self._prefix + _MILLIS[int(now * 1000) - second * 1000] + middle + subject
 
-    def _caller_fields(self, caller: Caller) -> str:
-        if len(self._callers) >= _MAX_CACHED_CALLERS:
-            self._callers.clear()
-        who = (
+    def _middle(self, key: tuple[Caller, str, str | None, str | None, str | None, int | None]) -> str:
+        caller, outcome, code, app, kind, ttl = key
+        if len(self._middles) >= _MAX_CACHED_CALLERS:
+            self._middles.clear()
+        middle = self._middles[key] = (
+            f'","outcome":{_json_str(outcome)},"code":{_opt(code)},"app":{_opt(app)},'
+            f'"type":{_opt(kind)},"ttl":{"null" if ttl is None else int(ttl)},'
             f'"pid":{caller.pid},"uid":{caller.uid},"gid":{caller.gid},'
-            f'"user":{_json_str(caller.user)},"unit":{_json_str(caller.unit)}'
+            f'"user":{_json_str(caller.user)},"unit":{_json_str(caller.unit)},'
         )
-        self._callers[caller] = who
-        return who
+        return middle
 
     # -- writing -----------------------------------------------------------------------------
 

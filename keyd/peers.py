@@ -24,8 +24,15 @@ _UNIT = re.compile(r"/([^/]+\.(?:service|scope))(?:/|$)")
 _CACHE_SECONDS = 60.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Caller:
+    """The process at the other end of one connection.
+
+    Compared and hashed by identity (``eq=False``): there is one Caller per connection, and the
+    audit log keys its caches by it on every request, where hashing seven fields would cost more
+    than signing's share.
+    """
+
     pid: int
     uid: int
     gid: int

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -174,7 +175,7 @@ class Connection(asyncio.Protocol):
             return
         server.connections.add(self)
         self.parser = httptools.HttpRequestParser(self)
-        self.deadline = server.now() + server.config.idle_timeout
+        self.deadline = server.now() + server.idle_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -209,7 +210,8 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.busy = True
-        self.deadline = self.server.now() + self.server.config.request_timeout
+        server = self.server
+        self.deadline = server.now() + server.request_timeout
         self._url = b""
         self._headers = {}
         self._header_bytes = 0
@@ -229,12 +231,12 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         length = self._headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.server.config.max_body:
+        if length is not None and length.isdigit() and int(length) > self.server.max_body:
             self._too_large()
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
-        if self._body_size > self.server.config.max_body:
+        if self._body_size > self.server.max_body:
             self._too_large()
         self._body.append(body)
 
@@ -267,23 +269,31 @@ class Connection(asyncio.Protocol):
         if not keep_alive:
             self.transport.close()
             raise _Abort
-        self.deadline = server.now() + server.config.idle_timeout
+        self.deadline = server.now() + server.idle_timeout
 
     # -- responses ---------------------------------------------------------------------------
 
     def _write(self, response: Response, keep_alive: bool) -> None:
+        body = response.body
+        if keep_alive and not response.headers:
+            # The common case in one formatting operation: this runs for every request.
+            self.transport.write(
+                b"%sContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+                % (_STATUS[response.status], response.content_type, len(body), body)
+            )
+            return
         head = [
             _STATUS[response.status],
             b"Content-Type: ",
             response.content_type,
-            b"\r\nContent-Length: %d\r\n" % len(response.body),
+            b"\r\nContent-Length: %d\r\n" % len(body),
         ]
         for name, value in response.headers:
             head.append(name + b": " + value + b"\r\n")
         if not keep_alive:
             head.append(b"Connection: close\r\n")
         head.append(b"\r\n")
-        head.append(response.body)
+        head.append(body)
         self.transport.write(b"".join(head))
 
     def _reject(self, status: int, code: str, message: str) -> None:
@@ -348,14 +358,16 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bound_path: str | None = None
         self._bound_inode: int | None = None
-
-    def now(self) -> float:
-        assert self._loop is not None  # noqa: S101 - set by start()
-        return self._loop.time()
+        # The clock for deadlines: the loop's own once serving (a bound method, read twice per request).
+        self.now: Callable[[], float] = time.monotonic
+        self.request_timeout = config.request_timeout
+        self.idle_timeout = config.idle_timeout
+        self.max_body = config.max_body
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Serve on an inherited listening socket, or bind config.socket."""
         self._loop = asyncio.get_running_loop()
+        self.now = self._loop.time
         if sock is None:
             sock = bind_socket(self.config)
             self._bound_path = self.config.socket

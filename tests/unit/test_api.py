@@ -184,12 +184,33 @@ def test_kv_v1_key_version_is_null() -> None:
 
 
 @pytest.mark.parametrize(
-    "body", [b"", b"{", b'{"user_id": "a",}', b"\xff\xfe", b"[1, 2]", b'"alice"', b"null", b"42"]
+    "body",
+    [
+        b"",
+        b"{",
+        b'{"user_id": "a",}',
+        b"\xff\xfe",
+        b"[1, 2]",
+        b'"alice"',
+        b"null",
+        b"42",
+        b'{"user_id": "a"} {"user_id": "b"}',  # starts with { and ends with }: two objects
+        b'{"user_id": "a"}}',
+        b"{" * 9000 + b"}" * 9000,  # nested past the parser's recursion limit
+        b"[" * 9000 + b"]" * 9000,
+    ],
 )
 def test_400_malformed_json(body: bytes) -> None:
     keys = FakeKeys()
     error(make_api(keys).handle(request(body=body)), 400, "malformed_json")
     assert keys.signing_calls == 0
+
+
+@pytest.mark.parametrize(
+    "body", [b' {"user_id": "a"}\n', b'\xef\xbb\xbf{"user_id": "a"}', '{"user_id": "a"}'.encode("utf-16")]
+)
+def test_json_objects_in_any_encoding_or_with_whitespace_are_accepted(body: bytes) -> None:
+    assert decode(ok(make_api().handle(request(body=body)))["token"])["sub"] == "a"
 
 
 @pytest.mark.parametrize("path", [b"/", b"/v1", b"/v1/token", b"/v2/tokens", b"/v1/tokens/", b"/V1/TOKENS"])

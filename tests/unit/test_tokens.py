@@ -48,7 +48,8 @@ def test_user_tokens_are_what_jsonwebtoken_and_pyjwt_produce(user_id: str, key: 
     # Same claims, same order as jwt.sign({tokenType}, key, {issuer, subject, expiresIn}).
     assert list(json.loads(payload)) == ["tokenType", "iss", "sub", "iat", "exp"]
     expected = {"tokenType": "user", "iss": APP_ID, "sub": user_id, "iat": iat, "exp": iat + ttl}
-    claims = jwt.decode(token, key.encode(), algorithms=["HS256"], issuer=APP_ID, subject=user_id)
+    # leeway: a ttl of 1 s can end during the test when the wall clock ticks to the next second.
+    claims = jwt.decode(token, key.encode(), algorithms=["HS256"], issuer=APP_ID, subject=user_id, leeway=5)
     assert claims == expected
     assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT"}
     # Byte for byte the token PyJWT itself builds from the same claims.
@@ -63,7 +64,7 @@ def test_app_tokens_carry_no_subject(app_id: str, key: str, ttl: int) -> None:
     _, payload, _ = segments(token)
     assert list(json.loads(payload)) == ["tokenType", "iss", "iat", "exp"]
     expected = {"tokenType": "app", "iss": app_id, "iat": iat, "exp": iat + ttl}
-    assert jwt.decode(token, key.encode(), algorithms=["HS256"]) == expected
+    assert jwt.decode(token, key.encode(), algorithms=["HS256"], leeway=5) == expected
     assert token == jwt.encode(expected, key.encode(), algorithm="HS256")
 
 

@@ -227,3 +227,34 @@ def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05, wh
             return
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
+def run_vault_setup(
+    config: dict[str, Any], directory: Path, token: str, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m keyd vault setup` as an operator would run it: config file, VAULT_TOKEN, no env dir."""
+    path = directory / "setup.toml"
+    path.write_text(to_toml(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("VAULT_TOKEN", "CREDENTIALS_DIRECTORY")}
+    env["VAULT_TOKEN"] = token
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keyd",
+            "vault",
+            "setup",
+            "-c",
+            str(path),
+            "--credentials-dir",
+            str(directory),
+            *args,
+        ],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+        timeout=60,
+        check=False,
+    )

@@ -10,7 +10,6 @@ import datetime
 import ipaddress
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keyd.dev import BaoServer, free_port
 from tests.conftest import new_key
-from tests.helpers import ROOT, KeydProcess, to_toml, wait_until
+from tests.helpers import KeydProcess, run_vault_setup, wait_until
 
 
 @dataclass
@@ -216,29 +215,7 @@ def start(procs: list[KeydProcess], directory: Path, config: dict[str, Any], rea
 def setup_cert_auth(
     world: TlsWorld, config_dir: Path, config: dict[str, Any]
 ) -> subprocess.CompletedProcess[str]:
-    path = config_dir / "setup.toml"
-    path.write_text(to_toml(config))
-    env = {k: v for k, v in os.environ.items() if k != "VAULT_TOKEN"}
-    env["VAULT_TOKEN"] = world.bao.root_token
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keyd",
-            "vault",
-            "setup",
-            "-c",
-            str(path),
-            "--client-ca",
-            str(world.client_ca.path),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=str(ROOT),
-        timeout=60,
-        check=False,
-    )
+    return run_vault_setup(config, config_dir, world.bao.root_token, "--client-ca", str(world.client_ca.path))
 
 
 def test_keyd_verifies_vault_with_ca_cert_and_logs_in_with_a_client_certificate(world, short_dir, procs):

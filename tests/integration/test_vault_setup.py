@@ -6,11 +6,8 @@ must not leak into the session server other tests share.
 
 from __future__ import annotations
 
-import os
 import secrets
 import stat
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,7 @@ import pytest
 
 from keyd.dev import BaoServer
 from tests.conftest import base_config, new_key
-from tests.helpers import ROOT, KeydProcess, to_toml
+from tests.helpers import KeydProcess, run_vault_setup
 
 
 @pytest.fixture(scope="module")
@@ -57,37 +54,6 @@ def approle_config(bao: BaoServer, directory: Path, path: str, **auth: Any) -> d
         **auth,
     }
     return config
-
-
-def run_setup(
-    config: dict[str, Any], directory: Path, token: str, *args: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """`python -m keyd vault setup` as an operator would run it: config file, VAULT_TOKEN, no env dir."""
-    path = directory / "setup.toml"
-    path.write_text(to_toml(config))
-    env = {k: v for k, v in os.environ.items() if k not in ("VAULT_TOKEN", "CREDENTIALS_DIRECTORY")}
-    env["VAULT_TOKEN"] = token
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "keyd",
-            "vault",
-            "setup",
-            "-c",
-            str(path),
-            "--credentials-dir",
-            str(directory),
-            *args,
-        ],
-        input=stdin if stdin is not None else "",
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=str(ROOT),
-        timeout=60,
-        check=False,
-    )
 
 
 def approle_login(bao: BaoServer, directory: Path, mount: str = "approle") -> hvac.Client:
@@ -132,7 +98,7 @@ def snapshot(root: hvac.Client, directory: Path, path: str) -> dict[str, Any]:
 def test_setup_on_a_fresh_server_then_keyd_logs_in_and_signs(vbao, vroot, short_dir, path, keyd_procs):
     key = new_key()
     config = approle_config(vbao, short_dir, path)
-    result = run_setup(config, short_dir, vbao.root_token, "--store-key", "default", stdin=key + "\n")
+    result = run_vault_setup(config, short_dir, vbao.root_token, "--store-key", "default", stdin=key + "\n")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "auth method approle at auth/approle/: enabled" in out
@@ -172,7 +138,7 @@ def test_policy_allows_exactly_what_keyd_needs(vbao, vroot, short_dir, path):
     vroot.secrets.kv.v2.create_or_update_secret(path=path, secret={"secret_key": new_key()})
     vroot.secrets.kv.v2.create_or_update_secret(path="talkjs/other", secret={"secret_key": new_key()})
     config = approle_config(vbao, short_dir, path)
-    assert run_setup(config, short_dir, vbao.root_token).returncode == 0
+    assert run_vault_setup(config, short_dir, vbao.root_token).returncode == 0
     client = approle_login(vbao, short_dir)
     me = client.auth.token.lookup_self()["data"]
     assert me["policies"] == ["keyd"], "the default policy must not be attached"
@@ -206,10 +172,10 @@ def test_policy_allows_exactly_what_keyd_needs(vbao, vroot, short_dir, path):
 def test_second_run_changes_nothing_and_new_secret_id_is_explicit(vbao, vroot, short_dir, path):
     config = approle_config(vbao, short_dir, path)
     key = new_key()
-    first = run_setup(config, short_dir, vbao.root_token, "--store-key", "default", stdin=key)
+    first = run_vault_setup(config, short_dir, vbao.root_token, "--store-key", "default", stdin=key)
     assert first.returncode == 0, first.stderr
     before = snapshot(vroot, short_dir, path)
-    again = run_setup(config, short_dir, vbao.root_token, "--store-key", "default", stdin=key)
+    again = run_vault_setup(config, short_dir, vbao.root_token, "--store-key", "default", stdin=key)
     assert again.returncode == 0, again.stderr
     assert snapshot(vroot, short_dir, path) == before
     for line in ("already enabled", "policy keyd: unchanged", "role keyd: unchanged", "role_id -> "):
@@ -217,7 +183,7 @@ def test_second_run_changes_nothing_and_new_secret_id_is_explicit(vbao, vroot, s
     assert "secret_id -> " in again.stdout and "kept (still valid" in again.stdout
     assert ": unchanged" in again.stdout.split("key of app default")[1]
 
-    rotated = run_setup(config, short_dir, vbao.root_token, "--new-secret-id")
+    rotated = run_vault_setup(config, short_dir, vbao.root_token, "--new-secret-id")
     assert rotated.returncode == 0, rotated.stderr
     assert "new secret_id written" in rotated.stdout
     assert (short_dir / "secret-id").read_text() != before["files"]["secret-id"][0]
@@ -227,7 +193,7 @@ def test_second_run_changes_nothing_and_new_secret_id_is_explicit(vbao, vroot, s
 def test_changed_settings_are_reported_and_cidr_binding_is_enforced(vbao, vroot, short_dir, path):
     config = approle_config(vbao, short_dir, path)
     args = ("--role", "keyd-cidr", "--policy", "keyd-cidr")
-    first = run_setup(
+    first = run_vault_setup(
         config, short_dir, vbao.root_token, *args, "--cidr", "10.9.9.9/32", "--token-ttl", "10m"
     )
     assert first.returncode == 0, first.stderr
@@ -236,7 +202,7 @@ def test_changed_settings_are_reported_and_cidr_binding_is_enforced(vbao, vroot,
     with pytest.raises(hvac.exceptions.VaultError):  # this test talks from 127.0.0.1
         approle_login(vbao, short_dir)
 
-    second = run_setup(
+    second = run_vault_setup(
         config, short_dir, vbao.root_token, *args, "--cidr", "127.0.0.1/32", "--token-ttl", "10m"
     )
     assert second.returncode == 0, second.stderr
@@ -251,7 +217,7 @@ def test_wrapped_secret_id_works_once_and_only_once(vbao, vroot, short_dir, path
     key = new_key()
     vroot.secrets.kv.v2.create_or_update_secret(path=path, secret={"secret_key": key}, mount_point="secret")
     config = approle_config(vbao, short_dir, path, secret_id_wrapped=True)
-    result = run_setup(config, short_dir, vbao.root_token, "--wrap-ttl", "2m")
+    result = run_vault_setup(config, short_dir, vbao.root_token, "--wrap-ttl", "2m")
     assert result.returncode == 0, result.stderr
     assert "response-wrapped for 120s" in result.stdout
     wrapping_token = (short_dir / "secret-id").read_text().strip()
@@ -281,7 +247,7 @@ def test_wrapped_secret_id_works_once_and_only_once(vbao, vroot, short_dir, path
     wait_until(lambda: "cannot unwrap the secret_id" in second.logs(), timeout=10, what="unwrap refusal")
 
     # Setup sees the used wrapping token and issues a fresh one.
-    again = run_setup(config, short_dir, vbao.root_token, "--wrap-ttl", "2m")
+    again = run_vault_setup(config, short_dir, vbao.root_token, "--wrap-ttl", "2m")
     assert again.returncode == 0, again.stderr
     assert "the one in the file is no longer valid" in again.stdout
     assert (short_dir / "secret-id").read_text().strip() != wrapping_token
@@ -289,7 +255,9 @@ def test_wrapped_secret_id_works_once_and_only_once(vbao, vroot, short_dir, path
 
 def test_wrap_ttl_needs_a_wrapped_config_and_changes_nothing(vbao, vroot, short_dir, path):
     config = approle_config(vbao, short_dir, path)
-    result = run_setup(config, short_dir, vbao.root_token, "--wrap-ttl", "1m", "--policy", "never-written")
+    result = run_vault_setup(
+        config, short_dir, vbao.root_token, "--wrap-ttl", "1m", "--policy", "never-written"
+    )
     assert result.returncode == 2
     assert "vault.auth.secret_id_wrapped: must be true to use --wrap-ttl" in result.stderr
     with pytest.raises(hvac.exceptions.InvalidPath):
@@ -298,10 +266,10 @@ def test_wrap_ttl_needs_a_wrapped_config_and_changes_nothing(vbao, vroot, short_
 
 def test_setup_without_operator_token_or_with_a_weak_one_fails_cleanly(vbao, vroot, short_dir, path):
     config = approle_config(vbao, short_dir, path)
-    missing = run_setup(config, short_dir, "")
+    missing = run_vault_setup(config, short_dir, "")
     assert missing.returncode == 1 and "set VAULT_TOKEN" in missing.stderr
     weak = vroot.auth.token.create(policies=["default"], ttl="5m")["auth"]["client_token"]
-    denied = run_setup(config, short_dir, weak)
+    denied = run_vault_setup(config, short_dir, weak)
     assert denied.returncode == 1
     assert "permission denied (403)" in denied.stderr
     assert weak not in denied.stderr + denied.stdout

@@ -207,6 +207,20 @@ def test_oversize_body_sent_in_full_still_gets_its_413(keyd: KeydProcess) -> Non
     assert (status, doc["error"]["code"]) == (413, "body_too_large")
 
 
+def test_expect_100_continue_is_answered_before_the_body(keyd: KeydProcess) -> None:
+    """curl sends Expect: 100-continue for bodies over 1 KiB and would otherwise wait a second."""
+    body = b'{"user_id": "e"' + b" " * 2000 + b"}"
+    request = post(body, b"Expect: 100-continue\r\n")
+    raw = Raw(keyd.socket)
+    raw.send(request[: -len(body)])  # the headers only
+    while b"\r\n\r\n" not in raw.buffer:
+        assert raw._fill(), "closed before 100 Continue"
+    assert raw.buffer.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    raw.buffer = raw.buffer[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
+    raw.send(body)
+    assert raw.response()[0] == 200
+
+
 def test_body_at_the_limit_is_accepted(keyd: KeydProcess) -> None:
     body = b'{"user_id": "a"' + b" " * (16384 - 16) + b"}"
     assert len(body) == 16384

@@ -82,6 +82,9 @@ class Daemon:
         """Serve until SIGTERM or SIGINT."""
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        # Before anything is bound: a SIGTERM during start-up still ends in an orderly shutdown.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._stop.set)
         containment.harden()
         containment.raise_nofile()
         self.audit.attach(self._loop)
@@ -102,8 +105,6 @@ class Daemon:
         )
         self.notifier.notify("STATUS=waiting for Vault")
         self.refresher.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._loop.add_signal_handler(sig, self._stop.set)
         self._loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._tasks.append(asyncio.create_task(self._report_status()))
         interval = systemd.watchdog_interval()

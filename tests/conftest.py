@@ -20,11 +20,8 @@ from tests.helpers import KeydProcess
 @pytest.fixture(scope="session")
 def bao() -> Iterator[BaoServer]:
     """One real OpenBao dev server (in memory, random root token) for the whole session."""
-    server = BaoServer(dev=True).start()
-    try:
+    with BaoServer(dev=True) as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture

@@ -24,11 +24,8 @@ from tests.helpers import KeydProcess, run_vault_setup
 
 @pytest.fixture(scope="module")
 def vbao() -> Iterator[BaoServer]:
-    server = BaoServer(dev=True).start()
-    try:
+    with BaoServer(dev=True) as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture

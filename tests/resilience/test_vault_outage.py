@@ -14,21 +14,27 @@ def _status(keyd) -> str:
     return str(health(keyd)[1]["status"])
 
 
-def test_2_vault_stopped_within_max_stale(vault, approle_files, start_keyd, short_dir, report):
+def _outage_then_recovery(vault, approle_files, start_keyd, short_dir, take_away, bring_back):
+    """Take Vault away for OUTAGE seconds under load: keyd goes degraded, keeps signing, recovers."""
     vault.write_key(new_key())
     keyd = start_keyd(keyd_config(vault.address, short_dir, approle_files))
     with Load(keyd.socket) as load:
         load.wait_for(200)
-        vault.stop()
-        stopped = time.monotonic()
+        take_away()
+        gone = time.monotonic()
         wait_until(lambda: _status(keyd) == "degraded", 10, what="health degraded")
         code, doc = health(keyd)
         assert code == 200, doc  # degraded still signs
         assert doc["apps"]["default"]["stale"] is True
-        time.sleep(max(0.0, OUTAGE - (time.monotonic() - stopped)))
-        vault.start()
+        time.sleep(max(0.0, OUTAGE - (time.monotonic() - gone)))
+        bring_back()
         wait_until(lambda: _status(keyd) == "ok", 15, what="health ok again without a restart of keyd")
         load.wait_for(200)
+    return load
+
+
+def test_2_vault_stopped_within_max_stale(vault, approle_files, start_keyd, short_dir, report):
+    load = _outage_then_recovery(vault, approle_files, start_keyd, short_dir, vault.stop, vault.start)
     report("2. Vault stopped for 4 s (interval 1 s, max_stale 1 h)", load)
     assert load.failures() == 0, load.summary()
 
@@ -86,17 +92,6 @@ def test_4_revoked_vault_token_means_a_new_approle_login(vault, approle_files, s
 
 
 def test_5_vault_sealed_then_unsealed(vault, approle_files, start_keyd, short_dir, report):
-    vault.write_key(new_key())
-    keyd = start_keyd(keyd_config(vault.address, short_dir, approle_files))
-    with Load(keyd.socket) as load:
-        load.wait_for(200)
-        vault.seal()
-        sealed = time.monotonic()
-        wait_until(lambda: _status(keyd) == "degraded", 10, what="health degraded")
-        assert health(keyd)[0] == 200
-        time.sleep(max(0.0, OUTAGE - (time.monotonic() - sealed)))
-        vault.unseal()
-        wait_until(lambda: _status(keyd) == "ok", 15, what="health ok after unseal")
-        load.wait_for(200)
+    load = _outage_then_recovery(vault, approle_files, start_keyd, short_dir, vault.seal, vault.unseal)
     report("5. Vault sealed for 4 s, then unsealed", load)
     assert load.failures() == 0, load.summary()

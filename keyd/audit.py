@@ -116,25 +116,34 @@ class AuditLog:
             self._scheduled = True
             self._loop.call_later(self._flush_interval, self.flush)
 
-    def _line(self, record: _Record) -> str:
-        now, caller, app, kind, sub, ttl, outcome, code = record
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime('{"time":"%Y-%m-%dT%H:%M:%S', time.gmtime(second))
-        # Everything but the time and the subject repeats from line to line (few callers, apps,
-        # types, outcomes and ttls), so that part is encoded once and cached.
-        key = (caller, outcome, code, app, kind, ttl)
-        middle = self._middles.get(key)
-        if middle is None:
-            middle = self._middle(key)
-        if sub is None:
-            subject = '"sub":null}\n'
-        elif self._hash:
-            subject = '"sub_sha256":"' + hashlib.sha256(sub.encode("utf-8", "replace")).hexdigest() + '"}\n'
-        else:
-            subject = '"sub":' + _json_str(sub) + "}\n"
-        return self._prefix + _MILLIS[int(now * 1000) - second * 1000] + middle + subject
+    def _lines(self, records: list[_Record]) -> str:
+        """The lines for ``records``, formatted in one loop (a call per line cost a third more)."""
+        out: list[str] = []
+        append = out.append
+        middles = self._middles
+        millis = _MILLIS
+        hashed = self._hash
+        current, prefix = self._second, self._prefix
+        for now, caller, app, kind, sub, ttl, outcome, code in records:
+            second = int(now)
+            if second != current:
+                current = second
+                prefix = time.strftime('{"time":"%Y-%m-%dT%H:%M:%S', time.gmtime(second))
+            # Everything but the time and the subject repeats from line to line (few callers, apps,
+            # types, outcomes and ttls), so that part is encoded once and cached.
+            key = (caller, outcome, code, app, kind, ttl)
+            middle = middles.get(key) or self._middle(key)
+            if sub is None:
+                append(f'{prefix}{millis[int(now * 1000) - second * 1000]}{middle}"sub":null}}\n')
+            elif hashed:
+                digest = hashlib.sha256(sub.encode("utf-8", "replace")).hexdigest()
+                append(
+                    f'{prefix}{millis[int(now * 1000) - second * 1000]}{middle}"sub_sha256":"{digest}"}}\n'
+                )
+            else:
+                append(f'{prefix}{millis[int(now * 1000) - second * 1000]}{middle}"sub":{_json_str(sub)}}}\n')
+        self._second, self._prefix = current, prefix
+        return "".join(out)
 
     def _middle(self, key: tuple[Caller, str, str | None, str | None, str | None, int | None]) -> str:
         caller, outcome, code, app, kind, ttl = key
@@ -156,8 +165,7 @@ class AuditLog:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        line = self._line
-        data = "".join([line(record) for record in pending]).encode("utf-8", "replace")
+        data = self._lines(pending).encode("utf-8", "replace")
         view = memoryview(data)
         try:
             while view:

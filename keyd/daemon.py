@@ -48,7 +48,7 @@ class Daemon:
         self.audit = audit or AuditLog(config.audit)
         self.stats = RequestStats()
         self.api = Api(config, self.store, self.policy, self.audit, stats=self.stats)
-        self.server = Server(config.server, self.api.handle)
+        self.server = Server(config.server, self.api.handle, tokens=self.api.issue)
         self.notifier = systemd.Notifier()
         self.refresher = Refresher(
             dict(config.apps),

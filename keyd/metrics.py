@@ -52,6 +52,7 @@ LATENCY_BUCKETS = (
     1.0,
 )
 OTHER_ENDPOINT = "other"
+_TOKENS_200 = ("/v1/tokens", 200)
 CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
 
 
@@ -62,7 +63,7 @@ class RequestStats:
     against the 40-50 microseconds a whole request costs.
     """
 
-    __slots__ = ("_bounds", "decisions", "errors", "latency", "requests")
+    __slots__ = ("_bounds", "_tokens_latency", "decisions", "errors", "latency", "requests")
 
     def __init__(self, endpoints: Iterable[str] = ()) -> None:
         self._bounds = LATENCY_BUCKETS
@@ -76,6 +77,7 @@ class RequestStats:
         self.latency: dict[str, list[float]] = {}
         for endpoint in endpoints:
             self._histogram(endpoint)
+        self._tokens_latency = self._histogram(_TOKENS_200[0])
 
     def _histogram(self, endpoint: str) -> list[float]:
         buckets = self.latency.get(endpoint)
@@ -95,6 +97,17 @@ class RequestStats:
     def error(self, code: str) -> None:
         errors = self.errors
         errors[code] = errors.get(code, 0) + 1
+
+    def issued(self, app: str, kind: str, seconds: float) -> None:
+        """A token issued by POST /v1/tokens: ``request`` and ``decision`` in one call (the hot path)."""
+        key = (app, kind, "issued")
+        decisions = self.decisions
+        decisions[key] = decisions.get(key, 0) + 1
+        requests = self.requests
+        requests[_TOKENS_200] = requests.get(_TOKENS_200, 0) + 1
+        buckets = self._tokens_latency
+        buckets[bisect.bisect_left(self._bounds, seconds)] += 1
+        buckets[-1] += seconds
 
     def decision(self, app: str | None, kind: str | None, outcome: str) -> None:
         """One decision after validation (the same ones the audit log records)."""

@@ -16,6 +16,7 @@ from typing import Protocol
 
 HEADER = b'{"alg":"HS256","typ":"JWT"}'
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
+_b2a = binascii.b2a_base64
 
 
 def b64url(data: bytes) -> bytes:
@@ -39,29 +40,32 @@ class Keyed(Protocol):
     def hmac(self) -> Mac: ...
 
 
-def _sign(key: Keyed, payload: bytes) -> str:
-    signing_input = _HEADER_B64 + b64url(payload)
+def _sign(key: Keyed, payload: bytes) -> bytes:
+    # b64url inlined twice: one Python frame per token instead of three (this is the hot path).
+    signing_input = _HEADER_B64 + _b2a(payload, newline=False).translate(_URLSAFE).rstrip(b"=")
     mac = key.hmac()
     mac.update(signing_input)
-    return (signing_input + b"." + b64url(mac.digest())).decode("ascii")
+    return signing_input + b"." + _b2a(mac.digest(), newline=False).translate(_URLSAFE).rstrip(b"=")
 
 
-def user_token(key: Keyed, app_id: str, user_id: str, iat: int, ttl: int) -> str:
-    """A TalkJS user token (log a user into the chat UI)."""
+def user_token(key: Keyed, app_id: str, user_id: str, iat: int, ttl: int) -> bytes:
+    """A TalkJS user token (log a user into the chat UI), as ASCII bytes."""
     # _json_str is the C encoder json.dumps itself uses for a str (ensure_ascii=True): same bytes.
-    payload = (
-        f'{{"tokenType":"user","iss":{_json_str(app_id)},"sub":{_json_str(user_id)},'
-        f'"iat":{iat:d},"exp":{iat + ttl:d}}}'
-    ).encode("ascii")
-    return _sign(key, payload)
-
-
-def app_token(key: Keyed, app_id: str, iat: int, ttl: int) -> str:
-    """A TalkJS app token (REST API access with full admin power)."""
-    payload = f'{{"tokenType":"app","iss":{_json_str(app_id)},"iat":{iat:d},"exp":{iat + ttl:d}}}'.encode(
-        "ascii"
+    return _sign(
+        key,
+        (
+            f'{{"tokenType":"user","iss":{_json_str(app_id)},"sub":{_json_str(user_id)},'
+            f'"iat":{iat:d},"exp":{iat + ttl:d}}}'
+        ).encode("ascii"),
     )
-    return _sign(key, payload)
+
+
+def app_token(key: Keyed, app_id: str, iat: int, ttl: int) -> bytes:
+    """A TalkJS app token (REST API access with full admin power), as ASCII bytes."""
+    return _sign(
+        key,
+        f'{{"tokenType":"app","iss":{_json_str(app_id)},"iat":{iat:d},"exp":{iat + ttl:d}}}'.encode("ascii"),
+    )
 
 
 def signature(key: Keyed, user_id: str, uppercase: bool = False) -> str:

@@ -28,9 +28,9 @@ user_ids = st.text(min_size=1, max_size=300) | st.sampled_from(
 keys = st.text(min_size=1, max_size=80)
 
 
-def segments(token: str) -> tuple[bytes, bytes, bytes]:
-    head, body, sig = token.split(".")
-    pad = lambda s: s + "=" * (-len(s) % 4)  # noqa: E731 - tiny local helper
+def segments(token: bytes) -> tuple[bytes, bytes, bytes]:
+    head, body, sig = token.split(b".")
+    pad = lambda s: s + b"=" * (-len(s) % 4)  # noqa: E731 - tiny local helper
     return (
         base64.urlsafe_b64decode(pad(head)),
         base64.urlsafe_b64decode(pad(body)),
@@ -53,7 +53,7 @@ def test_user_tokens_are_what_jsonwebtoken_and_pyjwt_produce(user_id: str, key: 
     assert claims == expected
     assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT"}
     # Byte for byte the token PyJWT itself builds from the same claims.
-    assert token == jwt.encode(expected, key.encode(), algorithm="HS256")
+    assert token == jwt.encode(expected, key.encode(), algorithm="HS256").encode()
 
 
 @settings(max_examples=100, deadline=None)
@@ -65,15 +65,15 @@ def test_app_tokens_carry_no_subject(app_id: str, key: str, ttl: int) -> None:
     assert list(json.loads(payload)) == ["tokenType", "iss", "iat", "exp"]
     expected = {"tokenType": "app", "iss": app_id, "iat": iat, "exp": iat + ttl}
     assert jwt.decode(token, key.encode(), algorithms=["HS256"], leeway=5) == expected
-    assert token == jwt.encode(expected, key.encode(), algorithm="HS256")
+    assert token == jwt.encode(expected, key.encode(), algorithm="HS256").encode()
 
 
 def test_signature_is_hmac_sha256_over_the_signing_input() -> None:
     token = tokens.user_token(SecretKey.from_str(KEY), APP_ID, "alice", 1_700_000_000, 60)
-    head, body, sig = token.split(".")
-    mac = hmac.new(KEY.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
-    assert sig == base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
-    assert "=" not in token
+    head, body, sig = token.split(b".")
+    mac = hmac.new(KEY.encode(), head + b"." + body, hashlib.sha256).digest()
+    assert sig == base64.urlsafe_b64encode(mac).rstrip(b"=")
+    assert b"=" not in token
 
 
 def test_a_token_does_not_verify_with_another_key() -> None:

@@ -145,6 +145,18 @@ def test_pipelined_requests_in_one_write_are_answered_in_order(keyd: KeydProcess
     raw.close()
 
 
+def test_answers_queued_for_a_burst_precede_a_rejection(keyd: KeydProcess, key: str) -> None:
+    # Answers are written once per event-loop pass; a rejection that closes the connection must
+    # still come after the answers to the requests before it.
+    raw = Raw(keyd.socket)
+    raw.send(post(b'{"user_id": "one"}') + post(b'{"user_id": "two"}') + b"\x16\x03\x01 not http\r\n\r\n")
+    answers = [raw.response() for _ in range(3)]
+    assert [a[0] for a in answers] == [200, 200, 400]
+    assert [sub_of(a[2], key) for a in answers[:2]] == ["one", "two"]
+    assert answers[2][1]["connection"] == "close"
+    raw.close()
+
+
 def test_request_split_into_tiny_writes(keyd: KeydProcess, key: str) -> None:
     raw = Raw(keyd.socket)
     for byte in post(b'{"user_id": "slow"}'):

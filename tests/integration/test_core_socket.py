@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -125,6 +126,23 @@ def test_keep_alive_serves_many_requests_on_one_connection(keyd: KeydProcess, ke
         assert sub_of(doc, key) == f"u{i}"
     raw.send(b"GET /v1/health HTTP/1.1\r\nHost: keyd\r\n\r\n")
     assert raw.response()[2]["status"] == "ok"
+    raw.close()
+
+
+def test_tokens_over_the_socket_are_pyjwts_byte_for_byte(keyd: KeydProcess, key: str) -> None:
+    # Random ids (ASCII, which Api.issue checks inline, and any other text) through the server's
+    # direct POST /v1/tokens path; each token must be exactly what PyJWT encodes from its claims.
+    rng = random.Random(6)
+    alphabet = [chr(c) for c in range(0x20, 0x7F)] + ["é", "ユ", "\U0001f600", "\u00a0", "\\"]
+    raw = Raw(keyd.socket)
+    for i in range(300):
+        user_id = "".join(rng.choice(alphabet[:95] if i % 2 else alphabet) for _ in range(rng.randint(1, 64)))
+        raw.send(post(json.dumps({"user_id": user_id}).encode()))
+        status, _, doc = raw.response()
+        assert status == 200, (user_id, doc)
+        claims = jwt.decode(doc["token"], key, algorithms=["HS256"])
+        assert claims["sub"] == user_id
+        assert doc["token"] == jwt.encode(claims, key, algorithm="HS256")
     raw.close()
 
 

@@ -15,9 +15,11 @@ from typing import Any
 
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keyd import config as configuration
-from keyd.api import MAX_USER_ID, Api, Request, Response
+from keyd.api import MAX_USER_ID, Api, Request, Response, valid_user_id
 from keyd.config import Config, GrantConfig
 from keyd.errors import ApiError
 from keyd.keystore import KeySnapshot, SecretKey
@@ -131,6 +133,25 @@ def test_user_token_with_defaults() -> None:
 def test_user_ids_that_need_escaping_round_trip(user_id: str) -> None:
     doc = ok(make_api().handle(request(body={"user_id": user_id})))
     assert decode(doc["token"])["sub"] == user_id
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    user_id=st.text(max_size=MAX_USER_ID + 2)
+    | st.text(st.characters(max_codepoint=127), max_size=MAX_USER_ID + 2)
+)
+def test_any_user_id_gets_the_pyjwt_token_or_the_validators_error(user_id: str) -> None:
+    # Api.issue lets printable ASCII ids skip valid_user_id; every id must end as that validator says.
+    try:
+        valid_user_id(user_id)
+    except ApiError as exc:
+        assert (
+            error(make_api().handle(request(body={"user_id": user_id})), 422, "invalid_field") == exc.message
+        )
+        return
+    doc = ok(make_api().handle(request(body={"user_id": user_id})))
+    claims = {"tokenType": "user", "iss": "tDefault", "sub": user_id, "iat": NOW, "exp": NOW + 3600}
+    assert doc["token"] == jwt.encode(claims, KEY, algorithm="HS256")
 
 
 def test_app_token_with_a_grant() -> None:

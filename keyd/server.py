@@ -237,7 +237,13 @@ class Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         headers = self._headers
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.server.max_body:
+        # Fewer digits than max_body has cannot exceed it: the usual case skips int().
+        if (
+            length is not None
+            and len(length) >= self.server.max_body_digits
+            and length.isdigit()
+            and int(length) > self.server.max_body
+        ):
             self._too_large()
         if b"expect" in headers and headers[b"expect"].lower() == b"100-continue":
             # curl sends this for bodies over 1 KiB (a forwarded webhook) and otherwise waits a
@@ -414,6 +420,7 @@ class Server:
         self.request_timeout = config.request_timeout
         self.idle_timeout = config.idle_timeout
         self.max_body = config.max_body
+        self.max_body_digits = len(str(config.max_body))
         # The sweeper's clock plus one sweep interval, refreshed by the sweeper: the two deadlines
         # set per request are measured from it, so they are never early and at most one interval
         # late, without two clock reads per request.

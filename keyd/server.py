@@ -3,7 +3,9 @@
 A bare asyncio protocol on httptools (the fastest option measured, see docs/design.md). Each request
 is handled synchronously inside ``data_received``: signing is pure CPU work of a few microseconds, so
 there is nothing to await, responses stay in order for pipelined requests, and no task is created
-per request. Timeouts are enforced by one sweeper task rather than a timer per request.
+per request. ``POST /v1/tokens`` goes straight to ``Api.issue``; everything else becomes a
+``Request`` for the generic handler. Answers are queued and written once per event-loop pass
+(``Server.flush``). Timeouts are enforced by one sweeper task rather than a timer per request.
 """
 
 from __future__ import annotations

@@ -470,7 +470,7 @@ def pyjwt_run(key: bytes, kind: str, seconds: float) -> Result:
 # -- the reference server -----------------------------------------------------------------------
 
 
-class _ReferenceConnection(asyncio.Protocol):
+class ReferenceConnection(asyncio.Protocol):
     """The least a Python token server can do: parse HTTP, read user_id, sign, answer."""
 
     def __init__(self, mac: Any) -> None:
@@ -525,7 +525,7 @@ def serve_reference(path: str) -> None:
         mac = hmac.new(secrets.token_bytes(32), digestmod="sha256")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        server = await loop.create_unix_server(lambda: _ReferenceConnection(mac), path, backlog=4096)
+        server = await loop.create_unix_server(lambda: ReferenceConnection(mac), path, backlog=4096)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -785,6 +785,7 @@ class Options:
     vault_address: str = ""
     memory: bool = False
     startup: bool = False
+    inprocess: bool = False
     warmup: float = WARMUP_SECONDS
 
 
@@ -801,7 +802,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _loop_run(coro: Coroutine[Any, Any, T]) -> T:
+def loop_run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop  # noqa: PLC0415
     except ImportError:
@@ -816,6 +817,11 @@ def run(options: Options, out: TextIO = sys.stdout) -> tuple[dict[str, Any], boo
         return report, report["non_200"] == 0
     if options.startup:
         return _startup(options, out), True
+    if options.inprocess:
+        from keyd.bench_inprocess import run_inprocess  # noqa: PLC0415 - it imports this module
+
+        report = run_inprocess(options, out)
+        return report, report["inprocess"]["non_200"] == 0
     progress = out if (out.isatty() and not options.json) else None
     total = options.requests
     seconds = None if total is not None else (options.duration or DEFAULT_DURATION)
@@ -836,7 +842,7 @@ def run(options: Options, out: TextIO = sys.stdout) -> tuple[dict[str, Any], boo
             print(text, file=out, flush=True)
 
     def measure(name: str, endpoint: Endpoint, requests: list[bytes]) -> Result:
-        result = _loop_run(
+        result = loop_run(
             run_load(name, endpoint, requests, options.concurrency, total, seconds, options.warmup, progress)
         )
         results[name] = result
@@ -957,9 +963,9 @@ def _memory(options: Options, out: TextIO) -> dict[str, Any]:
         idle = rss_bytes(pid)
         endpoint = Endpoint(unix=s.keyd_socket)
         requests = keyd_requests(options.kind)
-        _loop_run(run_load("warm-up", endpoint, requests, options.concurrency, total=20_000, warmup=0))
+        loop_run(run_load("warm-up", endpoint, requests, options.concurrency, total=20_000, warmup=0))
         warm = rss_bytes(pid)
-        result = _loop_run(
+        result = loop_run(
             run_load(
                 "keyd", endpoint, requests, options.concurrency, total=total, warmup=0, progress=progress
             )

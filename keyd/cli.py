@@ -130,6 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         vault_address=args.vault_address,
         memory=args.memory,
         startup=args.startup,
+        inprocess=args.inprocess,
         warmup=args.warmup,
     )
     _, clean = bench.run(options)
@@ -218,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vault-address", default="", help="Vault for --compare with --socket (env VAULT_ADDR)")
     p.add_argument("--memory", action="store_true", help="keyd's RSS idle and over --requests (1M) tokens")
     p.add_argument("--startup", action="store_true", help="time from `keyd run` to ready")
+    p.add_argument(
+        "--inprocess", action="store_true", help="CPU per request without sockets, keyd vs reference"
+    )
     p.add_argument("--warmup", type=_duration, default=1.0, help="uncounted warm-up per target (1s)")
     return parser
 

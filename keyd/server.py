@@ -441,12 +441,18 @@ class Server:
             except RuntimeError:  # uvloop: the connection was lost since; its answer has no reader
                 pass
 
+    def attach(self, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+        """Take ``loop``'s clock and flush on it. start() does this; `keyd bench --inprocess`
+        calls it alone, to feed connections without a socket."""
+        self._loop = loop
+        self.now = loop.time
+        self.soon = self.now() + self._interval
+        self.call_soon = loop.call_soon
+        return loop
+
     async def start(self, sock: socket.socket | None = None) -> None:
         """Serve on an inherited listening socket, or bind config.socket."""
-        self._loop = asyncio.get_running_loop()
-        self.now = self._loop.time
-        self.soon = self.now() + self._interval
-        self.call_soon = self._loop.call_soon
+        self._loop = self.attach(asyncio.get_running_loop())
         if sock is None:
             sock = bind_socket(self.config)
             self._bound_path = self.config.socket

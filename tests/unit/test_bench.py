@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import io
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
-from keyd import bench, cli
+from keyd import bench, bench_inprocess, cli
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -173,3 +174,28 @@ def test_a_dead_socket_ends_the_run_with_connection_errors(tmp_path: Path) -> No
     )
     assert result.requests == 0
     assert result.connection_errors > 0
+
+
+@pytest.mark.parametrize("kind", ["user", "app"])
+def test_inprocess_feeds_keyd_and_the_reference_and_counts_every_answer(kind: str) -> None:
+    out = io.StringIO()
+    args = cli.build_parser().parse_args(
+        ["bench", "--inprocess", "--requests", "600", "--type", kind, "--json"]
+    )
+    assert args.inprocess
+    doc, clean = bench.run(bench.Options(inprocess=True, requests=600, kind=kind, json=True), out=out)
+    assert clean
+    result = json.loads(out.getvalue())["inprocess"]
+    assert result == doc["inprocess"]
+    rounds = bench_inprocess.ROUNDS
+    assert result["answers"] == {"keyd": 600 * rounds, "reference": 600 * rounds}
+    assert result["non_200"] == 0
+    assert result["keyd_us"] > 0 and result["reference_us"] > 0
+    assert result["ratio"] == pytest.approx(result["reference_us"] / result["keyd_us"], rel=0.02)
+
+
+def test_inprocess_stand_in_transport_counts_refusals() -> None:
+    transport = bench_inprocess.StandInTransport(sock=None)  # type: ignore[arg-type]
+    transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    transport.write(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+    assert (transport.answers, transport.non_200) == (2, 1)

@@ -229,9 +229,12 @@ class Api:
             response = error_response(ApiError(404, "not_found", f"no such endpoint: {request.path_text}"))
             self._stats.request("other", 404, _perf_counter() - started)
             return response
-        handler = methods.get(request.method)
+        method = request.method
+        if method == b"HEAD" and b"GET" in methods:
+            method = b"GET"  # the server leaves the body out
+        handler = methods.get(method)
         if handler is None:
-            allowed = ",".join(m.decode() for m in methods)
+            allowed = ",".join(m.decode() for m in methods) + (",HEAD" if b"GET" in methods else "")
             response = Response(
                 405,
                 error_body("method_not_allowed", f"use {allowed} for {request.path_text}"),

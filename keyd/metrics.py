@@ -421,6 +421,7 @@ class TcpListener:
         method, target = parts[0], parts[1].split(b"?", 1)[0]
         if target != b"/metrics":
             return _http("404 Not Found", b"only /metrics is served here\n")
-        if method != b"GET":
+        if method not in (b"GET", b"HEAD"):
             return _http("405 Method Not Allowed", b"use GET\n")
-        return _http("200 OK", self._render(), CONTENT_TYPE)
+        answer = _http("200 OK", self._render(), CONTENT_TYPE)
+        return answer if method == b"GET" else answer.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"

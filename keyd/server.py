@@ -304,7 +304,8 @@ class Connection(asyncio.Protocol):
     def _finish(self, response: Response) -> None:
         server = self.server
         keep_alive = self.parser.should_keep_alive() and not server.closing
-        self._write(response, keep_alive)
+        # An answer to HEAD has the headers GET would get and no body (RFC 9110 9.3.2).
+        self._write(response, keep_alive, with_body=self.parser.get_method() != b"HEAD")
         self.busy = False
         if not keep_alive:
             server.flush()
@@ -314,15 +315,8 @@ class Connection(asyncio.Protocol):
 
     # -- responses ---------------------------------------------------------------------------
 
-    def _write(self, response: Response, keep_alive: bool) -> None:
+    def _write(self, response: Response, keep_alive: bool, with_body: bool = True) -> None:
         body = response.body
-        if keep_alive and not response.headers:
-            # The common case in one formatting operation: this runs for every request.
-            self._send(
-                b"%sContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
-                % (_STATUS[response.status], response.content_type, len(body), body)
-            )
-            return
         head = [
             _STATUS[response.status],
             b"Content-Type: ",
@@ -334,7 +328,8 @@ class Connection(asyncio.Protocol):
         if not keep_alive:
             head.append(b"Connection: close\r\n")
         head.append(b"\r\n")
-        head.append(body)
+        if with_body:
+            head.append(body)
         self._send(b"".join(head))
 
     def _send(self, data: bytes) -> None:

@@ -247,7 +247,12 @@ def test_404_unknown_app() -> None:
 
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
-    [(b"GET", b"/v1/tokens", b"POST"), (b"DELETE", b"/v1/tokens", b"POST"), (b"POST", b"/v1/health", b"GET")],
+    [
+        (b"GET", b"/v1/tokens", b"POST"),
+        (b"DELETE", b"/v1/tokens", b"POST"),
+        (b"HEAD", b"/v1/tokens", b"POST"),
+        (b"POST", b"/v1/health", b"GET,HEAD"),
+    ],
 )
 def test_405_wrong_method_says_what_is_allowed(method: bytes, path: bytes, allow: bytes) -> None:
     response = make_api().handle(request(method=method, path=path))
@@ -448,3 +453,20 @@ def test_pipelined_requests_are_answered_in_order(socket_path: str) -> None:
     assert decode(json.loads(got[2][2])["token"])["sub"] == "third"
     assert "connection" not in got[0][1]
     assert got[2][1]["connection"] == "close"
+
+
+def test_head_is_answered_like_get_without_a_body(socket_path: str) -> None:
+    get = b"GET /v1/health HTTP/1.1\r\nHost: keyd\r\n\r\n"
+    head = b"HEAD /v1/health HTTP/1.1\r\nHost: keyd\r\n\r\n"
+    refused = b"HEAD /v1/tokens HTTP/1.1\r\nHost: keyd\r\n\r\n"
+    raw = asyncio.run(
+        exchange(socket_path, head + refused + get + b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n")
+    )
+    first, rest = raw.split(b"\r\n\r\n", 1)
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    length = int(dict(line.split(b": ", 1) for line in first.split(b"\r\n")[1:])[b"Content-Length"])
+    second, rest = rest.split(b"\r\n\r\n", 1)  # no body in between: the next answer follows at once
+    assert second.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n") and b"Allow: POST" in second
+    got = responses(rest)
+    assert [status for status, _, _ in got] == [200, 404]
+    assert len(got[0][2]) == length  # the same Content-Length as the body GET gets

@@ -217,6 +217,8 @@ def test_tcp_listener_answers_only_get_metrics():
     ok = listener.answer(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and ok.endswith(b"\r\n\r\nkeyd_up 1\n")
     assert CONTENT_TYPE in ok
+    head = listener.answer(b"HEAD /metrics HTTP/1.1\r\n\r\n")
+    assert head == ok[: -len(b"keyd_up 1\n")]  # GET's headers, Content-Length included, no body
     assert listener.answer(b"GET /v1/tokens HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
     assert listener.answer(b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
     assert listener.answer(b"garbage\r\n\r\n").startswith(b"HTTP/1.1 400")

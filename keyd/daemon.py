@@ -65,6 +65,7 @@ class Daemon:
                 vault=self._vault_status,
                 connections=lambda: len(self.server.connections),
                 refused_connections=lambda: self.server.refused_connections,
+                rejections=lambda: self.server.rejections,
             ),
         )
         self.api.add_route(b"/metrics", b"GET", self.metrics.handle)

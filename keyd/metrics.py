@@ -162,6 +162,8 @@ class Sources:
     vault: Callable[[], Mapping[str, Any]]
     connections: Callable[[], int]
     refused_connections: Callable[[], int]
+    # error code -> answers the socket layer gave before a request reached the API
+    rejections: Callable[[], Mapping[str, int]] = dict
 
 
 def apps_of(health: Mapping[str, Any]) -> list[AppView]:
@@ -219,9 +221,15 @@ class KeydCollector:
         yield decisions
 
         errors = CounterMetricFamily(
-            "keyd_refusals", "Error responses from the API, by error code.", labels=["code"]
+            "keyd_refusals",
+            "Error answers by error code: the API's, and the socket layer's (malformed HTTP, limits, timeouts).",
+            labels=["code"],
         )
-        for code, count in sorted(dict(stats.errors).items()):
+        by_code = dict(stats.errors)
+        if self._sources is not None:
+            for code, count in self._sources.rejections().items():
+                by_code[code] = by_code.get(code, 0) + count
+        for code, count in sorted(by_code.items()):
             errors.add_metric([code], count)
         yield errors
 

@@ -346,6 +346,8 @@ class Connection(asyncio.Protocol):
 
     def _reject(self, status: int, code: str, message: str) -> None:
         """Answer with an error and close the connection."""
+        rejections = self.server.rejections
+        rejections[code] = rejections.get(code, 0) + 1
         if self.transport is not None and not self.transport.is_closing():
             self._send(_raw_response(status, code, message))
             self.server.flush()
@@ -362,6 +364,8 @@ class Connection(asyncio.Protocol):
         limit = self.server.config.max_body
         if self.transport is None or self.transport.is_closing():
             raise _Abort
+        rejections = self.server.rejections
+        rejections["body_too_large"] = rejections.get("body_too_large", 0) + 1
         self._send(_raw_response(413, "body_too_large", f"the request body exceeds {limit} bytes"))
         self.server.flush()
         # The client is most likely still sending its body. Closing now, with its bytes unread,
@@ -407,6 +411,8 @@ class Server:
         self.connections: set[Connection] = set()
         self.closing = False
         self.refused_connections = 0
+        # error code -> requests rejected here, before the API (400, 408, 413, 414, 431, 500)
+        self.rejections: dict[str, int] = {}
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -50,6 +51,12 @@ def test_metrics_on_the_socket(bao, secret_path, keyd_factory, short_dir):
     assert http.post_json("/v1/tokens", {"type": "app"})[0] == 403  # no "app" in the grant
     assert http.post_json("/v1/tokens", {"user_id": USER, "ttl": -1})[0] == 422
     assert http.request("GET", f"/v1/{USER}")[0] == 404  # a caller-chosen path never becomes a label
+    for garbage in (b"\x16\x03\x01 not http\r\n\r\n", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n"):
+        with socket.socket(socket.AF_UNIX) as raw:  # rejected by the socket layer: 400, then 414
+            raw.settimeout(5)
+            raw.connect(keyd.socket)
+            raw.sendall(garbage)
+            assert raw.recv(65536).startswith(b"HTTP/1.1 4")
 
     text = scrape(http)
     assert USER not in text and key not in text
@@ -60,6 +67,8 @@ def test_metrics_on_the_socket(bao, secret_path, keyd_factory, short_dir):
     assert value(found, "keyd_refusals_total", code="forbidden") == 1
     assert value(found, "keyd_refusals_total", code="invalid_field") == 1
     assert value(found, "keyd_refusals_total", code="not_found") == 1
+    assert value(found, "keyd_refusals_total", code="bad_request") == 1
+    assert value(found, "keyd_refusals_total", code="uri_too_long") == 1
     assert value(found, "keyd_requests_total", endpoint="/v1/tokens", status="200") == 3
     assert value(found, "keyd_requests_total", endpoint="other", status="404") == 1
     count = value(found, "keyd_request_duration_seconds_count", endpoint="/v1/tokens")

@@ -425,8 +425,8 @@ class Server:
         self.max_body = config.max_body
         self.max_body_digits = len(str(config.max_body))
         # The sweeper's clock plus one sweep interval, refreshed by the sweeper: the two deadlines
-        # set per request are measured from it, so they are never early and at most one interval
-        # late, without two clock reads per request.
+        # set per request are measured from it without reading a clock, so they are never early;
+        # with the sweep's own granularity they fire at most two intervals late.
         self._interval = min(1.0, config.request_timeout / 4, config.idle_timeout / 4)
         self.soon = time.monotonic() + self._interval
         # Answers queued by Connection._send, written by flush once per event-loop pass.

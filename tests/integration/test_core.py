@@ -307,7 +307,7 @@ def test_http_errors_over_the_real_socket(
     check(404, "not_found", "GET", "/")
     check(404, "unknown_app", "POST", "/v1/tokens", {"user_id": "a", "app": "nope"})
     assert check(405, "method_not_allowed", "GET", "/v1/tokens")["allow"] == "POST"
-    assert check(405, "method_not_allowed", "DELETE", "/v1/health")["allow"] == "GET"
+    assert check(405, "method_not_allowed", "DELETE", "/v1/health")["allow"] == "GET,HEAD"
     check(
         415,
         "unsupported_media_type",

@@ -26,7 +26,12 @@ def _connect(path: str) -> socket.socket:
 
 
 def _ask(sock: socket.socket) -> tuple[int, str]:
-    sock.sendall(REQUEST)
+    try:
+        sock.sendall(REQUEST)
+    except BrokenPipeError:
+        # Beyond the cap keyd answers 503 and closes at once, possibly before this request is
+        # sent; the answer is already waiting to be read.
+        pass
     status, body, _ = read_response(sock)
     doc = json.loads(body)
     return status, doc["error"]["code"] if status != 200 else "ok"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 
@@ -26,12 +27,10 @@ def _connect(path: str) -> socket.socket:
 
 
 def _ask(sock: socket.socket) -> tuple[int, str]:
-    try:
+    # Beyond the cap keyd answers 503 and closes at once, possibly before this request is sent:
+    # sending then fails with EPIPE, and the answer is already waiting to be read.
+    with contextlib.suppress(BrokenPipeError):
         sock.sendall(REQUEST)
-    except BrokenPipeError:
-        # Beyond the cap keyd answers 503 and closes at once, possibly before this request is
-        # sent; the answer is already waiting to be read.
-        pass
     status, body, _ = read_response(sock)
     doc = json.loads(body)
     return status, doc["error"]["code"] if status != 200 else "ok"

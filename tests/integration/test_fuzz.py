@@ -90,6 +90,8 @@ def check_first_response(raw: bytes, head_request: bool = False) -> int | None:
     status = int(lines[0].split(b" ", 2)[1])
     assert status in DOCUMENTED, raw[:200]
     headers = dict(line.split(b": ", 1) for line in lines[1:])
+    if status == 200 and headers[b"Content-Type"].startswith(b"text/plain; version="):
+        return status  # GET /metrics: the Prometheus text format, the one answer that is not JSON
     assert headers[b"Content-Type"] == b"application/json"
     if head_request and headers.get(b"Connection") != b"close":
         assert not rest or rest.startswith(b"HTTP/1.1 "), rest[:100]

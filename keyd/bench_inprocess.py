@@ -53,20 +53,11 @@ class StandInTransport:
     def is_closing(self) -> bool:
         return False
 
-    def close(self) -> None:
+    def _nothing(self) -> None:
         return None
 
-    def abort(self) -> None:
-        return None
-
-    def write_eof(self) -> None:
-        return None
-
-    def pause_reading(self) -> None:
-        return None
-
-    def resume_reading(self) -> None:
-        return None
+    # Nothing to close, pause or half-close: no socket carries the requests.
+    close = abort = write_eof = pause_reading = resume_reading = _nothing
 
 
 def _keyd(workdir: str) -> Daemon:

@@ -65,6 +65,14 @@ def scrub_environ() -> int:
     return scrubbed
 
 
+def take_env(*names: str) -> str:
+    """Remove ``names`` from the environment, scrub them from /proc/<pid>/environ, and return the
+    first non-empty value ("" when none is set)."""
+    values = [os.environ.pop(name, "") for name in names]
+    scrub_environ()
+    return next((value for value in values if value), "")
+
+
 def raise_nofile() -> int:
     """Raise the soft open-files limit to the hard limit (each client holds one descriptor)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -112,7 +112,7 @@ class BaoServer:
 
     def wait_until_up(self, wait: float = 30.0, ca_cert: str | bool = True) -> None:
         deadline = time.monotonic() + wait
-        client = hvac.Client(url=self.address, verify=ca_cert, timeout=2)
+        client = hvac.Client(url=self.address, token="", verify=ca_cert, timeout=2)  # not VAULT_TOKEN
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise KeydError(f"bao exited early; see {self._log_path}")

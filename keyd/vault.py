@@ -8,7 +8,6 @@ run them off the event loop (the refresher's worker threads).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -148,13 +147,17 @@ class Vault:
         cert = None
         if self._auth.method == "cert":
             cert = (self._auth.client_cert, self._auth.client_key)
-        self._client = hvac.Client(url=config.address, verify=verify, timeout=config.timeout, cert=cert)
-        # A token given in the environment is read once and removed, so it does not reach child
-        # processes or linger in /proc/<pid>/environ. It is kept only in this object.
+        # token="": otherwise hvac picks up VAULT_TOKEN or ~/.vault-token by itself and sends it
+        # with every request, logins included, whatever the configured auth method.
+        self._client = hvac.Client(
+            url=config.address, token="", verify=verify, timeout=config.timeout, cert=cert
+        )
+        # VAULT_TOKEN is read once and removed whatever the auth method, so it does not reach child
+        # processes or linger in /proc/<pid>/environ. Only token auth without a file keeps it.
+        env_token = containment.take_env("VAULT_TOKEN")
         self._env_token: str | None = None
         if self._auth.method == "token" and not self._auth.token_file:
-            self._env_token = os.environ.pop("VAULT_TOKEN", None)
-            containment.scrub_environ()
+            self._env_token = env_token or None
         self._unwrapped_secret_id: str | None = None
         self.token: TokenInfo | None = None
 

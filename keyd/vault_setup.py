@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from keyd import config as configuration
+from keyd import containment
 from keyd.config import Config
 from keyd.errors import ConfigError, KeydError, VaultError
 
@@ -501,7 +502,7 @@ def main(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
     if options.token_ttl > options.token_max_ttl:
         raise ConfigError(["--token-ttl must not be greater than --token-max-ttl"])
     key = read_key(stdin, args.store_key) if args.store_key is not None else None
-    token = os.environ.pop("VAULT_TOKEN", "") or os.environ.pop("BAO_TOKEN", "")
+    token = containment.take_env("VAULT_TOKEN", "BAO_TOKEN")
     if not token:
         raise VaultError(
             "set VAULT_TOKEN to an operator's Vault token (one that may manage auth methods, "

@@ -189,6 +189,21 @@ def test_token_file_is_preferred_and_not_taken_from_env(
     assert v._static_token() == "s.file"
 
 
+def test_no_other_auth_method_picks_up_an_ambient_token(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # hvac on its own reads VAULT_TOKEN or ~/.vault-token and sends it with every request.
+    monkeypatch.setenv("VAULT_TOKEN", "s.operators-token")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".vault-token").write_text("s.from-home\n")
+    auth = VaultAuthConfig(
+        method="approle", role_id_file=str(tmp_path / "r"), secret_id_file=str(tmp_path / "s")
+    )
+    v = Vault(VaultConfig(auth=auth))
+    assert not v._client.token
+    assert "VAULT_TOKEN" not in os.environ  # not left for child processes either
+
+
 @pytest.mark.parametrize(
     ("content", "text"),
     [(None, "does not exist"), ("", "is empty"), ("  \n", "is empty"), (b"\xff\xfe", "cannot read")],

@@ -175,10 +175,13 @@ class Daemon:
         """After each refresh attempt of one app: READY=1 at start-up and at the end of a reload."""
         if self._reload_waiting:
             self._reload_waiting.discard(app)
-            if not self._reload_waiting and self._ready_sent:
+            if self._reload_waiting:
+                return
+            if self._ready_sent:
                 log.info("reload finished: every app's key was re-read")
                 self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
-            return
+                return
+            # A SIGHUP before the first READY: the start-up check below still applies.
         if not self._ready_sent and self.store.ready():
             self._ready_sent = True
             log.info("ready: every app has a key loaded")

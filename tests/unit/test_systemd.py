@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from keyd import config as configuration
 from keyd import systemd
+from keyd.daemon import Daemon
+from keyd.keystore import KeySnapshot, SecretKey
 
 
 def receiver(address: str) -> socket.socket:
@@ -124,3 +127,35 @@ def test_listen_socket_takes_fd_3_non_blocking_and_not_inherited(short_dir: Path
 
 def test_listen_socket_refuses_a_socket_that_is_not_a_unix_stream() -> None:
     assert run_child("udp") == "error: the socket passed by systemd is not a Unix stream socket"
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, ...]] = []
+
+    def notify(self, *lines: str) -> None:
+        self.sent.append(lines)
+
+
+def test_ready_is_sent_when_a_reload_before_start_up_loads_the_keys(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("unused\n")
+    config = configuration.parse(
+        {
+            "vault": {"auth": {"method": "token", "token_file": str(token_file)}},
+            "apps": {"default": {"app_id": "tApp", "path": "talkjs/x"}},
+            "audit": {"file": str(tmp_path / "audit.log")},
+        },
+        str(tmp_path / "keyd.toml"),
+    )
+    daemon = Daemon(config)
+    recorder = _Recorder()
+    daemon.notifier = recorder  # type: ignore[assignment]
+    daemon._reload_waiting = {"default"}  # a SIGHUP arrived while keyd was still waiting for Vault
+    key = SecretKey.from_str("sk_test_" + "k" * 24)
+    daemon.store.update(KeySnapshot("default", key, key, version=1, kv_version=2, loaded_at=0.0))
+    daemon._keys_changed("default")
+    assert [lines[0] for lines in recorder.sent] == ["READY=1"]
+    daemon._keys_changed("default")  # a later refresh: READY is not sent twice
+    assert len(recorder.sent) == 1
+    daemon.audit.close()

@@ -332,7 +332,9 @@ class AsyncKeydClient:
             head.append(f"Content-Length: {len(payload)}")
         data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
         for attempt in (1, 2):
-            reused = bool(self._idle)
+            # The retry always takes a fresh connection: keyd closes idle ones after idle_timeout,
+            # so the rest of the pool has most likely gone stale too.
+            reused = attempt == 1 and bool(self._idle)
             try:
                 async with asyncio.timeout(self.timeout):
                     reader, writer = self._idle.pop() if reused else await self._connect()

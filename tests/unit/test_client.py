@@ -250,6 +250,16 @@ def test_reconnects_once_when_keyd_closed_an_idle_connection(fake):
     assert asyncio.run(run()) == "t"
 
 
+def test_async_retry_after_a_stale_pool_takes_a_fresh_connection(fake):
+    async def run() -> str:
+        async with AsyncKeydClient(fake.path, pool_size=4) as client:
+            await asyncio.gather(*(client.user_token(f"u{i}") for i in range(3)))  # pools several
+            fake.drop_reused = 3  # keyd's idle_timeout closed all of them
+            return await client.user_token("b")
+
+    assert asyncio.run(run()) == "t"
+
+
 def test_unreachable(tmp_path: Path):
     missing = str(tmp_path / "none.sock")
     with pytest.raises(Unreachable) as caught:

@@ -89,10 +89,7 @@ def error_body(code: str, message: str) -> bytes:
 
 
 def error_response(exc: ApiError) -> Response:
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-    if exc.status == 405:
-        headers = ((b"Allow", exc.message.rsplit(" ", 1)[-1].encode()),)
-    return Response(exc.status, error_body(exc.code, exc.message), headers=headers)
+    return Response(exc.status, error_body(exc.code, exc.message))
 
 
 def _invalid(message: str) -> ApiError:
@@ -179,7 +176,6 @@ class Api:
         clock: Callable[[], float] = time.time,
         stats: Stats | None = None,
     ) -> None:
-        self._config = config
         self._stats: Stats = stats or NoStats()
         self._health_sections: dict[str, Callable[[], Any]] = {}
         self._keys = keys

@@ -160,9 +160,6 @@ class Endpoint:
     port: int = 0
     tls: ssl.SSLContext | None = None
 
-    def describe(self) -> str:
-        return self.unix or f"{self.host}:{self.port}"
-
 
 class _Load:
     """State shared by the connections of one run: what to send, when to stop, what came back."""
@@ -188,7 +185,6 @@ class _Load:
         self.statuses: dict[int, int] = {}
         self.errors = 0
         self.active = 0
-        self.finished = False
         self.done: asyncio.Future[None] = loop.create_future()
 
     def take(self) -> bytes | None:
@@ -708,14 +704,22 @@ class Stack:
         deadline = started + timeout
         while time.perf_counter() < deadline:
             if self.keyd.poll() is not None:
-                raise BenchError(f"keyd exited with {self.keyd.returncode}; see {self.workdir}/keyd.log")
+                raise BenchError(f"keyd exited with {self.keyd.returncode}:\n{self._keyd_log_tail()}")
             status = _health_status(self.keyd_socket)
             if status and not listening:
                 listening = time.perf_counter() - started
             if status == 200:
                 return listening, time.perf_counter() - started
             time.sleep(0.002)
-        raise BenchError(f"keyd was not ready within {timeout:.0f}s; see {self.workdir}/keyd.log")
+        raise BenchError(f"keyd was not ready within {timeout:.0f}s:\n{self._keyd_log_tail()}")
+
+    def _keyd_log_tail(self, lines: int = 15) -> str:
+        """The end of keyd's log, for an error message: the work directory is removed on exit."""
+        try:
+            with open(os.path.join(self.workdir, "keyd.log"), encoding="utf-8", errors="replace") as handle:
+                return "".join(handle.readlines()[-lines:]).rstrip() or "(keyd wrote nothing)"
+        except OSError:
+            return "(no keyd log)"
 
     def stop_keyd(self) -> None:
         _stop(self.keyd)

@@ -11,10 +11,14 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from keyd import __version__
 from keyd import config as configuration
 from keyd.errors import ClientError, ConfigError, KeydError, StartupError
+
+if TYPE_CHECKING:
+    from keyd import bench
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -33,13 +37,19 @@ def _err(message: str) -> None:
     print(f"keyd: {message}", file=sys.stderr)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from keyd import daemon, logs  # noqa: PLC0415 - keep light commands light
-
-    config = configuration.load(args.config)
+def _load_checked(path: str) -> configuration.Config:
+    """The config at ``path``, with every file it names present (ConfigError otherwise)."""
+    config = configuration.load(path)
     problems = configuration.missing_files(config)
     if problems:
         raise ConfigError(problems)
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from keyd import daemon, logs  # noqa: PLC0415 - keep light commands light
+
+    config = _load_checked(args.config)
     logs.setup(config.log.level, config.log.format)
     daemon.run(config)
     return EXIT_OK
@@ -55,10 +65,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = configuration.load(args.config)
-    problems = configuration.missing_files(config)
-    if problems:
-        raise ConfigError(problems)
+    config = _load_checked(args.config)
     from keyd import grants  # noqa: PLC0415
 
     for line in grants.warnings(config):  # risky but valid: the exit code stays 0
@@ -116,10 +123,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def bench_options(args: argparse.Namespace) -> bench.Options:
+    """`keyd bench`'s parsed arguments as bench.Options."""
     from keyd import bench  # noqa: PLC0415 - never imported by `keyd run` (keeps its RSS down)
 
-    options = bench.Options(
+    return bench.Options(
         socket=args.socket,
         concurrency=args.concurrency,
         requests=args.requests,
@@ -133,7 +141,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         inprocess=args.inprocess,
         warmup=args.warmup,
     )
-    _, clean = bench.run(options)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from keyd import bench  # noqa: PLC0415 - see bench_options
+
+    _, clean = bench.run(bench_options(args))
     return EXIT_OK if clean else EXIT_FAILED
 
 

@@ -22,19 +22,12 @@ from keyd.metrics import Metrics, RequestStats, Sources, TcpListener, vault_sect
 from keyd.peers import Policy
 from keyd.refresher import Refresher
 from keyd.server import Server
+from keyd.status import ago
 from keyd.vault import Vault
 
 log = logging.getLogger("keyd.daemon")
 
 STATUS_EVERY = 5.0
-
-
-def _ago(seconds: float) -> str:
-    if seconds < 120:
-        return f"{int(seconds)} s"
-    if seconds < 7200:
-        return f"{int(seconds // 60)} m"
-    return f"{int(seconds // 3600)} h"
 
 
 class Daemon:
@@ -194,8 +187,8 @@ class Daemon:
             return "waiting for Vault"
         ages = [a["since_last_refresh"] or 0.0 for a in apps.values()]
         if doc["status"] == "ok":
-            return f"serving {len(apps)} app(s), keys {_ago(max(ages))} old"
-        return f"degraded: Vault unreachable for {_ago(max(ages))}"
+            return f"serving {len(apps)} app(s), keys {ago(max(ages))} old"
+        return f"degraded: Vault unreachable for {ago(max(ages))}"
 
     async def _report_status(self) -> None:
         while True:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
-from keyd.api import Request, Response
+from keyd.api import TOKENS_ENDPOINT, Request, Response
 
 log = logging.getLogger("keyd.metrics")
 
@@ -52,7 +52,7 @@ LATENCY_BUCKETS = (
     1.0,
 )
 OTHER_ENDPOINT = "other"
-_TOKENS_200 = ("/v1/tokens", 200)
+_TOKENS_200 = (TOKENS_ENDPOINT, 200)
 CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
 
 
@@ -66,7 +66,7 @@ class RequestStats:
 
     __slots__ = ("_bounds", "_issued", "_tokens_latency", "decisions", "errors", "latency", "requests")
 
-    def __init__(self, endpoints: Iterable[str] = ()) -> None:
+    def __init__(self) -> None:
         self._bounds = LATENCY_BUCKETS
         # (endpoint, status) -> count
         self.requests: dict[tuple[str, int], int] = {}
@@ -78,8 +78,6 @@ class RequestStats:
         self.latency: dict[str, list[float]] = {}
         # app -> type -> tokens issued (each also a 200 from /v1/tokens): no tuple key per token
         self._issued: dict[str, dict[str, int]] = {}
-        for endpoint in endpoints:
-            self._histogram(endpoint)
         self._tokens_latency = self._histogram(_TOKENS_200[0])
 
     def _histogram(self, endpoint: str) -> list[float]:
@@ -342,7 +340,6 @@ class Metrics:
     """The registry keyd serves: its own collector plus the standard process metrics."""
 
     def __init__(self, stats: RequestStats, sources: Sources | None = None, process: bool = True) -> None:
-        self.stats = stats
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(KeydCollector(stats, sources))
         if process:

@@ -41,9 +41,6 @@ class Caller:
     gids: frozenset[int]
     unit: str
 
-    def describe(self) -> dict[str, object]:
-        return {"pid": self.pid, "uid": self.uid, "gid": self.gid, "user": self.user, "unit": self.unit}
-
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a Unix stream socket."""

@@ -229,9 +229,10 @@ class Refresher:
             self._log_failure(name, exc)
             self._on_change(name)
             return False
-        previous = self._store.state(name).snapshot
+        state = self._store.state(name)
+        previous = state.snapshot
         previous_version = previous.version if previous else None
-        was_stale = self._store.state(name).failures > 0
+        was_stale = state.failures > 0
         changed = self._store.update(snapshot)
         self._degraded.pop(name, None)
         extra = {"app": name, "key_version": snapshot.version}
@@ -296,7 +297,7 @@ class Refresher:
                 extra=extra,
             )
         else:
-            kept = "none loaded yet" if version is None and state.snapshot is None else f"version {version}"
+            kept = "none loaded yet" if state.snapshot is None else f"version {version}"
             log.log(
                 level,
                 "app %s: key %s (%s); keeping the last good key (%s)",

@@ -40,13 +40,12 @@ _OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length
 _STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 
-def _raw_response(status: int, code: str, message: str, close: bool = True) -> bytes:
+def _raw_response(status: int, code: str, message: str) -> bytes:
+    """An error answer that closes the connection."""
     body = error_body(code, message)
     return (
         _STATUS[status]
-        + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
-        + (b"Connection: close\r\n" if close else b"")
-        + b"\r\n"
+        + b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
         + body
     )
 
@@ -136,7 +135,6 @@ class Connection(asyncio.Protocol):
         "_body",
         "_header_bytes",
         "_headers",
-        "_paused",
         "_url",
         "busy",
         "caller",
@@ -157,7 +155,6 @@ class Connection(asyncio.Protocol):
         self._headers: dict[bytes, bytes] = {}
         self._header_bytes = 0
         self._body = b""
-        self._paused = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -205,11 +202,9 @@ class Connection(asyncio.Protocol):
             self._reject(400, "bad_request", "malformed HTTP request")
 
     def pause_writing(self) -> None:
-        self._paused = True
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._paused = False
         self.transport.resume_reading()
 
     # -- httptools callbacks -----------------------------------------------------------------
@@ -311,7 +306,7 @@ class Connection(asyncio.Protocol):
             server.flush()
             self.transport.close()
             raise _Abort
-        self.deadline = server.now() + server.idle_timeout
+        self.deadline = server.soon + server.idle_timeout
 
     # -- responses ---------------------------------------------------------------------------
 
@@ -415,7 +410,6 @@ class Server:
         self.rejections: dict[str, int] = {}
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._bound_path: str | None = None
         self._bound_inode: int | None = None
         # The clock for deadlines: the loop's own once serving.
@@ -442,23 +436,22 @@ class Server:
             except RuntimeError:  # uvloop: the connection was lost since; its answer has no reader
                 pass
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Take ``loop``'s clock and flush on it. start() does this; `keyd bench --inprocess`
         calls it alone, to feed connections without a socket."""
-        self._loop = loop
         self.now = loop.time
         self.soon = self.now() + self._interval
         self.call_soon = loop.call_soon
-        return loop
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Serve on an inherited listening socket, or bind config.socket."""
-        self._loop = self.attach(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        self.attach(loop)
         if sock is None:
             sock = bind_socket(self.config)
             self._bound_path = self.config.socket
             self._bound_inode = os.stat(self.config.socket).st_ino
-        self._server = await self._loop.create_unix_server(lambda: Connection(self), sock=sock, backlog=4096)
+        self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock, backlog=4096)
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def _sweep(self) -> None:

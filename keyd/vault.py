@@ -43,7 +43,6 @@ class TokenInfo:
     ttl: float  # seconds of life left when obtained; 0 = never expires
     renewable: bool
     obtained_at: float
-    accessor: str = ""
 
     @classmethod
     def parse(cls, data: dict[str, Any], ttl_field: str, now: float) -> TokenInfo:
@@ -52,7 +51,6 @@ class TokenInfo:
             ttl=float(data.get(ttl_field) or 0),
             renewable=bool(data.get("renewable")),
             obtained_at=now,
-            accessor=str(data.get("accessor") or ""),
         )
 
     def expires_at(self) -> float | None:

@@ -64,9 +64,19 @@ def base_config(bao: BaoServer, directory: Path, path: str, **apps_extra: Any) -
 
 
 @pytest.fixture
-def keyd_factory(bao: BaoServer, root: hvac.Client, short_dir: Path) -> Iterator[Callable[..., KeydProcess]]:
-    """Start keyd processes; each gets a fresh child token via VAULT_TOKEN unless env says otherwise."""
+def keyd_procs() -> Iterator[list[KeydProcess]]:
+    """keyd processes a test started; every one is stopped at the end of the test."""
     started: list[KeydProcess] = []
+    yield started
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def keyd_factory(
+    bao: BaoServer, root: hvac.Client, short_dir: Path, keyd_procs: list[KeydProcess]
+) -> Callable[..., KeydProcess]:
+    """Start keyd processes; each gets a fresh child token via VAULT_TOKEN unless env says otherwise."""
 
     def make(
         config: dict[str, Any], env: dict[str, str] | None = None, start: bool = True, wait_ready: bool = True
@@ -75,11 +85,9 @@ def keyd_factory(bao: BaoServer, root: hvac.Client, short_dir: Path) -> Iterator
             token = root.auth.token.create(policies=["root"], ttl="1h")["auth"]["client_token"]
             env = {"VAULT_TOKEN": token}
         proc = KeydProcess(short_dir, config, env)
-        started.append(proc)
+        keyd_procs.append(proc)
         if start:
             proc.start(wait_ready=wait_ready)
         return proc
 
-    yield make
-    for proc in started:
-        proc.stop()
+    return make

@@ -198,17 +198,9 @@ def cert_config(world: TlsWorld, socket_dir: Path, ca_cert: str) -> dict[str, An
     }
 
 
-@pytest.fixture
-def procs() -> Iterator[list[KeydProcess]]:
-    started: list[KeydProcess] = []
-    yield started
-    for proc in started:
-        proc.stop()
-
-
-def start(procs: list[KeydProcess], directory: Path, config: dict[str, Any], ready: bool) -> KeydProcess:
+def start(keyd_procs: list[KeydProcess], directory: Path, config: dict[str, Any], ready: bool) -> KeydProcess:
     proc = KeydProcess(directory, config, {})
-    procs.append(proc)
+    keyd_procs.append(proc)
     return proc.start(wait_ready=ready)
 
 
@@ -218,7 +210,7 @@ def setup_cert_auth(
     return run_vault_setup(config, config_dir, world.bao.root_token, "--client-ca", str(world.client_ca.path))
 
 
-def test_keyd_verifies_vault_with_ca_cert_and_logs_in_with_a_client_certificate(world, short_dir, procs):
+def test_keyd_verifies_vault_with_ca_cert_and_logs_in_with_a_client_certificate(world, short_dir, keyd_procs):
     config = cert_config(world, short_dir, str(world.server_ca.path))
     result = setup_cert_auth(world, short_dir, config)
     assert result.returncode == 0, result.stderr
@@ -227,7 +219,7 @@ def test_keyd_verifies_vault_with_ca_cert_and_logs_in_with_a_client_certificate(
     again = setup_cert_auth(world, short_dir, config)
     assert "cert role keyd: unchanged" in again.stdout and "policy keyd: unchanged" in again.stdout
 
-    keyd = start(procs, short_dir, config, ready=True)
+    keyd = start(keyd_procs, short_dir, config, ready=True)
     status, doc = keyd.http().post_json("/v1/tokens", {"user_id": "erin"})
     assert status == 200, doc
     assert jwt.decode(doc["token"], world.key, algorithms=["HS256"])["sub"] == "erin"
@@ -237,9 +229,9 @@ def test_keyd_verifies_vault_with_ca_cert_and_logs_in_with_a_client_certificate(
     assert role["token_policies"] == ["keyd"] and role["token_no_default_policy"] is True
 
 
-def test_keyd_refuses_a_vault_signed_by_another_ca(world, short_dir, procs):
+def test_keyd_refuses_a_vault_signed_by_another_ca(world, short_dir, keyd_procs):
     config = cert_config(world, short_dir, str(world.rogue_ca.path))
-    keyd = start(procs, short_dir, config, ready=False)
+    keyd = start(keyd_procs, short_dir, config, ready=False)
     wait_until(
         lambda: "TLS verification of the Vault server failed (check vault.ca_cert)" in keyd.logs(),
         timeout=15,
@@ -251,21 +243,21 @@ def test_keyd_refuses_a_vault_signed_by_another_ca(world, short_dir, procs):
     assert status == 503
 
 
-def test_keyd_refuses_vault_without_ca_cert_when_the_system_does_not_trust_it(world, short_dir, procs):
+def test_keyd_refuses_vault_without_ca_cert_when_the_system_does_not_trust_it(world, short_dir, keyd_procs):
     config = cert_config(world, short_dir, "")  # the system trust store does not know our test CA
-    keyd = start(procs, short_dir, config, ready=False)
+    keyd = start(keyd_procs, short_dir, config, ready=False)
     wait_until(
         lambda: "TLS verification of the Vault server failed" in keyd.logs(), timeout=15, what="TLS refusal"
     )
     keyd.wait_health(503)
 
 
-def test_client_certificate_from_an_unregistered_ca_cannot_log_in(world, short_dir, procs):
+def test_client_certificate_from_an_unregistered_ca_cannot_log_in(world, short_dir, keyd_procs):
     config = cert_config(world, short_dir, str(world.server_ca.path))
     assert setup_cert_auth(world, short_dir, config).returncode == 0
     rogue = world.rogue_ca.issue("intruder", server=False)
     config["vault"]["auth"].update(client_cert=str(rogue.cert), client_key=str(rogue.key))
-    keyd = start(procs, short_dir, config, ready=False)
+    keyd = start(keyd_procs, short_dir, config, ready=False)
     wait_until(
         lambda: "Vault refused the TLS certificate login" in keyd.logs(),
         timeout=15,

@@ -33,14 +33,6 @@ def vroot(vbao: BaoServer) -> hvac.Client:
     return vbao.client()
 
 
-@pytest.fixture
-def keyd_procs() -> Iterator[list[KeydProcess]]:
-    procs: list[KeydProcess] = []
-    yield procs
-    for proc in procs:
-        proc.stop()
-
-
 def approle_config(bao: BaoServer, directory: Path, path: str, **auth: Any) -> dict[str, Any]:
     """A config whose credential files are ${CREDENTIALS_DIRECTORY}/role-id and .../secret-id."""
     config = base_config(bao, directory, path)

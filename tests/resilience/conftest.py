@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import new_key
 from tests.helpers import KeydProcess, wait_until
-from tests.resilience.support import POLICY, Load, PersistentBao, new_key, try_call
+from tests.resilience.support import POLICY, Load, PersistentBao, try_call
 
 REPORTS: list[str] = []
 
@@ -73,19 +74,16 @@ def approle_files(vault: PersistentBao, short_dir: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def start_keyd(short_dir: Path) -> Iterator[Callable[..., KeydProcess]]:
+def start_keyd(short_dir: Path, keyd_procs: list[KeydProcess]) -> Callable[..., KeydProcess]:
     """Start keyd processes on the persistent OpenBao; stopped at the end of the test."""
-    started: list[KeydProcess] = []
 
     def make(config: dict[str, Any], wait_ready: bool = True) -> KeydProcess:
         proc = KeydProcess(short_dir, config, env={})
-        started.append(proc)
+        keyd_procs.append(proc)
         proc.start(wait_ready=wait_ready)
         return proc
 
-    yield make
-    for proc in started:
-        proc.stop()
+    return make
 
 
 @pytest.fixture

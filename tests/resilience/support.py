@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import resource
-import secrets
 import shutil
 import socket
 import tempfile
@@ -29,10 +28,6 @@ POLICY = """
 path "secret/data/talkjs/*" { capabilities = ["read"] }
 path "secret/metadata/talkjs/*" { capabilities = ["read"] }
 """
-
-
-def new_key() -> str:
-    return "sk_test_" + secrets.token_urlsafe(24)
 
 
 class PersistentBao:

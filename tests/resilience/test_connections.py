@@ -6,7 +6,8 @@ import contextlib
 import json
 import socket
 
-from tests.resilience.support import Load, keyd_config, new_key, raise_nofile, read_response
+from tests.conftest import new_key
+from tests.resilience.support import Load, keyd_config, raise_nofile, read_response
 
 IDLE = 2000
 LOAD_CONNECTIONS = 4

@@ -12,8 +12,9 @@ from collections import Counter
 
 import jwt
 
+from tests.conftest import new_key
 from tests.helpers import wait_until
-from tests.resilience.support import APP_ID, Load, health, keyd_config, new_key
+from tests.resilience.support import APP_ID, Load, health, keyd_config
 
 
 def _signature_ok(token: str, key: str) -> bool:

@@ -9,7 +9,8 @@ import signal
 import socket
 import time
 
-from tests.resilience.support import Load, keyd_config, new_key, read_response
+from tests.conftest import new_key
+from tests.resilience.support import Load, keyd_config, read_response
 
 BODY = b'{"user_id": "in-flight"}'
 HEAD = (

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from keyd.dev import free_port
+from tests.conftest import new_key
 from tests.helpers import wait_until
-from tests.resilience.support import Load, keyd_config, new_key
+from tests.resilience.support import Load, keyd_config
 
 DELAY = 1.5  # seconds added to every Vault answer; keyd's vault.timeout is 2 s
 

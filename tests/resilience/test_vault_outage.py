@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
+from tests.conftest import new_key
 from tests.helpers import wait_until
-from tests.resilience.support import Load, health, keyd_config, new_key
+from tests.resilience.support import Load, health, keyd_config
 
 OUTAGE = 4.0  # seconds: several refresh intervals (1 s) with backoff (0.2 s to 1 s)
 

@@ -183,7 +183,7 @@ def test_inprocess_feeds_keyd_and_the_reference_and_counts_every_answer(kind: st
         ["bench", "--inprocess", "--requests", "600", "--type", kind, "--json"]
     )
     assert args.inprocess
-    doc, clean = bench.run(bench.Options(inprocess=True, requests=600, kind=kind, json=True), out=out)
+    doc, clean = bench.run(cli.bench_options(args), out=out)
     assert clean
     result = json.loads(out.getvalue())["inprocess"]
     assert result == doc["inprocess"]

@@ -198,7 +198,7 @@ def test_latency_buckets_are_cumulative():
 
 
 def test_vault_section_never_holds_the_token():
-    info = TokenInfo(ttl=90.0, renewable=False, obtained_at=100.0, accessor="acc-123")
+    info = TokenInfo(ttl=90.0, renewable=False, obtained_at=100.0)
     doc = vault_section(info, 0, 3, now=150.0)
     assert doc == {
         "logged_in": True,

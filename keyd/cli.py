@@ -18,7 +18,7 @@ from keyd import config as configuration
 from keyd.errors import ClientError, ConfigError, KeydError, StartupError
 
 if TYPE_CHECKING:
-    from keyd import bench
+    from keyd.bench import main as bench
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -47,7 +47,8 @@ def _load_checked(path: str) -> configuration.Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from keyd import daemon, logs  # noqa: PLC0415 - keep light commands light
+    from keyd import logs  # noqa: PLC0415 - keep light commands light
+    from keyd.daemon import wiring as daemon  # noqa: PLC0415 - keep light commands light
 
     config = _load_checked(args.config)
     logs.setup(config.log.level, config.log.format)
@@ -56,7 +57,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from keyd import dev, logs  # noqa: PLC0415
+    from keyd import logs  # noqa: PLC0415 - keep light commands light
+    from keyd.ops import dev  # noqa: PLC0415
 
     logs.setup("info", "text")
     with contextlib.suppress(KeyboardInterrupt):
@@ -66,7 +68,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load_checked(args.config)
-    from keyd import grants  # noqa: PLC0415
+    from keyd.ops import grants  # noqa: PLC0415
 
     for line in grants.warnings(config):  # risky but valid: the exit code stays 0
         print(line, file=sys.stderr)
@@ -75,7 +77,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_grants(args: argparse.Namespace) -> int:
-    from keyd import grants  # noqa: PLC0415
+    from keyd.ops import grants  # noqa: PLC0415
 
     config = configuration.load(args.config)
     caller = grants.caller_for(uid=args.uid, user=args.user, unit=args.unit)
@@ -100,7 +102,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_vault_setup(args: argparse.Namespace) -> int:
-    from keyd import vault_setup  # noqa: PLC0415 - imports hvac only when used
+    from keyd.ops import vault_setup  # noqa: PLC0415 - imports hvac only when used
 
     return vault_setup.main(args)
 
@@ -115,7 +117,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from keyd import status  # noqa: PLC0415
+    from keyd.ops import status  # noqa: PLC0415
 
     colour = not args.json and sys.stdout.isatty() and "NO_COLOR" not in os.environ
     summary = status.summarize(args.socket, as_json=args.json, colour=colour)
@@ -125,7 +127,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def bench_options(args: argparse.Namespace) -> bench.Options:
     """`keyd bench`'s parsed arguments as bench.Options."""
-    from keyd import bench  # noqa: PLC0415 - never imported by `keyd run` (keeps its RSS down)
+    from keyd.bench import main as bench  # noqa: PLC0415 - never imported by `keyd run` (keeps its RSS down)
 
     return bench.Options(
         socket=args.socket,
@@ -144,9 +146,9 @@ def bench_options(args: argparse.Namespace) -> bench.Options:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from keyd import bench  # noqa: PLC0415 - see bench_options
+    from keyd.bench import command  # noqa: PLC0415 - see bench_options
 
-    _, clean = bench.run(bench_options(args))
+    _, clean = command.run(bench_options(args))
     return EXIT_OK if clean else EXIT_FAILED
 
 
@@ -211,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", default=_socket_default(), help="keyd socket (env KEYD_SOCKET)")
     p.add_argument("--json", action="store_true", help="print the health document as JSON, for scripts")
 
-    from keyd.vault_setup import add_arguments as add_vault_setup_arguments  # noqa: PLC0415 - stdlib only
+    from keyd.ops.vault_setup import add_arguments as add_vault_setup_arguments  # noqa: PLC0415 - stdlib only
 
     vault_actions = sub.add_parser("vault", help="prepare Vault for keyd (run by a Vault operator)")
     actions = vault_actions.add_subparsers(dest="vault_command", required=True, metavar="ACTION")

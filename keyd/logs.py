@@ -53,3 +53,16 @@ def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def ago(seconds: float | None) -> str:
+    """A short, readable duration: "12 s", "4 m", "3 h", "2 d"."""
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{int(seconds)} s"
+    if seconds < 7200:
+        return f"{int(seconds // 60)} m"
+    if seconds < 172800:
+        return f"{int(seconds // 3600)} h"
+    return f"{int(seconds // 86400)} d"

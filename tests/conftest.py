@@ -13,7 +13,7 @@ from typing import Any
 import hvac
 import pytest
 
-from keyd.dev import BaoServer
+from keyd.ops.dev import BaoServer
 from tests.helpers import KeydProcess
 
 

@@ -21,7 +21,7 @@ import hvac
 import jwt
 import pytest
 
-from keyd.dev import BaoServer
+from keyd.ops.dev import BaoServer
 from tests.conftest import base_config, new_key
 from tests.helpers import ROOT, KeydProcess, wait_until
 from tests.integration.sysusers import sysusers

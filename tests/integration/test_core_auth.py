@@ -11,7 +11,7 @@ from typing import Any
 import hvac
 import jwt
 
-from keyd.dev import BaoServer
+from keyd.ops.dev import BaoServer
 from tests.conftest import base_config, new_key
 from tests.helpers import KeydProcess, wait_until
 

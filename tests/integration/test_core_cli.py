@@ -11,7 +11,7 @@ from typing import Any
 
 import jwt
 
-from keyd.dev import BaoServer
+from keyd.ops.dev import BaoServer
 from tests.conftest import base_config
 from tests.helpers import ROOT, KeydProcess, to_toml
 

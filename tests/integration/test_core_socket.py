@@ -21,7 +21,7 @@ from typing import Any
 import jwt
 import pytest
 
-from keyd.dev import BaoServer
+from keyd.ops.dev import BaoServer
 from tests.conftest import base_config, new_key
 from tests.helpers import KeydProcess, wait_until
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import jwt
 import pytest
 
-from keyd.dev import free_port
+from keyd.ops.dev import free_port
 from tests.conftest import base_config
 from tests.helpers import ROOT
 

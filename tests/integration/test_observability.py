@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from keyd.dev import free_port
+from keyd.ops.dev import free_port
 from tests.conftest import base_config
 from tests.helpers import ROOT, wait_until
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from keyd.dev import BaoServer
+from keyd.ops.dev import BaoServer
 from tests.conftest import base_config, new_key
 from tests.helpers import ROOT, KeydProcess, wait_until
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from keyd.dev import BaoServer, free_port
+from keyd.ops.dev import BaoServer, free_port
 from tests.conftest import new_key
 from tests.helpers import KeydProcess, run_vault_setup, wait_until
 

@@ -17,7 +17,7 @@ import hvac.exceptions
 import jwt
 import pytest
 
-from keyd.dev import BaoServer
+from keyd.ops.dev import BaoServer
 from tests.conftest import base_config, new_key
 from tests.helpers import KeydProcess, run_vault_setup
 

@@ -19,7 +19,7 @@ from typing import Any
 import hvac
 import pytest
 
-from keyd.dev import BaoServer, free_port
+from keyd.ops.dev import BaoServer, free_port
 from tests.helpers import KeydProcess, wait_until
 
 KV_PATH = "talkjs/resilience"

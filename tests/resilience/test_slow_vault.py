@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from keyd.dev import free_port
+from keyd.ops.dev import free_port
 from tests.conftest import new_key
 from tests.helpers import wait_until
 from tests.resilience.support import Load, keyd_config

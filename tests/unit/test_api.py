@@ -19,12 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keyd import config as configuration
-from keyd.api import MAX_USER_ID, Api, Request, Response, valid_user_id
 from keyd.config import Config, GrantConfig
+from keyd.daemon.api import MAX_USER_ID, Api, Request, Response, valid_user_id
+from keyd.daemon.keystore import KeySnapshot, SecretKey
+from keyd.daemon.peers import Caller, Policy
+from keyd.daemon.server import Server
 from keyd.errors import ApiError
-from keyd.keystore import KeySnapshot, SecretKey
-from keyd.peers import Caller, Policy
-from keyd.server import Server
 
 KEY = "sk_test_api_api_api_api_api_api_api_api"
 NOW = 1_700_000_000  # a fixed clock in the past; tokens are decoded without the exp check

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from keyd.api import Api, Request
-from keyd.audit import AuditLog
 from keyd.config import AppConfig, AuditConfig, Config, GrantConfig, RefreshConfig, ServerConfig, VaultConfig
+from keyd.daemon.api import Api, Request
+from keyd.daemon.audit import AuditLog
+from keyd.daemon.keystore import KeySnapshot, SecretKey
+from keyd.daemon.peers import Caller, Policy
 from keyd.errors import StartupError
-from keyd.keystore import KeySnapshot, SecretKey
-from keyd.peers import Caller, Policy
 
 CALLER = Caller(
     pid=4242,

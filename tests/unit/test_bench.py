@@ -22,7 +22,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
-from keyd import bench, bench_inprocess, cli
+from keyd import cli
+from keyd.bench import command as bench_command
+from keyd.bench import inprocess as bench_inprocess
+from keyd.bench import main as bench
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -147,7 +150,7 @@ def test_load_against_the_reference_server_counts_every_answer(tmp_path: Path) -
     """End to end on a real Unix socket: the reference server in its own process, the client here."""
     path = str(tmp_path / "ref.sock")
     server = subprocess.Popen(
-        [sys.executable, "-c", f"from keyd.bench import serve_reference; serve_reference({path!r})"]
+        [sys.executable, "-c", f"from keyd.bench.main import serve_reference; serve_reference({path!r})"]
     )
     try:
         deadline = time.monotonic() + 10
@@ -183,7 +186,7 @@ def test_inprocess_feeds_keyd_and_the_reference_and_counts_every_answer(kind: st
         ["bench", "--inprocess", "--requests", "600", "--type", kind, "--json"]
     )
     assert args.inprocess
-    doc, clean = bench.run(cli.bench_options(args), out=out)
+    doc, clean = bench_command.run(cli.bench_options(args), out=out)
     assert clean
     result = json.loads(out.getvalue())["inprocess"]
     assert result == doc["inprocess"]

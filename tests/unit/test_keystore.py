@@ -9,8 +9,8 @@ import pickle
 
 import pytest
 
+from keyd.daemon.keystore import KeySnapshot, KeyStore, SecretKey
 from keyd.errors import ApiError
-from keyd.keystore import KeySnapshot, KeyStore, SecretKey
 
 OLD = "sk_test_old_old_old_old_old_old_old"
 NEW = "sk_test_new_new_new_new_new_new_new"

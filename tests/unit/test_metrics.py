@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from keyd import config as configuration
-from keyd.api import Api, Request
 from keyd.config import GrantConfig
-from keyd.keystore import KeySnapshot, KeyStore, SecretKey
-from keyd.metrics import (
+from keyd.daemon.api import Api, Request
+from keyd.daemon.keystore import KeySnapshot, KeyStore, SecretKey
+from keyd.daemon.metrics import (
     CONTENT_TYPE,
     LATENCY_BUCKETS,
     Metrics,
@@ -25,8 +25,8 @@ from keyd.metrics import (
     parse_listen,
     vault_section,
 )
-from keyd.peers import Caller, Policy
-from keyd.vault import TokenInfo
+from keyd.daemon.peers import Caller, Policy
+from keyd.daemon.vault import TokenInfo
 
 KEY = "sk_test_metrics_metrics_metrics_metrics"
 NOW = 1_700_000_000.0

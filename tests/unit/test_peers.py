@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from keyd import cli, grants
+from keyd import cli
 from keyd.config import AppConfig, Config, GrantConfig, RefreshConfig, ServerConfig, VaultConfig
-from keyd.errors import ApiError
-from keyd.peers import (
+from keyd.daemon.peers import (
     DEFAULT_GRANT,
     Caller,
     Identities,
@@ -23,6 +22,8 @@ from keyd.peers import (
     peer_credentials,
     unit_from_cgroup,
 )
+from keyd.errors import ApiError
+from keyd.ops import grants
 
 APP = AppConfig(name="default", app_id="tA")
 OTHER = AppConfig(name="other", app_id="tB")

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from keyd.config import AppConfig, RefreshConfig
+from keyd.daemon.keystore import KeyStore, SecretKey
+from keyd.daemon.refresher import TOKEN_JOB, Refresher, backoff, jittered
+from keyd.daemon.vault import Secret, TokenInfo
 from keyd.errors import SecretError, VaultAuthError, VaultError, VaultLoginError, VaultUnavailable
-from keyd.keystore import KeyStore, SecretKey
-from keyd.refresher import TOKEN_JOB, Refresher, backoff, jittered
-from keyd.vault import Secret, TokenInfo
 from tests.helpers import wait_until
 
 KEY1 = "sk_test_one_one_one_one_one_one_one"

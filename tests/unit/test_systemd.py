@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from keyd import config as configuration
-from keyd import systemd
-from keyd.daemon import Daemon
-from keyd.keystore import KeySnapshot, SecretKey
+from keyd.daemon import systemd
+from keyd.daemon.keystore import KeySnapshot, SecretKey
+from keyd.daemon.wiring import Daemon
 
 
 def receiver(address: str) -> socket.socket:
@@ -96,7 +96,7 @@ def test_listen_socket_without_activation(monkeypatch: pytest.MonkeyPatch) -> No
 CHILD = textwrap.dedent(
     """
     import os, socket, sys
-    from keyd import systemd
+    from keyd.daemon import systemd
     kind = sys.argv[1]
     if kind == "unix":
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyd import tokens
-from keyd.keystore import SecretKey
+from keyd.daemon import tokens
+from keyd.daemon.keystore import SecretKey
 
 # PyJWT warns about HMAC keys shorter than 32 bytes; TalkJS keys are longer, random test keys are not.
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")

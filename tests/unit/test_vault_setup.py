@@ -14,7 +14,7 @@ import pytest
 
 from keyd import config as configuration
 from keyd.errors import KeydError
-from keyd.vault_setup import policy_paths, read_key, render_policy, write_private_file
+from keyd.ops.vault_setup import policy_paths, read_key, render_policy, write_private_file
 from tests.helpers import ROOT
 
 

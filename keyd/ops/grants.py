@@ -10,8 +10,8 @@ import pwd
 from collections.abc import Iterable
 
 from keyd.config import Config, GrantConfig
+from keyd.daemon.peers import Caller, Identities, Policy, format_rate
 from keyd.errors import ConfigError
-from keyd.peers import Caller, Identities, Policy, format_rate
 
 # A grant that lets a group with more members than this mint app tokens gets a warning.
 MANY_MEMBERS = 5

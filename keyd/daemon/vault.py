@@ -19,8 +19,9 @@ import hvac
 import hvac.exceptions
 import requests
 
-from keyd import containment
 from keyd.config import VaultConfig
+from keyd.daemon import containment
+from keyd.daemon.keystore import SecretKey
 from keyd.errors import (
     SecretError,
     VaultAuthError,
@@ -28,7 +29,6 @@ from keyd.errors import (
     VaultLoginError,
     VaultUnavailable,
 )
-from keyd.keystore import SecretKey
 
 log = logging.getLogger("keyd.vault")
 

@@ -26,10 +26,10 @@ from urllib.parse import parse_qsl
 
 import httptools
 
-from keyd.api import Request, Response, error_body
 from keyd.config import ServerConfig
+from keyd.daemon.api import Request, Response, error_body
+from keyd.daemon.peers import Caller, Identities, peer_credentials
 from keyd.errors import StartupError
-from keyd.peers import Caller, Identities, peer_credentials
 
 log = logging.getLogger("keyd.server")
 

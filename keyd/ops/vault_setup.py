@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from keyd import config as configuration
-from keyd import containment
 from keyd.config import Config
+from keyd.daemon import containment
 from keyd.errors import ConfigError, KeydError, VaultError
 
 DEFAULT_ROLE = "keyd"
@@ -173,7 +173,7 @@ class Setup:
         self.mount = self.auth.mount_point
 
     def run(self, key: str | None = None) -> None:
-        from keyd.vault import translate  # noqa: PLC0415 - imports hvac; see the module docstring
+        from keyd.daemon.vault import translate  # noqa: PLC0415 - imports hvac; see the module docstring
 
         with translate("keyd vault setup"):
             if self.auth.method == "approle":

@@ -186,7 +186,7 @@ Press Ctrl-C to stop keyd and the OpenBao dev server.
 
 def run_dev(socket_path: str = "run/keyd.sock") -> None:
     """Start OpenBao (dev mode), store a demo key, run keyd in the foreground until Ctrl-C."""
-    from keyd import daemon  # noqa: PLC0415 - keeps `keyd --help` light
+    from keyd.daemon import wiring as daemon  # noqa: PLC0415 - keeps `keyd --help` light
 
     socket_path = os.path.abspath(socket_path)
     os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)

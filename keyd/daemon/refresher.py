@@ -23,9 +23,9 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from keyd.config import AppConfig, RefreshConfig
+from keyd.daemon.keystore import KeySnapshot, KeyStore
+from keyd.daemon.vault import Secret, TokenInfo
 from keyd.errors import SecretError, VaultAuthError, VaultError, VaultLoginError
-from keyd.keystore import KeySnapshot, KeyStore
-from keyd.vault import Secret, TokenInfo
 
 log = logging.getLogger("keyd.refresher")
 logging.getLogger("apscheduler").setLevel(logging.ERROR)

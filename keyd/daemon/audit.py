@@ -28,8 +28,8 @@ from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as _json_str
 
 from keyd.config import AuditConfig
+from keyd.daemon.peers import Caller
 from keyd.errors import StartupError
-from keyd.peers import Caller
 
 log = logging.getLogger("keyd.audit")
 

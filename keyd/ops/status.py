@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keyd.client import ClientError, KeydClient
+from keyd.logs import ago
 
 EXIT_HEALTHY = 0
 EXIT_DEGRADED = 1
@@ -25,19 +26,6 @@ _STATUS_COLOUR = {"ok": _GREEN, "degraded": _YELLOW}
 class Summary:
     text: str
     exit_code: int
-
-
-def ago(seconds: float | None) -> str:
-    """A short, readable duration: "12 s", "4 m", "3 h", "2 d"."""
-    if seconds is None:
-        return "never"
-    if seconds < 120:
-        return f"{int(seconds)} s"
-    if seconds < 7200:
-        return f"{int(seconds // 60)} m"
-    if seconds < 172800:
-        return f"{int(seconds // 3600)} h"
-    return f"{int(seconds // 86400)} d"
 
 
 def exit_code_for(doc: dict[str, Any]) -> int:

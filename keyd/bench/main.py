@@ -665,7 +665,7 @@ class Stack:
         self.config_path = os.path.join(self.workdir, "keyd.toml")
 
     def start_vault(self) -> None:
-        from keyd.dev import BaoServer, demo_key  # noqa: PLC0415 - needs the dev extra
+        from keyd.ops.dev import BaoServer, demo_key  # noqa: PLC0415 - needs the dev extra
 
         self.bao = BaoServer(dev=True).start()
         key = demo_key()
@@ -730,7 +730,7 @@ class Stack:
             [
                 sys.executable,
                 "-c",
-                f"from keyd.bench import serve_reference; serve_reference({self.reference_socket!r})",
+                f"from keyd.bench.main import serve_reference; serve_reference({self.reference_socket!r})",
             ],
             cwd=self.workdir,
         )
@@ -821,11 +821,6 @@ def run(options: Options, out: TextIO = sys.stdout) -> tuple[dict[str, Any], boo
         return report, report["non_200"] == 0
     if options.startup:
         return _startup(options, out), True
-    if options.inprocess:
-        from keyd.bench_inprocess import run_inprocess  # noqa: PLC0415 - it imports this module
-
-        report = run_inprocess(options, out)
-        return report, report["inprocess"]["non_200"] == 0
     progress = out if (out.isatty() and not options.json) else None
     total = options.requests
     seconds = None if total is not None else (options.duration or DEFAULT_DURATION)

@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from keyd import config as configuration
-from keyd.bench import APP_ID, Options, ReferenceConnection, keyd_requests, loop_run, machine
-from keyd.daemon import Daemon
-from keyd.keystore import KeySnapshot, SecretKey
-from keyd.server import Connection
+from keyd.bench.main import APP_ID, Options, ReferenceConnection, keyd_requests, loop_run, machine
+from keyd.daemon.keystore import KeySnapshot, SecretKey
+from keyd.daemon.server import Connection
+from keyd.daemon.wiring import Daemon
 
 DEFAULT_REQUESTS = 100_000
 ROUNDS = 5

@@ -31,7 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
-from keyd.api import TOKENS_ENDPOINT, Request, Response
+from keyd.daemon.api import TOKENS_ENDPOINT, Request, Response
 
 log = logging.getLogger("keyd.metrics")
 

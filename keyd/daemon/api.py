@@ -14,11 +14,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from keyd import tokens
 from keyd.config import Config
+from keyd.daemon import tokens
+from keyd.daemon.keystore import KeySnapshot
+from keyd.daemon.peers import Caller, Policy
 from keyd.errors import ApiError
-from keyd.keystore import KeySnapshot
-from keyd.peers import Caller, Policy
 
 MAX_USER_ID = 256
 _perf_counter = time.perf_counter

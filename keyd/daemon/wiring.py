@@ -12,18 +12,18 @@ import signal
 import time
 from typing import Any
 
-from keyd import containment, systemd
-from keyd.api import Api
-from keyd.audit import AuditLog
 from keyd.config import Config
+from keyd.daemon import containment, systemd
+from keyd.daemon.api import Api
+from keyd.daemon.audit import AuditLog
+from keyd.daemon.keystore import KeyStore
+from keyd.daemon.metrics import Metrics, RequestStats, Sources, TcpListener, vault_section
+from keyd.daemon.peers import Policy
+from keyd.daemon.refresher import Refresher
+from keyd.daemon.server import Server
+from keyd.daemon.vault import Vault
 from keyd.errors import StartupError
-from keyd.keystore import KeyStore
-from keyd.metrics import Metrics, RequestStats, Sources, TcpListener, vault_section
-from keyd.peers import Policy
-from keyd.refresher import Refresher
-from keyd.server import Server
-from keyd.status import ago
-from keyd.vault import Vault
+from keyd.logs import ago
 
 log = logging.getLogger("keyd.daemon")
 

@@ -1,0 +1,1 @@
+"""Benchmarks: the load generator, the reference server and the in-process harness."""

@@ -1,0 +1,1 @@
+"""Operator commands: the dev server, status, grants, vault setup. Never imported by keyd.daemon."""

@@ -1,0 +1,90 @@
+"""The package's shape: keyd.daemon never imports operator or benchmark code, and no import cycles.
+
+Imports are read from the source (module level and inside functions alike), so a lazy import
+inside a function counts too: `keyd run` must not be able to reach keyd.ops or keyd.bench at all.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import keyd
+
+ROOT = Path(keyd.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Every keyd module this file imports (``from keyd.x import y`` counts keyd.x.y if y is a module)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("keyd"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("keyd"):
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.add(child if child in modules else node.module)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(path): path for path in ROOT.rglob("*.py")}
+    modules = set(files)
+    return {name: _imports(path, modules) - {name} for name, path in files.items()}
+
+
+def test_the_graph_sees_the_packages() -> None:
+    graph = _graph()
+    assert "keyd.daemon.wiring" in graph
+    assert "keyd.daemon.server" in graph["keyd.daemon.wiring"]
+
+
+def test_daemon_never_imports_operator_benchmark_or_client_code() -> None:
+    forbidden = ("keyd.ops", "keyd.bench", "keyd.cli", "keyd.client")
+    offenders = {
+        name: sorted(dep for dep in deps if dep.startswith(forbidden))
+        for name, deps in _graph().items()
+        if name.startswith("keyd.daemon")
+    }
+    assert {name: deps for name, deps in offenders.items() if deps} == {}
+
+
+def test_client_imports_errors_only() -> None:
+    assert _graph()["keyd.client"] <= {"keyd.errors"}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if dep not in graph or dep == "keyd":
+                continue
+            if state.get(dep) == 1:
+                return [*stack[stack.index(dep) :], dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycles() -> None:
+    assert _cycle(_graph()) is None
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]

@@ -12,7 +12,6 @@ import resource
 log = logging.getLogger("keyd.containment")
 
 PR_SET_DUMPABLE = 4
-PR_GET_DUMPABLE = 3
 
 
 def _libc() -> ctypes.CDLL:
@@ -24,10 +23,6 @@ def harden() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if _libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         log.warning("prctl(PR_SET_DUMPABLE, 0) failed (errno %d)", ctypes.get_errno())
-
-
-def dumpable() -> bool:
-    return bool(_libc().prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
 
 
 def _environ_block() -> tuple[int, bytes]:

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import pickle
+import sys
 
 import pytest
 
@@ -39,6 +40,16 @@ def mac(secret: SecretKey, data: bytes = b"x") -> bytes:
 
 def expected_mac(key: str, data: bytes = b"x") -> bytes:
     return hmac.new(key.encode(), data, hashlib.sha256).digest()
+
+
+def wiped(secret: SecretKey, length: int) -> bool:
+    """The key's material is all zero bytes: asked of the key itself, with no raw bytes handed out."""
+    return secret.same_as(SecretKey(bytearray(length)))
+
+
+def holds(secret: SecretKey, key: str) -> bool:
+    """The key's material is still ``key`` (what a fresh SecretKey of it would compare equal to)."""
+    return secret.same_as(SecretKey.from_str(key))
 
 
 def assert_unavailable(store: KeyStore, app: str, text: str) -> None:
@@ -80,7 +91,8 @@ def test_wipe_zeroes_the_material_but_not_hmacs_already_prepared() -> None:
     secret = SecretKey.from_str(OLD)
     in_flight = secret.hmac()
     secret.wipe()
-    assert secret.reveal() == b"\x00" * len(OLD)
+    assert wiped(secret, len(OLD))
+    assert not holds(secret, OLD)
     in_flight.update(b"x")
     assert in_flight.digest() == expected_mac(OLD)
 
@@ -111,7 +123,7 @@ def test_update_swaps_atomically_and_wipes_the_old_key() -> None:
     # The held snapshot still signs wholly with the old key (its HMAC context was prepared at load),
     # while the old raw bytes are gone from memory.
     assert mac(held.signing) == expected_mac(OLD)
-    assert held.signing.reveal() == b"\x00" * len(OLD)
+    assert wiped(held.signing, len(OLD))
 
 
 def test_unchanged_refresh_keeps_the_installed_snapshot() -> None:
@@ -123,9 +135,10 @@ def test_unchanged_refresh_keeps_the_installed_snapshot() -> None:
     assert store.update(again) is False
     assert store.signing("default") is first
     assert mac(first.signing) == expected_mac(OLD)
-    assert first.signing.reveal() == OLD.encode()
+    assert holds(first.signing, OLD)
+    assert not wiped(first.signing, len(OLD))
     # The duplicate copy is not kept around in memory.
-    assert again.signing.reveal() == b"\x00" * len(OLD)
+    assert wiped(again.signing, len(OLD))
 
 
 def test_same_version_different_key_is_a_change() -> None:
@@ -165,7 +178,6 @@ def test_apps_are_independent() -> None:
     assert not store.ready()
     store.update(snap("b", NEW))
     assert store.ready()
-    assert store.apps == ["a", "b"]
 
 
 def test_failure_bookkeeping() -> None:
@@ -262,7 +274,8 @@ def test_installing_the_same_snapshot_twice_wipes_nothing() -> None:
     store.update(first)
     assert store.update(first) is False
     assert mac(store.signing("default").signing) == expected_mac(OLD)
-    assert first.signing.reveal() == OLD.encode()
+    assert holds(first.signing, OLD)
+    assert not wiped(first.signing, len(OLD))
 
 
 def test_separate_webhook_key_is_wiped_with_its_snapshot() -> None:
@@ -270,5 +283,39 @@ def test_separate_webhook_key_is_wiped_with_its_snapshot() -> None:
     signing, webhook = SecretKey.from_str(OLD), SecretKey.from_str(NEW)
     store.update(KeySnapshot("default", signing, webhook, 1, 2, 0.0))
     store.update(snap("default", NEW, 2))
-    assert signing.reveal() == b"\x00" * len(OLD)
-    assert webhook.reveal() == b"\x00" * len(NEW)
+    assert wiped(signing, len(OLD))
+    assert wiped(webhook, len(NEW))
+
+
+# -- the private OpenSSL hook and its public fallback -------------------------------------------
+
+
+def test_without_the_private_hashlib_hook_the_public_hmac_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    from keyd.daemon import keystore
+
+    monkeypatch.setitem(sys.modules, "_hashlib", None)  # what `import _hashlib` finds on a Python without it
+    assert keystore._hmac_factory() is keystore._public_hmac
+
+
+def test_the_public_fallback_keeps_the_invariants_secret_key_relies_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from keyd.daemon import keystore, tokens
+
+    hooked = SecretKey.from_str(OLD)
+    monkeypatch.setattr(keystore, "_new_hmac", keystore._public_hmac)
+    public = SecretKey.from_str(OLD)
+    assert isinstance(public.hmac(), hmac.HMAC)
+    # The same HMAC-SHA256 bytes, so the same tokens and signatures, whichever context made them.
+    assert mac(public, b"abc") == mac(hooked, b"abc") == expected_mac(OLD, b"abc")
+    assert tokens.user_token(public, "tApp", "alice", 1_700_000_000, 60) == tokens.user_token(
+        hooked, "tApp", "alice", 1_700_000_000, 60
+    )
+    assert tokens.signature(public, "alice") == tokens.signature(hooked, "alice")
+    # Copies are independent, and the prepared context outlives a wipe of the material.
+    first = public.hmac()
+    first.update(b"abc")
+    public.wipe()
+    assert wiped(public, len(OLD))
+    assert first.digest() == expected_mac(OLD, b"abc")
+    assert mac(public) == expected_mac(OLD)

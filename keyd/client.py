@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
+from keyd import http1
 from keyd.errors import ClientError
 
 __all__ = [
@@ -130,10 +131,6 @@ def _payload(**fields: Any) -> bytes:
     return json.dumps({k: v for k, v in fields.items() if v is not None}).encode()
 
 
-def _safe_header(value: str) -> bool:
-    return value.isascii() and not any(c in value for c in "\r\n\0")
-
-
 def _webhook_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The two TalkJS headers from the incoming request's headers, looked up case-insensitively.
 
@@ -144,7 +141,7 @@ def _webhook_headers(headers: Mapping[str, str]) -> dict[str, str]:
     out = {"Content-Type": "application/json"}
     for name in WEBHOOK_HEADERS:
         value = lowered.get(name.lower())
-        if isinstance(value, str) and _safe_header(value):
+        if isinstance(value, str) and http1.safe(value):
             out[name] = value
     return out
 
@@ -322,15 +319,7 @@ class AsyncKeydClient:
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, Any]:
         """Send one request; (status, decoded JSON). Raises Unreachable when keyd cannot be reached."""
-        head = [f"{method} {path} HTTP/1.1", "Host: keyd"]
-        for name, value in (headers or {}).items():
-            if not (_safe_header(name) and _safe_header(value)):
-                raise ValueError(f"header {name!r} holds characters HTTP does not allow")
-            head.append(f"{name}: {value}")
-        payload = body or b""
-        if body is not None or method in ("POST", "PUT"):
-            head.append(f"Content-Length: {len(payload)}")
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload
+        data = http1.encode_request(method, path, headers, body)
         for attempt in (1, 2):
             # The retry always takes a fresh connection: keyd closes idle ones after idle_timeout,
             # so the rest of the pool has most likely gone stale too.
@@ -373,7 +362,7 @@ class AsyncKeydClient:
         try:
             writer.write(data)
             await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = await reader.readuntil(http1.HEAD_END)
         except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as exc:
             nothing = not isinstance(exc, asyncio.IncompleteReadError) or not exc.partial
             if reused and nothing:
@@ -381,25 +370,18 @@ class AsyncKeydClient:
             raise ConnectionResetError("keyd closed the connection mid-answer") from None
         except asyncio.LimitOverrunError:
             raise Unreachable(0, "bad_response", "keyd's response head is too large") from None
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise Unreachable(0, "bad_response", "keyd answered with a malformed HTTP response")
-        status = int(parts[1])
-        fields: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                fields[name.strip().lower()] = value.strip()
-        length_text = fields.get("content-length", "")
-        if not length_text.isdigit() or int(length_text) > MAX_RESPONSE:
+        try:
+            response = http1.parse_response_head(head[: -len(http1.HEAD_END)])
+        except http1.MalformedResponse:
+            raise Unreachable(0, "bad_response", "keyd answered with a malformed HTTP response") from None
+        length = response.length
+        if length is None or length == http1.CHUNKED or length > MAX_RESPONSE:
             raise Unreachable(0, "bad_response", "keyd's response has no usable Content-Length")
         try:
-            raw = await reader.readexactly(int(length_text))
+            raw = await reader.readexactly(length)
         except asyncio.IncompleteReadError:
             raise ConnectionResetError("keyd closed the connection mid-answer") from None
-        keep = fields.get("connection", "").lower() != "close" and parts[0] == "HTTP/1.1"
-        return status, raw, keep
+        return response.status, raw, response.keep_alive
 
     async def _post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         status, data = await self.request("POST", path, body, headers or {"Content-Type": "application/json"})

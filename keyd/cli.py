@@ -18,7 +18,7 @@ from keyd import config as configuration
 from keyd.errors import ClientError, ConfigError, KeydError, StartupError
 
 if TYPE_CHECKING:
-    from keyd.bench import main as bench
+    from keyd.bench import options as bench
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -127,7 +127,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def bench_options(args: argparse.Namespace) -> bench.Options:
     """`keyd bench`'s parsed arguments as bench.Options."""
-    from keyd.bench import main as bench  # noqa: PLC0415 - never imported by `keyd run` (keeps its RSS down)
+    from keyd.bench import options as bench  # noqa: PLC0415 - never imported by `keyd run` (keeps its RSS down)
 
     return bench.Options(
         socket=args.socket,

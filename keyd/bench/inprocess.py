@@ -24,7 +24,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from keyd import config as configuration
-from keyd.bench.main import APP_ID, Options, ReferenceConnection, keyd_requests, loop_run, machine
+from keyd.bench.load import loop_run
+from keyd.bench.options import Options
+from keyd.bench.reference import ReferenceConnection
+from keyd.bench.report import machine
+from keyd.bench.workload import APP_ID, keyd_requests
 from keyd.daemon.keystore import KeySnapshot, SecretKey
 from keyd.daemon.server import Connection
 from keyd.daemon.wiring import Daemon

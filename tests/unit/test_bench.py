@@ -1,4 +1,5 @@
-"""keyd.bench: the load generator's bookkeeping, HTTP framing, Transit key wrapping and CLI options.
+"""keyd.bench: the load generator's bookkeeping and HTTP framing, the requests each target is asked,
+Transit key wrapping, the reference server, the in-process harness and the CLI options.
 
 No timing is asserted here: numbers come from `keyd bench` runs (docs/benchmarks.md).
 """
@@ -24,21 +25,21 @@ from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
 from keyd import cli
 from keyd.bench import command as bench_command
+from keyd.bench import compare, load, report, workload
 from keyd.bench import inprocess as bench_inprocess
-from keyd.bench import main as bench
 
 
 def test_percentile_is_nearest_rank() -> None:
     values = [float(i) for i in range(1, 101)]
-    assert bench.percentile(values, 0.50) == 50.0
-    assert bench.percentile(values, 0.99) == 99.0
-    assert bench.percentile(values, 1.0) == 100.0
-    assert bench.percentile([7.0], 0.99) == 7.0
-    assert bench.percentile([], 0.5) == 0.0
+    assert report.percentile(values, 0.50) == 50.0
+    assert report.percentile(values, 0.99) == 99.0
+    assert report.percentile(values, 1.0) == 100.0
+    assert report.percentile([7.0], 0.99) == 7.0
+    assert report.percentile([], 0.5) == 0.0
 
 
 def test_result_counts_every_non_200_and_connection_error() -> None:
-    result = bench.Result.from_latencies("x", [0.001, 0.002, 0.003], 1.5, {200: 2, 503: 1}, errors=4)
+    result = report.Result.from_latencies("x", [0.001, 0.002, 0.003], 1.5, {200: 2, 503: 1}, errors=4)
     assert result.requests == 3
     assert result.non_200 == 5
     assert result.throughput == 2.0
@@ -46,15 +47,6 @@ def test_result_counts_every_non_200_and_connection_error() -> None:
     doc = result.to_json()
     assert doc["statuses"] == {"200": 2, "503": 1}
     assert doc["latency_ms"]["p50"] == pytest.approx(2.0)
-
-
-def test_response_length_from_content_length_in_any_case_or_chunked() -> None:
-    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5"
-    assert bench.response_length(head + b"\r\n\r\nhello", len(head)) == len(head) + 4 + 5
-    lower = b"HTTP/1.1 200 OK\r\ncontent-length: 2"
-    assert bench.response_length(lower + b"\r\n\r\nhi", len(lower)) == len(lower) + 6
-    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked"
-    assert bench.response_length(chunked + b"\r\n\r\n", len(chunked)) == -1
 
 
 class _Transport:
@@ -72,45 +64,90 @@ class _Transport:
 def test_client_parses_answers_split_across_reads_and_sends_the_next_request() -> None:
     loop = asyncio.new_event_loop()
     try:
-        load = bench._Load(
-            loop, bench.Endpoint(unix="/nowhere"), [b"REQ"], total=2, seconds=None, concurrency=1
-        )
-        client = bench._Client(load)
+        run = load._Load(loop, load.Endpoint(unix="/nowhere"), [b"REQ"], total=2, seconds=None, concurrency=1)
+        client = load._Client(run)
         transport = _Transport()
         client.connection_made(transport)
         assert transport.written == [b"REQ"]
         answer = b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"token":1}'
         client.data_received(answer[:20])
         client.data_received(answer[20:-3])
-        assert load.statuses == {}
+        assert run.statuses == {}
         client.data_received(answer[-3:])
-        assert load.statuses == {200: 1}
+        assert run.statuses == {200: 1}
         assert transport.written == [b"REQ", b"REQ"]
         client.data_received(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}")
-        assert load.statuses == {200: 1, 503: 1}
+        assert run.statuses == {200: 1, 503: 1}
         assert transport.closed, "the run is over after two requests"
-        assert len(load.latencies) == 2
+        assert len(run.latencies) == 2
+    finally:
+        loop.close()
+
+
+def _one_client(total: int) -> tuple[asyncio.AbstractEventLoop, load._Load, load._Client, _Transport]:
+    loop = asyncio.new_event_loop()
+    run = load._Load(loop, load.Endpoint(unix="/nowhere"), [b"REQ"], total=total, seconds=None, concurrency=1)
+    client = load._Client(run)
+    transport = _Transport()
+    client.connection_made(transport)
+    return loop, run, client, transport
+
+
+def test_client_frames_lower_case_lengths_chunked_bodies_and_bodiless_answers() -> None:
+    loop, run, client, transport = _one_client(total=4)
+    try:
+        client.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{")
+        assert run.statuses == {}
+        client.data_received(b"}")
+        chunked = b"HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n"
+        client.data_received(chunked)
+        assert run.statuses == {200: 1}, "a chunked body is complete only with its last chunk"
+        client.data_received(b"0\r\n\r\n")
+        client.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+        assert run.statuses == {200: 1, 202: 1, 204: 1}
+        assert len(transport.written) == 4 and not transport.closed
+    finally:
+        loop.close()
+
+
+def test_client_closes_when_told_and_drops_a_malformed_answer_as_an_error() -> None:
+    loop, run, client, transport = _one_client(total=10)
+    try:
+        client.data_received(b"HTTP/1.1 503 Busy\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        assert run.statuses == {503: 1} and transport.closed
+        run.remaining = 0  # end the run here, so the connection is not reopened
+        client.connection_lost(None)
+        assert run.errors == 0, "closed by the server after an answer: not an error"
+    finally:
+        loop.close()
+    loop, run, client, transport = _one_client(total=10)
+    try:
+        client.data_received(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        assert transport.closed and run.statuses == {}
+        run.remaining = 0
+        client.connection_lost(None)
+        assert run.errors == 1
     finally:
         loop.close()
 
 
 def test_requests_are_well_formed_http() -> None:
-    requests = bench.keyd_requests("user")
-    assert len(requests) == bench.USER_IDS
+    requests = workload.keyd_requests("user")
+    assert len(requests) == workload.USER_IDS
     head, _, body = requests[3].partition(b"\r\n\r\n")
     assert head.startswith(b"POST /v1/tokens HTTP/1.1\r\n")
     assert f"Content-Length: {len(body)}".encode() in head
     assert json.loads(body) == {"user_id": "user-00003"}
-    assert json.loads(bench.keyd_requests("app")[0].partition(b"\r\n\r\n")[2]) == {"type": "app"}
+    assert json.loads(workload.keyd_requests("app")[0].partition(b"\r\n\r\n")[2]) == {"type": "app"}
 
 
 def test_transit_requests_ask_for_the_hmac_of_the_jwt_signing_input() -> None:
-    [request] = bench.transit_requests("http://127.0.0.1:8200", "tok", "transit", "talkjs", "app")
+    [request] = compare.transit_requests("http://127.0.0.1:8200", "tok", "transit", "talkjs", "app")
     head, _, body = request.partition(b"\r\n\r\n")
     assert head.startswith(b"POST /v1/transit/hmac/talkjs/sha2-256 HTTP/1.1\r\nHost: 127.0.0.1:8200\r\n")
     signing_input = base64.b64decode(json.loads(body)["input"])
-    token = (signing_input + b"." + bench._b64url(hmac.digest(b"k" * 32, signing_input, "sha256"))).decode()
-    claims = jwt.decode(token, b"k" * 32, algorithms=["HS256"], issuer=bench.APP_ID)
+    token = (signing_input + b"." + workload.b64url(hmac.digest(b"k" * 32, signing_input, "sha256"))).decode()
+    claims = jwt.decode(token, b"k" * 32, algorithms=["HS256"], issuer=workload.APP_ID)
     assert claims["tokenType"] == "app"
 
 
@@ -120,7 +157,7 @@ def test_wrap_for_import_is_rsa_oaep_sha256_then_aes_kwp() -> None:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     key = b"sk_test_" + os.urandom(20)
-    blob = base64.b64decode(bench.wrap_for_import(key, pem.decode()))
+    blob = base64.b64decode(compare.wrap_for_import(key, pem.decode()))
     size = private.key_size // 8
     oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
     ephemeral = private.decrypt(blob[:size], oaep)
@@ -150,7 +187,7 @@ def test_load_against_the_reference_server_counts_every_answer(tmp_path: Path) -
     """End to end on a real Unix socket: the reference server in its own process, the client here."""
     path = str(tmp_path / "ref.sock")
     server = subprocess.Popen(
-        [sys.executable, "-c", f"from keyd.bench.main import serve_reference; serve_reference({path!r})"]
+        [sys.executable, "-c", f"from keyd.bench.reference import serve_reference; serve_reference({path!r})"]
     )
     try:
         deadline = time.monotonic() + 10
@@ -158,7 +195,7 @@ def test_load_against_the_reference_server_counts_every_answer(tmp_path: Path) -
             assert server.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
         result = asyncio.run(
-            bench.run_load("ref", bench.Endpoint(unix=path), bench.keyd_requests(), 4, total=300, warmup=0)
+            load.run_load("ref", load.Endpoint(unix=path), workload.keyd_requests(), 4, total=300, warmup=0)
         )
     finally:
         server.terminate()
@@ -171,9 +208,7 @@ def test_load_against_the_reference_server_counts_every_answer(tmp_path: Path) -
 
 def test_a_dead_socket_ends_the_run_with_connection_errors(tmp_path: Path) -> None:
     result = asyncio.run(
-        bench.run_load(
-            "none", bench.Endpoint(unix=str(tmp_path / "absent.sock")), [b"x"], 2, total=5, warmup=0
-        )
+        load.run_load("none", load.Endpoint(unix=str(tmp_path / "absent.sock")), [b"x"], 2, total=5, warmup=0)
     )
     assert result.requests == 0
     assert result.connection_errors > 0

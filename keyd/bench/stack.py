@@ -1,0 +1,203 @@
+"""A self-contained stack for a run without ``--socket``: an OpenBao dev server with a random demo
+key, keyd on it, and the reference server; all children of the bench, all stopped by ``close``.
+The key and every token stay in memory; nothing secret is printed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from keyd import http1
+from keyd.bench.options import BenchError
+from keyd.bench.workload import APP_ID
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc/<pid>/status."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+_HEALTH = http1.encode_request("GET", "/v1/health", {"Connection": "close"})
+
+
+def health_status(path: str) -> int:
+    """Status code of GET /v1/health on a Unix socket, 0 when nobody answers."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2.0)
+            sock.connect(path)
+            sock.sendall(_HEALTH)
+            head = sock.recv(64)
+        return http1.parse_response_head(head.partition(b"\r\n")[0]).status
+    except (OSError, http1.MalformedResponse):
+        return 0
+
+
+_KEYD_CONFIG = """\
+[server]
+socket = {socket}
+socket_mode = "0600"
+
+[vault]
+address = {address}
+timeout = "5s"
+
+[vault.auth]
+method = "token"
+
+[refresh]
+interval = "5m"
+max_stale = "1h"
+
+[log]
+level = "warning"
+
+[apps.default]
+app_id = "{app_id}"
+path = "{path}"
+
+[[grant]]
+uid = {uid}
+types = ["user", "app"]
+"""
+
+
+class Stack:
+    """The processes a self-contained run needs, all children of the bench, all stopped by close."""
+
+    PATH = "talkjs/bench"
+
+    def __init__(self) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="kb-", dir="/tmp")  # short: socket paths <= 107 bytes
+        self.bao: Any = None
+        self.key = b""
+        self.keyd: subprocess.Popen[bytes] | None = None
+        self.reference: subprocess.Popen[bytes] | None = None
+        self.keyd_socket = os.path.join(self.workdir, "keyd.sock")
+        self.reference_socket = os.path.join(self.workdir, "ref.sock")
+        self.config_path = os.path.join(self.workdir, "keyd.toml")
+
+    def start_vault(self) -> None:
+        from keyd.ops.dev import BaoServer, demo_key  # noqa: PLC0415 - needs the dev extra
+
+        self.bao = BaoServer(dev=True).start()
+        key = demo_key()
+        self.key = key.encode()
+        self.bao.client().secrets.kv.v2.create_or_update_secret(
+            path=self.PATH, secret={"secret_key": key}, mount_point="secret"
+        )
+        with open(self.config_path, "w", encoding="utf-8") as handle:
+            handle.write(
+                _KEYD_CONFIG.format(
+                    socket=json.dumps(self.keyd_socket),
+                    address=json.dumps(self.bao.address),
+                    app_id=APP_ID,
+                    path=self.PATH,
+                    uid=os.getuid(),
+                )
+            )
+
+    def start_keyd(self, timeout: float = 20.0) -> tuple[float, float]:
+        """Start keyd and wait until it can sign: (seconds to listening, seconds to ready)."""
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
+        env["VAULT_TOKEN"] = self.bao.root_token  # a throwaway dev server's token, read once by keyd
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.keyd_socket)
+        log = open(os.path.join(self.workdir, "keyd.log"), "ab")  # noqa: SIM115 - owned by the child
+        started = time.perf_counter()
+        self.keyd = subprocess.Popen(
+            [sys.executable, "-m", "keyd", "run", "-c", self.config_path],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.workdir,
+        )
+        log.close()
+        listening = 0.0
+        deadline = started + timeout
+        while time.perf_counter() < deadline:
+            if self.keyd.poll() is not None:
+                raise BenchError(f"keyd exited with {self.keyd.returncode}:\n{self._keyd_log_tail()}")
+            status = health_status(self.keyd_socket)
+            if status and not listening:
+                listening = time.perf_counter() - started
+            if status == 200:
+                return listening, time.perf_counter() - started
+            time.sleep(0.002)
+        raise BenchError(f"keyd was not ready within {timeout:.0f}s:\n{self._keyd_log_tail()}")
+
+    def _keyd_log_tail(self, lines: int = 15) -> str:
+        """The end of keyd's log, for an error message: the work directory is removed on exit."""
+        try:
+            with open(os.path.join(self.workdir, "keyd.log"), encoding="utf-8", errors="replace") as handle:
+                return "".join(handle.readlines()[-lines:]).rstrip() or "(keyd wrote nothing)"
+        except OSError:
+            return "(no keyd log)"
+
+    def stop_keyd(self) -> None:
+        _stop(self.keyd)
+        self.keyd = None
+
+    def start_reference(self, timeout: float = 10.0) -> None:
+        self.reference = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"from keyd.bench.reference import serve_reference; serve_reference({self.reference_socket!r})",
+            ],
+            cwd=self.workdir,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(self.reference_socket)
+                return
+            if self.reference.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise BenchError("the reference server did not start")
+
+    def close(self) -> None:
+        _stop(self.reference)
+        _stop(self.keyd)
+        if self.bao is not None:
+            self.bao.cleanup()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _stop(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def stack() -> Iterator[Stack]:
+    """A Stack that is closed (every child stopped, the work directory removed) on the way out."""
+    s = Stack()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+# -- the command ---------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ import hmac
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
 from keyd import cli
 from keyd.bench import command as bench_command
-from keyd.bench import compare, load, report, workload
+from keyd.bench import compare, load, report, stack, workload
 from keyd.bench import inprocess as bench_inprocess
 
 
@@ -237,3 +239,66 @@ def test_inprocess_stand_in_transport_counts_refusals() -> None:
     transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
     transport.write(b"HTTP/1.1 403 Forbidden\r\n\r\n")
     assert (transport.answers, transport.non_200) == (2, 1)
+
+
+def test_ratios_and_targets_are_keyds_throughput_over_each_other_target() -> None:
+    def result(name: str, requests: int, p99: float = 1.0, errors: int = 0) -> report.Result:
+        return report.Result(name, requests, 1.0, {200: requests}, errors, p99_ms=p99)
+
+    results = {"keyd": result("keyd", 800, p99=2.0), "reference": result("reference", 1000)}
+    results["transit"] = result("transit", 100)
+    by_target, targets = report.ratios(results)
+    assert by_target == {"keyd/reference": 0.8, "keyd/transit": 8.0}
+    assert targets["throughput_vs_reference"] == {"target": 0.7, "got": 0.8, "met": True}
+    assert targets["throughput_vs_transit"]["met"] and targets["p99_ms"]["met"]
+    lines = report.ratio_lines(by_target, targets)
+    assert lines[0] == "ratios:    keyd/reference 0.80x   keyd/transit 8.00x"
+    assert "MISSED" not in lines[1]
+    results["keyd"] = result("keyd", 300, p99=9.0, errors=2)
+    _, targets = report.ratios(results)
+    assert [name for name, t in targets.items() if not t["met"]] == [
+        "throughput_vs_transit",
+        "throughput_vs_reference",
+        "p99_ms",
+        "no_errors",
+    ]
+
+
+def test_pyjwt_run_signs_with_the_key_for_the_time_given() -> None:
+    result = compare.pyjwt_run(b"k" * 32, "user", 0.05)
+    assert result.requests > 0 and result.statuses == {200: result.requests}
+    assert 0.05 <= result.seconds < 1.0
+    assert result.note == "in-process, one thread, no I/O"
+
+
+def test_health_status_is_zero_without_a_keyd(tmp_path: Path) -> None:
+    assert stack.health_status(str(tmp_path / "absent.sock")) == 0
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}", 503),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", 200),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", 0),
+        (b"", 0),
+    ],
+)
+def test_health_status_reads_the_status_line(tmp_path: Path, answer: bytes, status: int) -> None:
+    path = str(tmp_path / "k.sock")
+    asked: list[bytes] = []
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        server.listen(1)
+
+        def serve() -> None:
+            conn, _ = server.accept()
+            with conn:
+                asked.append(conn.recv(1024))
+                conn.sendall(answer)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        assert stack.health_status(path) == status
+        thread.join(5)
+    assert asked == [b"GET /v1/health HTTP/1.1\r\nHost: keyd\r\nConnection: close\r\n\r\n"]

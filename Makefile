@@ -20,6 +20,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit/test_layout.py  # the package layout rule (docs/design.md)
 
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)

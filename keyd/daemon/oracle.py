@@ -93,7 +93,11 @@ def _jwt_header(head: str) -> bool:
         return _object(_decode(head.encode()))
     raw = head.encode("utf-8", "surrogatepass")
     candidates = set()
+    # Only a head with "-" or "_" reads differently to a standard-alphabet decoder, and likewise.
+    url, standard = b"-" in raw or b"_" in raw, b"+" in raw or b"/" in raw
     for name, skip in _SKIP.items():
+        if (name == "standard" and not url) or (name == "urlsafe" and not standard):
+            continue
         candidates.add(raw.translate(_URL_TO_STANDARD, skip))  # skips all else, "=" included
         if b"=" in raw:
             with_pad = raw.translate(_URL_TO_STANDARD, _SKIP_KEEPING_PAD[name])

@@ -14,7 +14,7 @@ import hmac
 from json.encoder import encode_basestring_ascii as _json_str
 from typing import Protocol
 
-from keyd.daemon.oracle import Unsignable, refusal
+from keyd.daemon import oracle
 
 HEADER = b'{"alg":"HS256","typ":"JWT"}'
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
@@ -75,9 +75,9 @@ def signature(key: Keyed, user_id: str, uppercase: bool = False) -> str:
 
     Raises Unsignable for a user id shaped like a JWT or webhook signing input (keyd.daemon.oracle):
     its HMAC would be an admin token's or a webhook's signature."""
-    reason = refusal(user_id)
+    reason = oracle.refusal(user_id)
     if reason is not None:
-        raise Unsignable(reason)
+        raise oracle.Unsignable(reason)
     mac = key.hmac()
     mac.update(user_id.encode("utf-8"))
     digest = mac.hexdigest()

@@ -168,8 +168,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     colour = not args.json and sys.stdout.isatty() and "NO_COLOR" not in os.environ
     try:
         path = socket_path(args.socket)
-    except ClientError as exc:
-        _err(exc.message)
+    except ClientError as exc:  # an untrusted ./run/keyd.sock: unreachable, as far as we are concerned
+        if args.json:
+            print(json.dumps({"status": "unreachable", "socket": LOCAL_SOCKET, "error": exc.message}))
+        else:
+            _err(exc.message)
         return status.EXIT_UNREACHABLE
     summary = status.summarize(path, as_json=args.json, colour=colour)
     print(summary.text)

@@ -3,6 +3,7 @@ what to do (join the socket's group, log in again), against real sockets, uids a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -107,6 +108,10 @@ def test_a_planted_socket_in_the_current_directory_is_not_used(
         assert words in done.stderr
         assert "--socket" in done.stderr and "KEYD_SOCKET" in done.stderr
         assert done.stdout == ""
+    done = cli(workdir, "status", "--json")
+    assert done.returncode == 2
+    doc = json.loads(done.stdout)
+    assert doc["status"] == "unreachable" and "not using ./run/keyd.sock" in doc["error"]
     assert_nobody_connected(planted)
     # Named explicitly, the same socket is used: the caller chose it (the listener sees it).
     env = {k: v for k, v in os.environ.items() if k != "KEYD_SOCKET"}

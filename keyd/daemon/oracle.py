@@ -93,7 +93,8 @@ def _jwt_header(head: str) -> bool:
         return _object(_decode(head.encode()))
     raw = head.encode("utf-8", "surrogatepass")
     candidates = set()
-    # Only a head with "-" or "_" reads differently to a standard-alphabet decoder, and likewise.
+    # A standard-only decoder reads the head differently only when it has "-" or "_" (it skips
+    # them), a URL-safe-only one only when it has "+" or "/".
     url, standard = b"-" in raw or b"_" in raw, b"+" in raw or b"/" in raw
     for name, skip in _SKIP.items():
         if (name == "standard" and not url) or (name == "urlsafe" and not standard):

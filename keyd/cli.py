@@ -9,6 +9,8 @@ import argparse
 import contextlib
 import json
 import os
+import pwd
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -27,10 +29,54 @@ EXIT_CONFIG = 2
 DEFAULT_CONFIG = "/etc/keyd/config.toml"
 
 
-def _socket_default() -> str:
-    return os.environ.get(
-        "KEYD_SOCKET", "run/keyd.sock" if os.path.exists("run/keyd.sock") else "/run/keyd/keyd.sock"
+LOCAL_SOCKET = "run/keyd.sock"  # where `keyd dev` serves, relative to the current directory
+SYSTEM_SOCKET = "/run/keyd/keyd.sock"
+SOCKET_HELP = f"keyd socket (default: $KEYD_SOCKET, else ./{LOCAL_SOCKET} if yours, else {SYSTEM_SOCKET})"
+
+
+def socket_path(given: str | None) -> str:
+    """--socket, else $KEYD_SOCKET, else ./run/keyd.sock when it is trusted, else the system socket.
+
+    A socket found in the current directory is used only when it and its directory belong to the
+    invoking user or root (and are no symlinks, the directory not writable by everyone): anyone who
+    can write there could plant a socket that collects the request. Otherwise ClientError says so.
+    """
+    if given:
+        return given
+    if os.environ.get("KEYD_SOCKET"):
+        return os.environ["KEYD_SOCKET"]
+    directory = os.path.dirname(LOCAL_SOCKET)
+    try:
+        dir_st, sock_st = os.lstat(directory), os.lstat(LOCAL_SOCKET)
+    except OSError:
+        return SYSTEM_SOCKET
+    trusted = {os.geteuid(), 0}
+    why = None
+    if stat.S_ISLNK(dir_st.st_mode) or stat.S_ISLNK(sock_st.st_mode):
+        why = "it, or ./run, is a symbolic link"
+    elif dir_st.st_uid not in trusted:
+        why = f"./{directory} belongs to {_owner(dir_st.st_uid)}, not to you or root"
+    elif dir_st.st_mode & 0o002 and not dir_st.st_mode & stat.S_ISVTX:
+        why = f"./{directory} is writable by every user"
+    elif not stat.S_ISSOCK(sock_st.st_mode):
+        why = "it is not a socket"
+    elif sock_st.st_uid not in trusted:
+        why = f"it belongs to {_owner(sock_st.st_uid)}, not to you or root"
+    if why is None:
+        return LOCAL_SOCKET
+    raise ClientError(
+        0,
+        "untrusted_socket",
+        f"not using ./{LOCAL_SOCKET}: {why}, so it may have been planted to collect your request; "
+        "name the socket with --socket PATH or KEYD_SOCKET",
     )
+
+
+def _owner(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _err(message: str) -> None:
@@ -92,7 +138,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     if args.app_token == bool(args.user_id):
         _err("give exactly one of --user-id ID or --app-token")
         return EXIT_CONFIG
-    with KeydClient(args.socket) as client:
+    with KeydClient(socket_path(args.socket)) as client:
         if args.app_token:
             result = client.token(type="app", ttl=args.ttl, app=args.app)
         else:
@@ -110,7 +156,7 @@ def cmd_vault_setup(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     from keyd.client import KeydClient  # noqa: PLC0415
 
-    with KeydClient(args.socket) as client:
+    with KeydClient(socket_path(args.socket)) as client:
         status, doc = client.health()
     print(json.dumps(doc, indent=2))
     return EXIT_OK if status == 200 else EXIT_FAILED
@@ -120,7 +166,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     from keyd.ops import status  # noqa: PLC0415
 
     colour = not args.json and sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    summary = status.summarize(args.socket, as_json=args.json, colour=colour)
+    try:
+        path = socket_path(args.socket)
+    except ClientError as exc:  # an untrusted ./run/keyd.sock: unreachable, as far as we are concerned
+        if args.json:
+            print(json.dumps({"status": "unreachable", "socket": LOCAL_SOCKET, "error": exc.message}))
+        else:
+            _err(exc.message)
+        return status.EXIT_UNREACHABLE
+    summary = status.summarize(path, as_json=args.json, colour=colour)
     print(summary.text)
     return summary.exit_code
 
@@ -203,14 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app-token", action="store_true", help="an app (REST API) token instead")
     p.add_argument("--ttl", type=int, help="lifetime in seconds (default: the app's configured ttl)")
     p.add_argument("--app", help="app table name (default: 'default' or the only app)")
-    p.add_argument("--socket", default=_socket_default(), help="keyd socket (env KEYD_SOCKET)")
+    p.add_argument("--socket", help=SOCKET_HELP)
     p.add_argument("--json", action="store_true", help="print the whole response")
 
     p = add("health", cmd_health, "print a running keyd's health; exit 1 when it cannot sign")
-    p.add_argument("--socket", default=_socket_default(), help="keyd socket (env KEYD_SOCKET)")
+    p.add_argument("--socket", help=SOCKET_HELP)
 
     p = add("status", cmd_status, "summarise a running keyd; exit 0 healthy, 1 degraded, 2 unreachable")
-    p.add_argument("--socket", default=_socket_default(), help="keyd socket (env KEYD_SOCKET)")
+    p.add_argument("--socket", help=SOCKET_HELP)
     p.add_argument("--json", action="store_true", help="print the health document as JSON, for scripts")
 
     from keyd.ops.vault_setup import add_arguments as add_vault_setup_arguments  # noqa: PLC0415 - stdlib only

@@ -29,8 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import http.client
 import json
+import os
+import pwd
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -154,12 +157,47 @@ def _unreachable(path: str, exc: OSError) -> Unreachable:
     if isinstance(exc, FileNotFoundError):
         return Unreachable(0, "unreachable", f"no keyd socket at {path}")
     if isinstance(exc, PermissionError):
-        return Unreachable(0, "unreachable", f"permission denied opening {path}")
+        return Unreachable(0, "unreachable", f"permission denied opening {path}: {access_hint(path)}")
     if isinstance(exc, ConnectionRefusedError):
         return Unreachable(0, "unreachable", f"nothing is listening on {path} (is keyd running?)")
     if isinstance(exc, TimeoutError):
         return Unreachable(0, "unreachable", f"keyd at {path} did not answer in time")
     return Unreachable(0, "unreachable", f"cannot reach keyd at {path}: {exc.strerror or type(exc).__name__}")
+
+
+def access_hint(path: str) -> str:
+    """What to do when connecting to ``path`` failed with EACCES, from the socket's owner, group, mode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (
+            f"a directory on the way to it is closed to uid {os.geteuid()}; ask the administrator "
+            "which group may reach keyd's socket"
+        )
+    try:
+        group = grp.getgrgid(st.st_gid)
+        name, listed = group.gr_name, set(group.gr_mem)
+    except KeyError:
+        name, listed = str(st.st_gid), set()
+    mode = st.st_mode & 0o777
+    if st.st_gid == os.getegid() or st.st_gid in os.getgroups():
+        return (
+            f"you are in its group {name!r}, but its mode {mode:04o} does not let that group write to "
+            'it (keyd\'s server.socket_mode should be "0660"), or a directory on the way is closed'
+        )
+    try:
+        user = pwd.getpwuid(os.geteuid())
+    except KeyError:
+        return f"only its owner and group {name!r} may connect: run as a member of {name!r}"
+    if user.pw_name in listed or user.pw_gid == st.st_gid:
+        return (
+            f"{user.pw_name} is a member of its group {name!r}, but this session started before that: "
+            f"log in again (or run `newgrp {name}`)"
+        )
+    return (
+        f"only its owner and group {name!r} may connect: ask to be added to the group "
+        f"(usermod -aG {name} {user.pw_name}), then log in again"
+    )
 
 
 # -- synchronous --------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from keyd.config import Config
 from keyd.daemon import tokens
 from keyd.daemon.keystore import KeySnapshot
+from keyd.daemon.oracle import Unsignable
 from keyd.daemon.peers import Caller, Policy
 from keyd.errors import ApiError
 
@@ -353,7 +354,11 @@ class Api:
             snapshot = self._keys.signing(name)
         except ApiError as exc:
             raise self._refuse(request.caller, name, "signature", user_id, None, exc) from None
-        sig = tokens.signature(snapshot.signing, user_id, uppercase)
+        try:
+            sig = tokens.signature(snapshot.signing, user_id, uppercase)
+        except Unsignable as exc:
+            why = _invalid(f"keyd does not sign this user_id: {exc}")
+            raise self._refuse(request.caller, name, "signature", user_id, None, why) from None
         self._audit.record(request.caller, name, "signature", user_id, None, "issued", None)
         self._stats.decision(name, "signature", "issued")
         return Response(

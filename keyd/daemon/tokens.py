@@ -14,6 +14,8 @@ import hmac
 from json.encoder import encode_basestring_ascii as _json_str
 from typing import Protocol
 
+from keyd.daemon import oracle
+
 HEADER = b'{"alg":"HS256","typ":"JWT"}'
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 _b2a = binascii.b2a_base64
@@ -69,7 +71,13 @@ def app_token(key: Keyed, app_id: str, iat: int, ttl: int) -> bytes:
 
 
 def signature(key: Keyed, user_id: str, uppercase: bool = False) -> str:
-    """Legacy identity verification: hex HMAC-SHA256 of the user id."""
+    """Legacy identity verification: hex HMAC-SHA256 of the user id.
+
+    Raises Unsignable for a user id shaped like a JWT or webhook signing input (keyd.daemon.oracle):
+    its HMAC would be an admin token's or a webhook's signature."""
+    reason = oracle.refusal(user_id)
+    if reason is not None:
+        raise oracle.Unsignable(reason)
     mac = key.hmac()
     mac.update(user_id.encode("utf-8"))
     digest = mac.hexdigest()

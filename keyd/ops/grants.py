@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import grp
 import pwd
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from keyd.config import Config, GrantConfig
 from keyd.daemon.peers import Caller, Identities, Policy, format_rate
@@ -114,7 +114,14 @@ def group_members(group: str | None, gid: int | None) -> set[str] | None:
 
 
 def warnings(config: Config, many: int = MANY_MEMBERS) -> list[str]:
-    """Grants worth a second look: app tokens for every caller or for a big group, dead grants."""
+    """Risky but valid grant shapes, one line each (``keyd check-config`` prints them, exit code 0).
+
+    - app tokens for every caller, for a big group, or for a ``unit`` without ``user``/``uid``;
+    - ``signature`` or ``webhook`` for broad callers (every caller, a unit alone, a big group);
+    - a ``user`` or ``group`` that does not exist here (it matches whoever gets that name later);
+    - a socket every local user may open while a grant (or the default one) matches every caller;
+    - grants after one that matches every caller (never used).
+    """
     out: list[str] = []
     catch_all: GrantConfig | None = None
     for grant in config.grants:
@@ -127,23 +134,62 @@ def warnings(config: Config, many: int = MANY_MEMBERS) -> list[str]:
         has_selector = any(getattr(grant, name) is not None for name in _SELECTORS)
         if not has_selector:
             catch_all = grant
-        if "app" not in grant.types:
-            continue
-        if not has_selector:
-            out.append(
-                f"{where}: warning: allows app tokens (full admin access to TalkJS) to every caller "
-                "that can open the socket; add user, uid, group, gid or unit"
-            )
-            continue
-        if grant.user is None and grant.uid is None and (grant.group is not None or grant.gid is not None):
-            members = group_members(grant.group, grant.gid)
-            label = grant.group if grant.group is not None else f"gid {grant.gid}"
-            if members is not None and len(members) > many:
-                out.append(
-                    f"{where}: warning: allows app tokens (full admin access to TalkJS) to group "
-                    f"{label!r}, which has {len(members)} members: {_sample(members)}"
-                )
+        out += [f"{where}: warning: {text}" for text in _grant_warnings(grant, has_selector, many)]
+    if config.server.socket_mode & 0o002 and (catch_all is not None or not config.grants):
+        who = f"grant[{catch_all.index}]" if catch_all is not None else "the default grant (no [[grant]])"
+        out.append(
+            f"{config.source}: server.socket_mode: warning: {config.server.socket_mode:04o} lets every "
+            f"local user open the socket, and {who} matches every caller; use 0660 with socket_group"
+        )
     return out
+
+
+_ADMIN = "app tokens (full admin access to TalkJS)"
+_LEGACY = {
+    "signature": "signature (legacy signatures: log in as any chat user the grant's pattern allows)",
+    "webhook": "webhook (webhook verification with the webhook key)",
+}
+
+
+def _grant_warnings(grant: GrantConfig, has_selector: bool, many: int) -> list[str]:
+    out: list[str] = []
+    person = grant.user is not None or grant.uid is not None
+    broad = None  # who a grant without a person in its selector reaches, when that is many
+    if not has_selector:
+        broad = "every caller that can open the socket"
+    elif not person and grant.unit is not None and grant.group is None and grant.gid is None:
+        broad = f"any user's process in unit {grant.unit!r}"
+    elif not person:
+        members = group_members(grant.group, grant.gid)
+        label = grant.group if grant.group is not None else f"gid {grant.gid}"
+        if members is not None and len(members) > many:
+            broad = f"group {label!r}, which has {len(members)} members: {_sample(members)}"
+    if "app" in grant.types:
+        if not has_selector:
+            out.append(f"allows {_ADMIN} to {broad}; add user, uid, group, gid or unit")
+        elif broad is not None and grant.unit is not None and grant.group is None and grant.gid is None:
+            out.append(
+                f"allows {_ADMIN} to {broad}, whoever runs it: a unit name alone is no identity; "
+                "add user or uid"
+            )
+        elif broad is not None:
+            out.append(f"allows {_ADMIN} to {broad}")
+    legacy = [_LEGACY[kind] for kind in ("signature", "webhook") if kind in grant.types]
+    if legacy and broad is not None:
+        out.append(f"allows {' and '.join(legacy)} to {broad}; grant them to a user or uid")
+    if grant.user is not None and not _exists(pwd.getpwnam, grant.user):
+        out.append(f"no user named {grant.user!r} on this host: matches whoever is given that name later")
+    if grant.group is not None and not _exists(grp.getgrnam, grant.group):
+        out.append(f"no group named {grant.group!r} on this host: matches whoever is given that name later")
+    return out
+
+
+def _exists(lookup: Callable[[str], object], name: str) -> bool:
+    try:
+        lookup(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _sample(names: Iterable[str], count: int = 8) -> str:

@@ -7,6 +7,7 @@ nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -205,22 +206,34 @@ class Api:
         }
         # Metric label per known path; anything else is "other", so no caller text becomes a label.
         self._endpoints = {path: path.decode() for path in self._routes}
+        # Path prefixes whose handler may answer later (the REST proxy): see add_prefix.
+        self._prefixes: list[tuple[bytes, Callable[[Request], Response | asyncio.Future[Response]]]] = []
 
     def add_route(self, path: bytes, method: bytes, handler: Callable[[Request], Response]) -> None:
         """Extension point for optional endpoints (metrics)."""
         self._routes.setdefault(path, {})[method] = handler
         self._endpoints[path] = path.decode()
 
+    def add_prefix(
+        self, prefix: bytes, handler: Callable[[Request], Response | asyncio.Future[Response]]
+    ) -> None:
+        """Extension point: every method on paths under ``prefix``. The handler may return a future;
+        the connection writes its Response when it is done, in order. It records its own metrics."""
+        self._prefixes.append((prefix, handler))
+
     def add_health(self, name: str, section: Callable[[], Any]) -> None:
         """Extension point: a section the daemon adds to GET /v1/health (e.g. the Vault token's TTL)."""
         self._health_sections[name] = section
 
-    def handle(self, request: Request) -> Response:
+    def handle(self, request: Request) -> Response | asyncio.Future[Response]:
         if request.path == b"/v1/tokens" and request.method == b"POST":
             return self.tokens(request)  # records its own metrics, as the server's direct call does
         started = _perf_counter()
         methods = self._routes.get(request.path)
         if methods is None:
+            for prefix, prefixed in self._prefixes:
+                if request.path.startswith(prefix):
+                    return prefixed(request)
             self._stats.error("not_found")
             response = error_response(ApiError(404, "not_found", f"no such endpoint: {request.path_text}"))
             self._stats.request("other", 404, _perf_counter() - started)

@@ -35,6 +35,18 @@ class Response:
     headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
+@dataclass(slots=True)
+class Deferred(Response):
+    """An answer that is not ready yet (the REST proxy): the connection writes the Response that
+    ``pending`` resolves to when it is done, keeping the order of answers on that connection."""
+
+    pending: asyncio.Future[Response] | None = None
+
+
+def deferred(pending: asyncio.Future[Response]) -> Deferred:
+    return Deferred(0, b"", pending=pending)
+
+
 class Keys(Protocol):
     """What the API needs from the key store: the snapshot to sign with, and health."""
 
@@ -207,25 +219,23 @@ class Api:
         # Metric label per known path; anything else is "other", so no caller text becomes a label.
         self._endpoints = {path: path.decode() for path in self._routes}
         # Path prefixes whose handler may answer later (the REST proxy): see add_prefix.
-        self._prefixes: list[tuple[bytes, Callable[[Request], Response | asyncio.Future[Response]]]] = []
+        self._prefixes: list[tuple[bytes, Callable[[Request], Response]]] = []
 
     def add_route(self, path: bytes, method: bytes, handler: Callable[[Request], Response]) -> None:
         """Extension point for optional endpoints (metrics)."""
         self._routes.setdefault(path, {})[method] = handler
         self._endpoints[path] = path.decode()
 
-    def add_prefix(
-        self, prefix: bytes, handler: Callable[[Request], Response | asyncio.Future[Response]]
-    ) -> None:
-        """Extension point: every method on paths under ``prefix``. The handler may return a future;
-        the connection writes its Response when it is done, in order. It records its own metrics."""
+    def add_prefix(self, prefix: bytes, handler: Callable[[Request], Response]) -> None:
+        """Extension point: every method on paths under ``prefix``. The handler may answer with a
+        ``Deferred``; it records its own metrics."""
         self._prefixes.append((prefix, handler))
 
     def add_health(self, name: str, section: Callable[[], Any]) -> None:
         """Extension point: a section the daemon adds to GET /v1/health (e.g. the Vault token's TTL)."""
         self._health_sections[name] = section
 
-    def handle(self, request: Request) -> Response | asyncio.Future[Response]:
+    def handle(self, request: Request) -> Response:
         if request.path == b"/v1/tokens" and request.method == b"POST":
             return self.tokens(request)  # records its own metrics, as the server's direct call does
         started = _perf_counter()

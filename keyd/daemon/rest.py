@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 from keyd.config import REST_METHODS, AppConfig, Config, RestRule
 from keyd.daemon import tokens
-from keyd.daemon.api import Keys, Request, Response, error_body, error_response
+from keyd.daemon.api import Keys, Request, Response, deferred, error_body, error_response
 from keyd.daemon.peers import Caller, Policy
 from keyd.daemon.upstream import Pool, UpstreamError, UpstreamResponse, UpstreamTimeout
 from keyd.errors import ApiError
@@ -266,8 +266,8 @@ class RestProxy:
 
     # -- the synchronous part ----------------------------------------------------------------
 
-    def handle(self, request: Request) -> Response | asyncio.Future[Response]:
-        """A Response for anything refused; otherwise the task that will produce TalkJS's answer."""
+    def handle(self, request: Request) -> Response:
+        """A Response for anything refused; otherwise a Deferred whose task produces TalkJS's answer."""
         started = time.perf_counter()
         caller = request.caller
         content_type: bytes | None = None
@@ -334,8 +334,10 @@ class RestProxy:
         target = b"/v1/%s%s" % (quote(app.app_id, safe="").encode(), path.encode())
         if request.query:
             target += b"?" + urlencode(request.query, quote_via=quote).encode()
-        return asyncio.get_running_loop().create_task(
-            self._forward(caller, app, request.method, path, target, headers, request.body, rule, started)
+        return deferred(
+            asyncio.get_running_loop().create_task(
+                self._forward(caller, app, request.method, path, target, headers, request.body, rule, started)
+            )
         )
 
     # -- the upstream part -------------------------------------------------------------------

@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl
 import httptools
 
 from keyd.config import ServerConfig
-from keyd.daemon.api import Request, Response, error_body
+from keyd.daemon.api import Deferred, Request, Response, error_body
 from keyd.daemon.peers import Caller, Identities, peer_credentials
 from keyd.errors import StartupError
 
@@ -308,8 +308,8 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("internal error while handling %s", request.path_text)
             response = Response(500, error_body("internal_error", "keyd hit an internal error"))
-        if isinstance(response, asyncio.Future):
-            self._defer(response)
+        if isinstance(response, Deferred) and response.pending is not None:
+            self._defer(response.pending)
             return
         self._finish(response)
 
@@ -490,7 +490,7 @@ class Server:
     def __init__(
         self,
         config: ServerConfig,
-        handler: Callable[[Request], Response | asyncio.Future[Response]],
+        handler: Callable[[Request], Response],
         identities: Identities | None = None,
         tokens: Callable[[Caller, bytes, bytes | None], bytes | Response] | None = None,
     ) -> None:

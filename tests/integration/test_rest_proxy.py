@@ -503,3 +503,38 @@ def test_rest_without_tls_verification_is_not_configurable(tmp_path: Path) -> No
     )
     assert "/etc/keyd/x.toml: apps.default.rest.verify: unknown key" in problems
     assert ssl.HAS_SNI
+
+
+def test_python_client_rest_sync_and_async(start: Start, standin: StandIn) -> None:
+    import asyncio
+
+    from keyd.client import AsyncKeydClient, Forbidden, KeydClient, RestResponse, Unavailable
+
+    keyd = start(timeout="1s", connect_timeout="1s", retries=0)
+    with KeydClient(keyd.socket) as client:
+        answer = client.rest("PUT", "/users/alice", json={"name": "Alice"})
+        assert isinstance(answer, RestResponse) and answer.ok
+        assert answer.json() == {"ok": True, "method": "PUT", "path": f"/v1/{APP_ID}/users/alice"}
+        assert standin.received[-1].body == b'{"name": "Alice"}'
+        standin.script.append(Action(status=429, headers={"Retry-After": "2"}, body=b'{"errorCode":"R"}'))
+        limited = client.rest("GET", "/users/alice")
+        assert (limited.status, limited.retry_after, limited.ok) == (429, "2", False)
+        with pytest.raises(Forbidden):
+            client.rest("DELETE", "/users/alice")
+        standin.script.append(Action(delay=2.0))
+        with pytest.raises(Unavailable) as caught:
+            client.rest("GET", "/users/slow")
+        assert caught.value.code == "upstream_timeout"
+        assert client.user_token("alice")  # the same connection still signs
+
+    async def run() -> None:
+        async with AsyncKeydClient(keyd.socket) as client:
+            answers = await asyncio.gather(*(client.rest("GET", f"/users/u{i}") for i in range(6)))
+            assert [a.status for a in answers] == [200] * 6
+            posted = await client.rest("POST", "/conversations/c1/messages", json=[{"text": "hi"}])
+            assert posted.ok
+            with pytest.raises(Forbidden):
+                await client.rest("PUT", "/conversations/c1")
+
+    asyncio.run(run())
+    assert standin.problems() == []

@@ -142,6 +142,7 @@ def bench_options(args: argparse.Namespace) -> bench.Options:
         startup=args.startup,
         inprocess=args.inprocess,
         warmup=args.warmup,
+        rest=args.rest,
     )
 
 
@@ -238,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--inprocess", action="store_true", help="CPU per request without sockets, keyd vs reference"
     )
     p.add_argument("--warmup", type=_duration, default=1.0, help="uncounted warm-up per target (1s)")
+    p.add_argument(
+        "--rest",
+        action="store_true",
+        help="the REST proxy vs calling a TalkJS stand-in directly; signing under proxy load",
+    )
     return parser
 
 

@@ -791,6 +791,7 @@ class Options:
     startup: bool = False
     inprocess: bool = False
     warmup: float = WARMUP_SECONDS
+    rest: bool = False
 
 
 def machine() -> dict[str, Any]:

@@ -473,3 +473,20 @@ print(sorted(m for m in sys.modules if m in ("keyd.daemon.rest", "keyd.daemon.up
         [sys.executable, "-c", script % (rules, tmp_path)], capture_output=True, text=True, check=True
     )
     assert "'keyd.daemon.rest'" in with_rest.stdout and "'keyd.daemon.upstream'" in with_rest.stdout
+
+
+def test_bench_standin_accepts_keyds_tokens_and_nothing_else() -> None:
+    from keyd.bench.standin import Checker
+
+    checker = Checker(KEY.encode(), "tApp", max_lifetime=10)
+    secret = SecretKey(bytearray(KEY.encode()))
+    now = int(__import__("time").time())
+    good = b"Bearer " + rest.mint(secret, "tApp", now, 5)
+    assert checker.ok(b"/v1/tApp/users/a", good)
+    assert not checker.ok(b"/v1/tOther/users/a", good)
+    assert not checker.ok(b"/v1/tApp/users/a", b"Bearer " + rest.mint(secret, "tOther", now, 5))
+    assert not checker.ok(b"/v1/tApp/users/a", b"Bearer " + rest.mint(secret, "tApp", now, 60))
+    assert not checker.ok(b"/v1/tApp/users/a", b"Bearer " + rest.mint(secret, "tApp", now - 100, 5))
+    other = SecretKey(bytearray(b"sk_test_another_key_0123456789abcdef"))
+    assert not checker.ok(b"/v1/tApp/users/a", b"Bearer " + rest.mint(other, "tApp", now, 5))
+    assert not checker.ok(b"/v1/tApp/users/a", None)

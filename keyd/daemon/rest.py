@@ -295,10 +295,12 @@ class RestProxy:
             if len(request.body) > app.rest.max_body:
                 raise ApiError(413, "body_too_large", f"the request body exceeds {app.rest.max_body} bytes")
             content_type = request.headers.get(b"content-type")
-            if content_type is not None and (
-                len(content_type) > _MAX_CONTENT_TYPE or not content_type.isascii()
-            ):
-                raise ApiError(422, "invalid_header", "Content-Type is too long or not ASCII")
+            if content_type is not None and not _plain_header(content_type):
+                raise ApiError(
+                    422, "invalid_header", "Content-Type must be at most 200 printable ASCII characters"
+                )
+            if content_type is None and request.body:
+                content_type = b"application/json"  # as keyd's own endpoints read a body without one
             if self._in_flight.get(caller.uid, 0) >= app.rest.max_concurrent:
                 raise ApiError(
                     429,
@@ -328,9 +330,7 @@ class RestProxy:
         if content_type is not None:
             headers.append((b"Content-Type", content_type))
         accept = request.headers.get(b"accept")
-        headers.append(
-            (b"Accept", accept if accept and len(accept) <= _MAX_CONTENT_TYPE else b"application/json")
-        )
+        headers.append((b"Accept", accept if accept and _plain_header(accept) else b"application/json"))
         target = b"/v1/%s%s" % (quote(app.app_id, safe="").encode(), path.encode())
         if request.query:
             target += b"?" + urlencode(request.query, quote_via=quote).encode()
@@ -444,6 +444,11 @@ class RestProxy:
                 continue
             return response
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+
+def _plain_header(value: bytes) -> bool:
+    """A header value safe to forward: at most 200 printable ASCII characters."""
+    return len(value) <= _MAX_CONTENT_TYPE and all(0x20 <= c < 0x7F for c in value)
 
 
 def _match(rules: Sequence[RestRule], method: str, path: str) -> RestRule | None:

@@ -490,3 +490,15 @@ def test_bench_standin_accepts_keyds_tokens_and_nothing_else() -> None:
     other = SecretKey(bytearray(b"sk_test_another_key_0123456789abcdef"))
     assert not checker.ok(b"/v1/tApp/users/a", b"Bearer " + rest.mint(other, "tApp", now, 5))
     assert not checker.ok(b"/v1/tApp/users/a", None)
+
+
+def test_header_values_are_checked_before_forwarding() -> None:
+    sender = Sender()
+    proxy, _ = _proxy(sender)
+    answer = proxy.handle(_request(b"PUT", b"/users/a", b"{}", {b"content-type": b"application/json\x01"}))
+    assert not isinstance(answer, Deferred) and answer.status == 422
+    assert _run(proxy, _request(b"PUT", b"/users/a", b"{}", {b"accept": "tëxt".encode()})).status == 200
+    assert _run(proxy, _request(b"GET", b"/users/a")).status == 200
+    put, get = dict(sender.sent[0][2]), dict(sender.sent[1][2])
+    assert put[b"Content-Type"] == b"application/json" and put[b"Accept"] == b"application/json"
+    assert b"Content-Type" not in get

@@ -37,6 +37,7 @@ log = logging.getLogger("keyd.server")
 MAX_HEADER_BYTES = 16384
 LINGER_SECONDS = 1.0  # after a 413: how long to discard the rest of an oversized body
 CLOSE_GRACE = 1.0  # after closing: how long a peer that reads nothing may keep its connection
+MAX_HELD = 64  # answers held behind a deferred one before the connection stops reading
 _OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
 _STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
@@ -341,7 +342,7 @@ class Connection(asyncio.Protocol):
         self.held.append((pending, keep_alive))
         pending.add_done_callback(self._release)
         self.busy = False
-        if len(self.held) > 64:
+        if len(self.held) == MAX_HELD + 1:
             self.transport.pause_reading()  # a pipelining client waits for its answers
         if not keep_alive:
             self.parser = None
@@ -353,6 +354,7 @@ class Connection(asyncio.Protocol):
         if held is None or self.transport is None:
             return
         server = self.server
+        paused = len(held) > MAX_HELD  # _defer or _send stopped reading at that size
         while held:
             item = held[0]
             if item is None:  # a close that waited for the answers before it
@@ -381,7 +383,7 @@ class Connection(asyncio.Protocol):
             self.held = None
             if not self.busy:
                 self.deadline = server.now() + server.idle_timeout
-        if len(held) <= 64 and not self.transport.is_closing():
+        if paused and len(held) <= MAX_HELD and not self.transport.is_closing():
             self.transport.resume_reading()
         server.flush()
 
@@ -420,6 +422,8 @@ class Connection(asyncio.Protocol):
         """
         if self.held is not None:
             self.held.append(data)
+            if len(self.held) == MAX_HELD + 1:
+                self.transport.pause_reading()  # a pipelining client waits for its answers
             return
         server = self.server
         server.outbox.append((self.transport, data))

@@ -360,9 +360,9 @@ def test_concurrency_cap_pipelining_order_and_signing_while_upstream_is_slow(
     assert statuses == [200, 200, 403, 200]
     # Far more answers than keyd holds back (it stops reading, then resumes): all, in order.
     standin.script.append(Action(delay=0.5))
-    slow = b"GET /v1/rest/default/users/slow2 HTTP/1.1\r\nHost: k\r\n\r\n"
+    slow_get = b"GET /v1/rest/default/users/slow2 HTTP/1.1\r\nHost: k\r\n\r\n"
     bad = b"GET /v1/rest/default/users/%2e%2e HTTP/1.1\r\nHost: k\r\n\r\n"
-    statuses = _raw_pipeline(keyd.socket, [slow, *[token] * 150, bad, token])
+    statuses = _raw_pipeline(keyd.socket, [slow_get, *[token] * 150, bad, token])
     assert statuses == [200] + [200] * 150 + [400, 200]
 
     # Two slow calls in flight from this caller: a third is refused at once, tokens keep flowing.

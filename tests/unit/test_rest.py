@@ -502,3 +502,28 @@ def test_header_values_are_checked_before_forwarding() -> None:
     put, get = dict(sender.sent[0][2]), dict(sender.sent[1][2])
     assert put[b"Content-Type"] == b"application/json" and put[b"Accept"] == b"application/json"
     assert b"Content-Type" not in get
+
+
+def test_grants_report_lists_endpoints_and_warns_on_broad_rest_grants() -> None:
+    from keyd.ops import grants
+
+    config = configuration.parse(
+        {
+            "apps": {"default": {"app_id": "t"}},
+            "grant": [
+                {"uid": 1, "types": ["rest"], "rest": ["DELETE /users/**", "GET /users/**", "PUT /users/*"]},
+                {"types": ["rest"], "rest": ["GET /users/*"]},
+            ],
+        },
+        SOURCE,
+    )
+    warnings = grants.rest_warnings(config)
+    assert warnings == [
+        f'{SOURCE}: grant[0]: warning: rest "DELETE /users/**" allows DELETE at any depth; '
+        "list the exact endpoints (* is one segment)",
+        f"{SOURCE}: grant[1]: warning: allows the REST proxy to every caller that can open the socket; "
+        "add user, uid, group, gid or unit",
+    ]
+    _, lines = grants.explain(config, _caller(uid=1))
+    assert lines[-3:] == ["    DELETE /users/**", "    GET /users/**", "    PUT /users/*"]
+    assert grants.rest_lines(config.grants[0])[0].startswith("  rest endpoints")

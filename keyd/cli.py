@@ -116,7 +116,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load_checked(args.config)
     from keyd.ops import grants  # noqa: PLC0415
 
-    for line in grants.warnings(config):  # risky but valid: the exit code stays 0
+    for line in [*grants.warnings(config), *grants.rest_warnings(config)]:  # risky but valid: exit 0
         print(line, file=sys.stderr)
     print(f"{args.config}: ok ({len(config.apps)} app(s): {', '.join(config.apps)})")
     return EXIT_OK
@@ -196,6 +196,7 @@ def bench_options(args: argparse.Namespace) -> bench.Options:
         startup=args.startup,
         inprocess=args.inprocess,
         warmup=args.warmup,
+        rest=args.rest,
     )
 
 
@@ -292,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--inprocess", action="store_true", help="CPU per request without sockets, keyd vs reference"
     )
     p.add_argument("--warmup", type=_duration, default=1.0, help="uncounted warm-up per target (1s)")
+    p.add_argument(
+        "--rest",
+        action="store_true",
+        help="the REST proxy vs calling a TalkJS stand-in directly; signing under proxy load",
+    )
     return parser
 
 

@@ -19,6 +19,11 @@ Both keep keep-alive connections open and reconnect once when keyd closed an idl
 - ``Unavailable``: 5xx; its subclass ``KeyUnavailable`` (503 ``key_unavailable``) means the key is
   not loaded or could not be refreshed for longer than ``refresh.max_stale``.
 
+``rest(method, path, json=...)`` calls TalkJS's REST API through keyd's proxy (a grant with type
+``rest`` must list the endpoint): it returns a ``RestResponse`` for whatever TalkJS answered, 4xx and
+5xx included, and raises the errors above for keyd's own refusals (403 ``forbidden``, 429
+``too_many_requests``, 502 ``upstream_error``, 504 ``upstream_timeout`` are ``Unavailable``).
+
 ``verify_webhook`` returns True for an authentic, fresh webhook and False for one keyd judges not
 authentic (wrong signature, stale or malformed timestamp, missing header): reject that request.
 Everything that says nothing about the webhook itself (keyd unreachable, no grant, unknown app,
@@ -36,6 +41,7 @@ import os
 import pwd
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -51,6 +57,7 @@ __all__ = [
     "KeyUnavailable",
     "KeydClient",
     "RateLimited",
+    "RestResponse",
     "Unavailable",
     "Unreachable",
     "WebhookRejected",
@@ -61,6 +68,48 @@ WEBHOOK_HEADERS = ("X-TalkJS-Timestamp", "X-TalkJS-Signature")
 # The answers that mean "this webhook is not authentic": verify_webhook returns False for them.
 WEBHOOK_REJECTIONS = frozenset({"invalid_signature", "stale_timestamp", "missing_header", "invalid_header"})
 MAX_RESPONSE = 1 << 20
+MAX_REST_RESPONSE = 8 << 20  # keyd's default rest.max_response_body
+REST_TIMEOUT = 35.0  # above the proxy's default total timeout (15 s), with room for a larger one
+_UPSTREAM = "x-keyd-upstream"
+
+
+@dataclass(frozen=True)
+class RestResponse:
+    """What TalkJS answered to a proxied call: status, raw body, Content-Type and Retry-After."""
+
+    status: int
+    body: bytes
+    content_type: str
+    retry_after: str | None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    def json(self) -> Any:
+        """The body decoded as JSON (None for an empty body); ValueError when it is not JSON."""
+        return json.loads(self.body) if self.body else None
+
+
+def _rest_request(
+    method: str, path: str, json_body: Any, app: str | None
+) -> tuple[str, bytes | None, dict[str, str]]:
+    """The socket path, body and headers of a proxied call; ``path`` is TalkJS's, below /v1/APP_ID."""
+    if not path.startswith("/"):
+        raise ValueError("path must start with /, e.g. /users/alice")
+    url = f"/v1/rest/{quote(app or 'default', safe='')}{path}"
+    headers = {"Accept": "application/json"}
+    body = None
+    if json_body is not None:
+        body = json.dumps(json_body).encode()
+        headers["Content-Type"] = "application/json"
+    return url, body, headers
+
+
+def _rest_answer(status: int, headers: Mapping[str, str], raw: bytes) -> RestResponse:
+    if headers.get(_UPSTREAM) != "talkjs":  # keyd's own answer: an error document
+        checked(status, _decode(status, raw))
+    return RestResponse(status, raw, headers.get("content-type", ""), headers.get("retry-after"))
 
 
 class Unreachable(ClientError):
@@ -249,10 +298,37 @@ class KeydClient:
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, Any]:
         """Send one request; (status, decoded JSON). Raises Unreachable when keyd cannot be reached."""
+        status, _, raw = self._raw(method, path, body, headers)
+        return status, _decode(status, raw)
+
+    def rest(
+        self, method: str, path: str, json: Any = None, app: str | None = None, timeout: float = REST_TIMEOUT
+    ) -> RestResponse:
+        """Call TalkJS's REST API through keyd: ``client.rest("PUT", "/users/alice", json={...})``.
+
+        ``path`` is TalkJS's path below ``/v1/APP_ID``; keyd adds the app id and a token of its own.
+        """
+        url, body, headers = _rest_request(method, path, json, app)
+        status, fields, raw = self._raw(method, url, body, headers, timeout)
+        return _rest_answer(status, fields, raw)
+
+    def _raw(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: Mapping[str, str] | None,
+        timeout: float | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """(status, lower-cased headers, raw body) of one exchange."""
         for attempt in (1, 2):
             reused = self._conn is not None
             if self._conn is None:
                 self._conn = _UnixConnection(self.socket_path, self.timeout)
+            wait = timeout or self.timeout
+            self._conn.timeout = wait
+            if self._conn.sock is not None:
+                self._conn.sock.settimeout(wait)
             try:
                 self._conn.request(method, path, body=body, headers=dict(headers or {}))
                 response = self._conn.getresponse()
@@ -271,7 +347,8 @@ class KeydClient:
             except OSError as exc:
                 self.close()
                 raise _unreachable(self.socket_path, exc) from None
-        return response.status, _decode(response.status, raw)
+        fields = {name.lower(): value for name, value in response.getheaders()}
+        return response.status, fields, raw
 
     def _post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         status, data = self.request("POST", path, body, headers or {"Content-Type": "application/json"})
@@ -357,16 +434,36 @@ class AsyncKeydClient:
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, Any]:
         """Send one request; (status, decoded JSON). Raises Unreachable when keyd cannot be reached."""
+        status, _, raw = await self._raw(method, path, body, headers)
+        return status, _decode(status, raw)
+
+    async def rest(
+        self, method: str, path: str, json: Any = None, app: str | None = None, timeout: float = REST_TIMEOUT
+    ) -> RestResponse:
+        """Call TalkJS's REST API through keyd (see KeydClient.rest)."""
+        url, body, headers = _rest_request(method, path, json, app)
+        status, fields, raw = await self._raw(method, url, body, headers, timeout)
+        return _rest_answer(status, fields, raw)
+
+    async def _raw(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: Mapping[str, str] | None,
+        timeout: float | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """(status, lower-cased headers, raw body) of one exchange."""
         data = http1.encode_request(method, path, headers, body)
         for attempt in (1, 2):
             # The retry always takes a fresh connection: keyd closes idle ones after idle_timeout,
             # so the rest of the pool has most likely gone stale too.
             reused = attempt == 1 and bool(self._idle)
             try:
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout(timeout or self.timeout):
                     reader, writer = self._idle.pop() if reused else await self._connect()
                     try:
-                        status, raw, keep = await self._exchange(reader, writer, data, reused)
+                        status, fields, raw, keep = await self._exchange(reader, writer, data, reused)
                     except BaseException:
                         writer.close()
                         raise
@@ -386,7 +483,7 @@ class AsyncKeydClient:
                 self._idle.append((reader, writer))
             else:
                 writer.close()
-            return status, _decode(status, raw)
+            return status, fields, raw
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -395,8 +492,8 @@ class AsyncKeydClient:
     @staticmethod
     async def _exchange(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes, reused: bool
-    ) -> tuple[int, bytes, bool]:
-        """Write one request, read one response: (status, body, whether the connection stays open)."""
+    ) -> tuple[int, dict[str, str], bytes, bool]:
+        """Write one request, read one response: (status, headers, body, whether it stays open)."""
         try:
             writer.write(data)
             await writer.drain()
@@ -412,14 +509,20 @@ class AsyncKeydClient:
             response = http1.parse_response_head(head[: -len(http1.HEAD_END)])
         except http1.MalformedResponse:
             raise Unreachable(0, "bad_response", "keyd answered with a malformed HTTP response") from None
+        fields: dict[str, str] = {}  # lower-cased; the REST proxy's answers need Content-Type, Retry-After
+        for line in head[: -len(http1.HEAD_END)].decode("latin-1").split("\r\n")[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                fields.setdefault(name.strip().lower(), value.strip())
         length = response.length
-        if length is None or length == http1.CHUNKED or length > MAX_RESPONSE:
+        limit = MAX_REST_RESPONSE if _UPSTREAM in fields else MAX_RESPONSE
+        if length is None or length == http1.CHUNKED or length > limit:
             raise Unreachable(0, "bad_response", "keyd's response has no usable Content-Length")
         try:
             raw = await reader.readexactly(length)
         except asyncio.IncompleteReadError:
             raise ConnectionResetError("keyd closed the connection mid-answer") from None
-        return response.status, raw, response.keep_alive
+        return response.status, fields, raw, response.keep_alive
 
     async def _post(self, path: str, body: bytes, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         status, data = await self.request("POST", path, body, headers or {"Content-Type": "application/json"})

@@ -22,7 +22,7 @@ from keyd.errors import ConfigError
 T = TypeVar("T")
 
 APP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-TOKEN_TYPES = ("user", "app", "signature", "webhook")
+TOKEN_TYPES = ("user", "app", "signature", "webhook", "rest")
 AUTH_METHODS = ("token", "approle", "cert")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -115,6 +115,27 @@ class RefreshConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RestConfig:
+    """The REST proxy's upstream for one app (``[apps.NAME.rest]``; used only with ``rest`` grants)."""
+
+    base_url: str = "https://api.talkjs.com"
+    ca_file: str = ""
+    connect_timeout: float = 3.0
+    timeout: float = 15.0
+    token_ttl: float = 10.0
+    retries: int = 2
+    retry_backoff: float = 0.2
+    max_body: int = 1048576
+    max_response_body: int = 8388608
+    max_connections: int = 16
+    max_concurrent: int = 8
+    idle_timeout: float = 4.0
+
+
+_DEFAULT_REST = RestConfig()
+
+
+@dataclass(frozen=True, slots=True)
 class AppConfig:
     name: str
     app_id: str
@@ -129,6 +150,7 @@ class AppConfig:
     app_ttl: float = 30.0
     max_app_ttl: float = 300.0
     webhook_tolerance: float = 300.0
+    rest: RestConfig = _DEFAULT_REST  # immutable, so one shared instance is safe
 
     @property
     def webhook_source(self) -> tuple[str, str]:
@@ -138,6 +160,48 @@ class AppConfig:
     @property
     def separate_webhook_key(self) -> bool:
         return self.webhook_source != (self.path, self.field)
+
+
+REST_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+# One path segment as RFC 3986 allows it (pchar), without "%": grant patterns are matched against
+# request paths whose segments use the same characters, percent-encodings included.
+_REST_LITERAL = re.compile(r"^[A-Za-z0-9._~!$&'()+,;=:@-]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class RestRule:
+    """One ``rest`` entry of a grant: ``"PUT /users/*"``; ``*`` is one path segment, ``**`` one or more."""
+
+    method: str
+    pattern: str
+    regex: re.Pattern[str]
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.pattern}"
+
+
+def parse_rest_rule(value: Any) -> RestRule:
+    """``"METHOD /path/pattern"`` -> RestRule; ValueError naming what is wrong."""
+    text = _string(value)
+    method, _, pattern = text.strip().partition(" ")
+    pattern = pattern.strip()
+    if method not in REST_METHODS:
+        raise ValueError(f"{text!r}: the method must be one of {', '.join(REST_METHODS)}")
+    if not pattern.startswith("/") or pattern == "/":
+        raise ValueError(f"{text!r}: the path must start with / and name a resource, e.g. /users/*")
+    parts = []
+    for segment in pattern[1:].split("/"):
+        if segment == "**":
+            parts.append(r"[^/]+(?:/[^/]+)*")
+        elif segment == "*":
+            parts.append(r"[^/]+")
+        elif segment in (".", "..") or not _REST_LITERAL.match(segment) or "*" in segment:
+            raise ValueError(
+                f"{text!r}: segment {segment!r} must be *, ** or letters, digits and -._~!$&'()+,;=:@"
+            )
+        else:
+            parts.append(re.escape(segment))
+    return RestRule(method, pattern, re.compile("/" + "/".join(parts)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +217,7 @@ class GrantConfig:
     max_ttl: float | None = None
     user_id_pattern: re.Pattern[str] | None = None
     rate: float | None = None
+    rest: tuple[RestRule, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +248,11 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def rest_enabled(self) -> bool:
+        """Whether any grant may use the REST proxy (only then does ``keyd run`` load it)."""
+        return any("rest" in grant.types for grant in self.grants)
 
     @property
     def default_app(self) -> str | None:
@@ -412,6 +482,7 @@ def _read_app(name: str, r: _Reader) -> AppConfig:
         app_ttl=r.get("app_ttl", d.app_ttl, _positive_duration),
         max_app_ttl=r.get("max_app_ttl", d.max_app_ttl, _positive_duration),
         webhook_tolerance=r.get("webhook_tolerance", d.webhook_tolerance, _positive_duration),
+        rest=_read_rest(r.sub("rest")),
     )
     if app.user_ttl > app.max_user_ttl:
         r.problem("user_ttl", "must not be greater than max_user_ttl")
@@ -419,6 +490,43 @@ def _read_app(name: str, r: _Reader) -> AppConfig:
         r.problem("app_ttl", "must not be greater than max_app_ttl")
     r.finish()
     return app
+
+
+def _read_rest(r: _Reader) -> RestConfig:
+    d = RestConfig()
+    base_url = r.get("base_url", d.base_url, _nonempty).rstrip("/")
+    if not re.fullmatch(r"https://[A-Za-z0-9.-]+(:\d{1,5})?", base_url):
+        r.problem("base_url", f"{base_url!r} must be https://HOST or https://HOST:PORT, with no path")
+    cfg = RestConfig(
+        base_url=base_url,
+        ca_file=r.get("ca_file", d.ca_file, _expand),
+        connect_timeout=r.get("connect_timeout", d.connect_timeout, _positive_duration),
+        timeout=r.get("timeout", d.timeout, _positive_duration),
+        token_ttl=r.get("token_ttl", d.token_ttl, _positive_duration),
+        retries=r.get("retries", d.retries, _bounded_int(0, 5)),
+        retry_backoff=r.get("retry_backoff", d.retry_backoff, _positive_duration),
+        max_body=r.get("max_body", d.max_body, _positive_int),
+        max_response_body=r.get("max_response_body", d.max_response_body, _positive_int),
+        max_connections=r.get("max_connections", d.max_connections, _positive_int),
+        max_concurrent=r.get("max_concurrent", d.max_concurrent, _positive_int),
+        idle_timeout=r.get("idle_timeout", d.idle_timeout, _positive_duration),
+    )
+    if not 1 <= cfg.token_ttl <= 60 or cfg.token_ttl != int(cfg.token_ttl):
+        r.problem("token_ttl", "must be a whole number of seconds from 1 to 60")
+    if cfg.connect_timeout > cfg.timeout:
+        r.problem("connect_timeout", "must not be greater than timeout")
+    r.finish()
+    return cfg
+
+
+def _bounded_int(low: int, high: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        number = _int(value)
+        if not low <= number <= high:
+            raise ValueError(f"must be from {low} to {high}")
+        return number
+
+    return convert
 
 
 def _kv_version(value: Any) -> int:
@@ -448,7 +556,12 @@ def _read_grant(index: int, r: _Reader, apps: Mapping[str, AppConfig]) -> GrantC
         max_ttl=r.get("max_ttl", None, _positive_duration),
         user_id_pattern=r.get("user_id_pattern", None, _pattern),
         rate=r.get("rate", None, parse_rate),
+        rest=r.get("rest", (), lambda v: tuple(parse_rest_rule(x) for x in _string_list(v))),
     )
+    if grant.rest and "rest" not in grant.types:
+        r.problem("rest", 'lists endpoints, but types does not include "rest"')
+    if "rest" in grant.types and not grant.rest and "rest" in r.table.get("types", ()):
+        r.problem("types", 'includes "rest", but the grant lists no rest endpoints (rest = ["PUT /users/*"])')
     for app in grant.apps:
         if app != "*" and app not in apps:
             r.problem("apps", f"names app {app!r}, which has no [apps.{app}] table")
@@ -557,6 +670,9 @@ def missing_files(config: Config) -> list[str]:
     needed: list[tuple[str, str]] = []
     if config.vault.ca_cert:
         needed.append(("vault.ca_cert", config.vault.ca_cert))
+    for name, app in config.apps.items():
+        if app.rest.ca_file and config.rest_enabled:
+            needed.append((f"apps.{name}.rest.ca_file", app.rest.ca_file))
     if auth.method == "token" and auth.token_file:
         needed.append(("vault.auth.token_file", auth.token_file))
     if auth.method == "approle":

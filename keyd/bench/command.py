@@ -30,6 +30,10 @@ from keyd.bench.workload import keyd_requests
 
 def run(options: Options, out: TextIO = sys.stdout) -> tuple[dict[str, Any], bool]:
     """Run the benchmark the options describe; (report document, whether every answer was a 200)."""
+    if options.rest:
+        from keyd.bench import rest  # noqa: PLC0415 - only this mode needs the TalkJS stand-in
+
+        return rest.run_rest(options, out)
     if options.inprocess:
         doc = inprocess.run_inprocess(options, out)
         return doc, doc["inprocess"]["non_200"] == 0

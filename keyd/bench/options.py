@@ -31,3 +31,4 @@ class Options:
     startup: bool = False
     inprocess: bool = False
     warmup: float = WARMUP_SECONDS
+    rest: bool = False

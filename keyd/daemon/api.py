@@ -7,6 +7,7 @@ nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -33,6 +34,18 @@ class Response:
     body: bytes
     content_type: bytes = JSON
     headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+@dataclass(slots=True)
+class Deferred(Response):
+    """An answer that is not ready yet (the REST proxy): the connection writes the Response that
+    ``pending`` resolves to when it is done, keeping the order of answers on that connection."""
+
+    pending: asyncio.Future[Response] | None = None
+
+
+def deferred(pending: asyncio.Future[Response]) -> Deferred:
+    return Deferred(0, b"", pending=pending)
 
 
 class Keys(Protocol):
@@ -206,11 +219,18 @@ class Api:
         }
         # Metric label per known path; anything else is "other", so no caller text becomes a label.
         self._endpoints = {path: path.decode() for path in self._routes}
+        # Path prefixes whose handler may answer later (the REST proxy): see add_prefix.
+        self._prefixes: list[tuple[bytes, Callable[[Request], Response]]] = []
 
     def add_route(self, path: bytes, method: bytes, handler: Callable[[Request], Response]) -> None:
         """Extension point for optional endpoints (metrics)."""
         self._routes.setdefault(path, {})[method] = handler
         self._endpoints[path] = path.decode()
+
+    def add_prefix(self, prefix: bytes, handler: Callable[[Request], Response]) -> None:
+        """Extension point: every method on paths under ``prefix``. The handler may answer with a
+        ``Deferred``; it records its own metrics."""
+        self._prefixes.append((prefix, handler))
 
     def add_health(self, name: str, section: Callable[[], Any]) -> None:
         """Extension point: a section the daemon adds to GET /v1/health (e.g. the Vault token's TTL)."""
@@ -222,6 +242,9 @@ class Api:
         started = _perf_counter()
         methods = self._routes.get(request.path)
         if methods is None:
+            for prefix, prefixed in self._prefixes:
+                if request.path.startswith(prefix):
+                    return prefixed(request)
             self._stats.error("not_found")
             response = error_response(ApiError(404, "not_found", f"no such endpoint: {request.path_text}"))
             self._stats.request("other", 404, _perf_counter() - started)

@@ -169,6 +169,36 @@ class AuditLog:
         )
         return middle
 
+    def rest(
+        self,
+        caller: Caller,
+        app: str | None,
+        method: str,
+        path: str | None,
+        outcome: str,
+        code: str | None,
+        upstream_status: int | None,
+        seconds: float,
+        attempts: int,
+    ) -> None:
+        """One REST proxy call (``"type":"rest"``): written at once, after the pending decisions.
+
+        ``path`` arrives already redacted when ``hash_user_ids`` is on (rest.redact); no token, body
+        or header value is ever passed here.
+        """
+        now = self._clock()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + _MILLIS[int((now % 1) * 1000)]
+        line = (
+            f'{{"time":"{stamp}","outcome":{_json_str(outcome)},"code":{_opt(code)},"app":{_opt(app)},'
+            f'"type":"rest","method":{_json_str(method)},"path":{_opt(path)},'
+            f'"upstream_status":{"null" if upstream_status is None else int(upstream_status)},'
+            f'"duration_ms":{seconds * 1000:.3f},"attempts":{attempts},'
+            f'"pid":{caller.pid},"uid":{caller.uid},"gid":{caller.gid},'
+            f'"user":{_json_str(caller.user)},"unit":{_json_str(caller.unit)}}}\n'
+        )
+        self.flush()
+        self._write(line.encode("utf-8", "replace"))
+
     # -- writing -----------------------------------------------------------------------------
 
     def flush(self) -> None:
@@ -177,7 +207,9 @@ class AuditLog:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        data = self._lines(pending).encode("utf-8", "replace")
+        self._write(self._lines(pending).encode("utf-8", "replace"))
+
+    def _write(self, data: bytes) -> None:
         view = memoryview(data)
         try:
             while view:

@@ -19,6 +19,7 @@ import os
 import socket
 import stat
 import time
+from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -27,7 +28,7 @@ from urllib.parse import parse_qsl
 import httptools
 
 from keyd.config import ServerConfig
-from keyd.daemon.api import Request, Response, error_body
+from keyd.daemon.api import Deferred, Request, Response, error_body
 from keyd.daemon.peers import Caller, Identities, peer_credentials
 from keyd.errors import StartupError
 
@@ -36,6 +37,7 @@ log = logging.getLogger("keyd.server")
 MAX_HEADER_BYTES = 16384
 LINGER_SECONDS = 1.0  # after a 413: how long to discard the rest of an oversized body
 CLOSE_GRACE = 1.0  # after closing: how long a peer that reads nothing may keep its connection
+MAX_HELD = 64  # answers held behind a deferred one before the connection stops reading
 _OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
 _STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
@@ -139,6 +141,7 @@ class Connection(asyncio.Protocol):
         "busy",
         "caller",
         "deadline",
+        "held",
         "parser",
         "server",
         "transport",
@@ -155,6 +158,8 @@ class Connection(asyncio.Protocol):
         self._headers: dict[bytes, bytes] = {}
         self._header_bytes = 0
         self._body = b""
+        # Answers waiting behind a deferred one (see _defer); None while there is none.
+        self.held: deque[Any] | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -183,6 +188,10 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.parser = None
+        held, self.held = self.held, None
+        for item in held or ():
+            if isinstance(item, tuple):
+                item[0].cancel()  # nobody will read the answer
 
     def data_received(self, data: bytes) -> None:
         if self.parser is None:
@@ -240,6 +249,7 @@ class Connection(asyncio.Protocol):
             and len(length) >= self.server.max_body_digits
             and length.isdigit()
             and int(length) > self.server.max_body
+            and int(length) > self._body_limit()
         ):
             self._too_large()
         if b"expect" in headers and headers[b"expect"].lower() == b"100-continue":
@@ -251,7 +261,7 @@ class Connection(asyncio.Protocol):
         # bytes + bytes with an empty left side returns the right side itself: no copy for the
         # usual one-piece body; a body in pieces is bounded by max_body.
         self._body += body
-        if len(self._body) > self.server.max_body:
+        if len(self._body) > self.server.max_body and len(self._body) > self._body_limit():
             self._too_large()
 
     def on_message_complete(self) -> None:
@@ -266,7 +276,12 @@ class Connection(asyncio.Protocol):
             except Exception:
                 log.exception("internal error while handling /v1/tokens")
                 answer = Response(500, error_body("internal_error", "keyd hit an internal error"))
-            if answer.__class__ is bytes and not server.closing and self.parser.should_keep_alive():
+            if (
+                answer.__class__ is bytes
+                and self.held is None
+                and not server.closing
+                and self.parser.should_keep_alive()
+            ):
                 outbox = server.outbox
                 outbox.append((self.transport, _OK_JSON % (len(answer), answer)))
                 if len(outbox) == 1:
@@ -294,6 +309,9 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("internal error while handling %s", request.path_text)
             response = Response(500, error_body("internal_error", "keyd hit an internal error"))
+        if isinstance(response, Deferred) and response.pending is not None:
+            self._defer(response.pending)
+            return
         self._finish(response)
 
     def _finish(self, response: Response) -> None:
@@ -303,10 +321,78 @@ class Connection(asyncio.Protocol):
         self._write(response, keep_alive, with_body=self.parser.get_method() != b"HEAD")
         self.busy = False
         if not keep_alive:
+            if self.held is not None:  # close once the answers before this one are written
+                self.held.append(None)
+                self.parser = None
+                raise _Abort
             server.flush()
             self.transport.close()
             raise _Abort
         self.deadline = server.soon + server.idle_timeout
+
+    # -- deferred answers (the REST proxy) ---------------------------------------------------
+
+    def _defer(self, pending: asyncio.Future[Response]) -> None:
+        """An answer that comes later: hold every later answer on this connection behind it, so
+        pipelined requests are still answered in order; the loop is never blocked waiting."""
+        server = self.server
+        keep_alive = self.parser.should_keep_alive() and not server.closing
+        if self.held is None:
+            self.held = deque()
+        self.held.append((pending, keep_alive))
+        pending.add_done_callback(self._release)
+        self.busy = False
+        if len(self.held) == MAX_HELD + 1:
+            self.transport.pause_reading()  # a pipelining client waits for its answers
+        if not keep_alive:
+            self.parser = None
+            raise _Abort
+
+    def _release(self, _: object = None) -> None:
+        """Write the held answers that are ready, in order, up to the first still pending."""
+        held = self.held
+        if held is None or self.transport is None:
+            return
+        server = self.server
+        paused = len(held) > MAX_HELD  # _defer or _send stopped reading at that size
+        while held:
+            item = held[0]
+            if item is None:  # a close that waited for the answers before it
+                self.held = None
+                server.flush()
+                self.transport.close()
+                return
+            if isinstance(item, tuple):
+                pending, keep_alive = item
+                if not pending.done():
+                    break
+                held.popleft()
+                if pending.cancelled() or pending.exception() is not None:
+                    response = Response(500, error_body("internal_error", "keyd hit an internal error"))
+                else:
+                    response = pending.result()
+                self.held = None
+                self._write(response, keep_alive and not server.closing)
+                self.held = held
+                if not keep_alive or server.closing:
+                    held.clear()
+                    held.append(None)
+                continue
+            server.outbox.append((self.transport, held.popleft()))
+        if not held:
+            self.held = None
+            if not self.busy:
+                self.deadline = server.now() + server.idle_timeout
+        if paused and len(held) <= MAX_HELD and not self.transport.is_closing():
+            self.transport.resume_reading()
+        server.flush()
+
+    def _body_limit(self) -> int:
+        """The body limit for this request: the REST proxy's for its paths, else server.max_body."""
+        server = self.server
+        if server.rest_max_body and self._url.startswith(b"/v1/rest/"):
+            return server.rest_max_body
+        return server.max_body
 
     # -- responses ---------------------------------------------------------------------------
 
@@ -334,6 +420,11 @@ class Connection(asyncio.Protocol):
         a client woken once per burst rather than once per answer costs both sides less (measured
         in docs/benchmarks.md). Anything that closes a connection flushes first, so order holds.
         """
+        if self.held is not None:
+            self.held.append(data)
+            if len(self.held) == MAX_HELD + 1:
+                self.transport.pause_reading()  # a pipelining client waits for its answers
+            return
         server = self.server
         server.outbox.append((self.transport, data))
         if len(server.outbox) == 1:
@@ -343,7 +434,9 @@ class Connection(asyncio.Protocol):
         """Answer with an error and close the connection."""
         rejections = self.server.rejections
         rejections[code] = rejections.get(code, 0) + 1
-        if self.transport is not None and not self.transport.is_closing():
+        if self.held is not None and self.transport is not None:
+            self.held.extend((_raw_response(status, code, message), None))
+        elif self.transport is not None and not self.transport.is_closing():
             self._send(_raw_response(status, code, message))
             self.server.flush()
             self.transport.close()
@@ -356,8 +449,11 @@ class Connection(asyncio.Protocol):
         raise _Abort
 
     def _too_large(self) -> None:
-        limit = self.server.config.max_body
+        limit = self._body_limit()
         if self.transport is None or self.transport.is_closing():
+            raise _Abort
+        if self.held is not None:  # answered, then closed, after the answers held before it
+            self._reject(413, "body_too_large", f"the request body exceeds {limit} bytes")
             raise _Abort
         rejections = self.server.rejections
         rejections["body_too_large"] = rejections.get("body_too_large", 0) + 1
@@ -379,6 +475,10 @@ class Connection(asyncio.Protocol):
         forever. So a connection still open one grace second after being closed is aborted.
         """
         self.server.flush()
+        if self.held is not None and not self.busy and not self.transport.is_closing():
+            # Idle only while a deferred answer is pending: that answer has its own timeout.
+            self.deadline = self.server.now() + self.server.idle_timeout
+            return
         if self.transport.is_closing():
             self.transport.abort()
         elif self.busy:
@@ -418,6 +518,8 @@ class Server:
         self.idle_timeout = config.idle_timeout
         self.max_body = config.max_body
         self.max_body_digits = len(str(config.max_body))
+        # The REST proxy's body limit for /v1/rest/ (0: no proxy, server.max_body everywhere).
+        self.rest_max_body = 0
         # The sweeper's clock plus one sweep interval, refreshed by the sweeper: the two deadlines
         # set per request are measured from it without reading a clock, so they are never early;
         # with the sweep's own granularity they fire at most two intervals late.
@@ -471,10 +573,10 @@ class Server:
         self._remove_socket_file()
         self.flush()
         for conn in list(self.connections):
-            if not conn.busy:
+            if not conn.busy and conn.held is None:
                 conn.transport.close()
         deadline = self.now() + self.config.shutdown_timeout
-        while any(c.busy for c in self.connections) and self.now() < deadline:
+        while any(c.busy or c.held is not None for c in self.connections) and self.now() < deadline:
             await asyncio.sleep(0.05)
         self.flush()
         for conn in list(self.connections):

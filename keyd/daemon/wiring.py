@@ -62,6 +62,15 @@ class Daemon:
             ),
         )
         self.api.add_route(b"/metrics", b"GET", self.metrics.handle)
+        self.rest: Any = None
+        if config.rest_enabled:
+            # Imported only here: without a "rest" grant, `keyd run` loads none of the proxy.
+            from keyd.daemon import rest  # noqa: PLC0415
+
+            self.rest = rest.RestProxy(config, self.store, self.policy, self.audit)
+            self.api.add_prefix(rest.PREFIX, self.rest.handle)
+            self.server.rest_max_body = self.rest.max_body
+            self.metrics.registry.register(self.rest.collector())
         listen = config.metrics.listen
         self.metrics_tcp = TcpListener(listen, self.metrics.render) if listen else None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -124,6 +133,8 @@ class Daemon:
             await self.server.shutdown()
         except Exception:  # cleanup failures are logged, not raised
             log.exception("error while closing the socket server")
+        if self.rest is not None:
+            self.rest.close()
         try:
             self.refresher.stop()
         except Exception:

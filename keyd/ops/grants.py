@@ -95,6 +95,7 @@ def explain(config: Config, caller: Caller) -> tuple[bool, list[str]]:
     lines.append(f"  user_id_pattern: {pattern}")
     rate = f"{format_rate(grant.rate)} per caller process" if grant.rate is not None else "unlimited"
     lines.append(f"  rate: {rate}")
+    lines += rest_lines(grant)
     return True, lines
 
 
@@ -196,3 +197,46 @@ def _sample(names: Iterable[str], count: int = 8) -> str:
     ordered = sorted(names)
     more = f", ... ({len(ordered) - count} more)" if len(ordered) > count else ""
     return ", ".join(ordered[:count]) + more
+
+
+# -- the REST proxy ----------------------------------------------------------------------------
+
+_WRITES = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def rest_lines(grant: GrantConfig) -> list[str]:
+    """The REST endpoints a grant allows, one per line (nothing when it has no ``rest`` type)."""
+    if "rest" not in grant.types:
+        return []
+    lines = ["  rest endpoints (through keyd's proxy, /v1/rest/APP/PATH):"]
+    lines += [f"    {rule}" for rule in grant.rest]
+    return lines
+
+
+def rest_warnings(config: Config, many: int = MANY_MEMBERS) -> list[str]:
+    """REST grants worth a second look: writes under ``**``, and rest for every caller or a big group."""
+    out: list[str] = []
+    for grant in config.grants:
+        if "rest" not in grant.types:
+            continue
+        where = f"{config.source}: grant[{grant.index}]"
+        for rule in grant.rest:
+            if rule.method in _WRITES and "**" in rule.pattern.split("/"):
+                out.append(
+                    f'{where}: warning: rest "{rule}" allows {rule.method} at any depth; '
+                    "list the exact endpoints (* is one segment)"
+                )
+        if not any(getattr(grant, name) is not None for name in _SELECTORS):
+            out.append(
+                f"{where}: warning: allows the REST proxy to every caller that can open the socket; "
+                "add user, uid, group, gid or unit"
+            )
+        elif grant.user is None and grant.uid is None and (grant.group is not None or grant.gid is not None):
+            members = group_members(grant.group, grant.gid)
+            label = grant.group if grant.group is not None else f"gid {grant.gid}"
+            if members is not None and len(members) > many:
+                out.append(
+                    f"{where}: warning: allows the REST proxy to group {label!r}, which has "
+                    f"{len(members)} members: {_sample(members)}"
+                )
+    return out

@@ -229,3 +229,59 @@ def test_backend_webhook_receiver(backend, keyd):
     assert status == 200 and json.loads(answer) == {"received": "message.sent"}
     assert fetch(backend + "/talkjs-webhook", body.replace(b"hi", b"ho"), headers)[0] == 401
     assert fetch(backend + "/talkjs-webhook", body, {"Content-Type": "application/json"})[0] == 401
+
+
+# -- the REST proxy sync jobs ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def rest_keyd(bao, secret_path, keyd_factory, short_dir):
+    """keyd whose only grant is PUT /users/* through the proxy, to a strict TalkJS stand-in."""
+    from tests.talkjs_standin import StandIn
+
+    path, key = secret_path
+    with StandIn(key, "tTestApp", short_dir) as standin:
+        config = base_config(bao, short_dir, path)
+        config["apps"]["default"]["rest"] = {"base_url": standin.url, "ca_file": str(standin.ca)}
+        config["grant"] = [{"uid": os.getuid(), "types": ["rest"], "rest": ["PUT /users/*"]}]
+        proc = keyd_factory(config)
+        proc.standin = standin
+        yield proc
+
+
+@pytest.mark.parametrize("runtime", ["node", "php"])
+def test_sync_job_examples_use_the_rest_proxy(runtime, request, rest_keyd):
+    from tests.talkjs_standin import Action
+
+    command = [
+        request.getfixturevalue(runtime),
+        str(EXAMPLES / runtime / f"sync-users.{'js' if runtime == 'node' else 'php'}"),
+    ]
+    standin = rest_keyd.standin
+    standin.script.append(Action(status=429, headers={"Retry-After": "1"}))  # waited out, then retried
+    users = [
+        {"id": "alice", "name": "Alice", "email": ["alice@example.com"]},
+        {"id": "bob smith é", "name": "Bob"},  # percent-encoded UTF-8: one segment
+        {"id": "carol"},
+    ]
+    done = run(command, rest_keyd.socket, stdin=json.dumps(users).encode())
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert results == [
+        {"id": "alice", "status": 200},
+        {"id": "bob smith é", "status": 200},
+        {"id": "carol", "status": 200},
+    ]
+    assert standin.problems() == []
+    received = [(r.method, r.path, json.loads(r.body)) for r in standin.received]
+    assert received == [
+        ("PUT", "/v1/tTestApp/users/alice", {"name": "Alice", "email": ["alice@example.com"]}),
+        ("PUT", "/v1/tTestApp/users/alice", {"name": "Alice", "email": ["alice@example.com"]}),
+        ("PUT", "/v1/tTestApp/users/bob%20smith%20%C3%A9", {"name": "Bob"}),
+        ("PUT", "/v1/tTestApp/users/carol", {}),
+    ]
+    # Ids keyd refuses to put in a path ("..", an encoded "/") are error lines and a failing exit code.
+    done = run(command, rest_keyd.socket, stdin=json.dumps([{"id": ".."}, {"id": "a/../b"}]).encode())
+    assert done.returncode == 1
+    assert [json.loads(line)["error"] for line in done.stdout.decode().splitlines()] == ["invalid_path"] * 2
+    assert len(standin.received) == 4

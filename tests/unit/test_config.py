@@ -419,7 +419,7 @@ def test_grant_with_an_unknown_type_and_bad_rate() -> None:
     data = minimal()
     data["grant"] = [{"types": ["user", "admin"], "rate": "fast"}]
     assert problems_of(data) == [
-        f"{SOURCE}: grant[0].types: 'admin' is not one of user, app, signature, webhook",
+        f"{SOURCE}: grant[0].types: 'admin' is not one of user, app, signature, webhook, rest",
         f'{SOURCE}: grant[0].rate: \'fast\' is not a rate (use "50/s", "600/m" or "1000/h")',
     ]
 

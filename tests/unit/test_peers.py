@@ -110,7 +110,11 @@ USER_SYNC = "/user.slice/user-1000.slice/user@1000.service/app.slice/talkjs-sync
         ("/system.slice/_cgroup.procs.service", "cgroup.procs.service", None),  # cg_unescape
         # a user's own systemd manager: the unit is the manager; the user unit is what it runs
         (USER_SYNC, "user@1000.service", (1000, "talkjs-sync.service")),
-        ("/user.slice/user-1000.slice/user@1000.service/init.scope", "user@1000.service", (1000, "init.scope")),
+        (
+            "/user.slice/user-1000.slice/user@1000.service/init.scope",
+            "user@1000.service",
+            (1000, "init.scope"),
+        ),
         (
             "/user.slice/user-1000.slice/user@1000.service/app.slice/app-x.slice/run-r1.scope",
             "user@1000.service",
@@ -151,9 +155,15 @@ def test_a_user_managers_unit_is_never_the_unit() -> None:
     [
         ("0::/system.slice/php-fpm.service\n", "/system.slice/php-fpm.service"),  # unified
         # hybrid: systemd tracks in the v2 hierarchy; both name the same cgroup
-        ("9:name=systemd:/system.slice/a.service\n1:cpu:/\n0::/system.slice/a.service\n", "/system.slice/a.service"),
+        (
+            "9:name=systemd:/system.slice/a.service\n1:cpu:/\n0::/system.slice/a.service\n",
+            "/system.slice/a.service",
+        ),
         # legacy (cgroup v1 only): everything sits at the v2 root, name=systemd tells
-        ("12:pids:/x\n1:name=systemd:/system.slice/nginx.service/sub\n0::/\n", "/system.slice/nginx.service/sub"),
+        (
+            "12:pids:/x\n1:name=systemd:/system.slice/nginx.service/sub\n0::/\n",
+            "/system.slice/nginx.service/sub",
+        ),
         ("11:cpu,name=systemd:/system.slice/b.service\n", "/system.slice/b.service"),
         # a name=systemd hierarchy of one's own cannot override the v2 path
         (f"5:name=systemd:/system.slice/talkjs-sync.service\n0::{USER_SYNC}\n", USER_SYNC),
@@ -191,7 +201,9 @@ def test_peer_credentials_groups_and_cgroup_of_a_socketpair_are_our_own() -> Non
         assert text == Path("/proc/self/cgroup").read_text()
 
 
-def _connected_child(listener: socket.socket, before_connect: Callable[[], None]) -> tuple[socket.socket, int]:
+def _connected_child(
+    listener: socket.socket, before_connect: Callable[[], None]
+) -> tuple[socket.socket, int]:
     """A forked child that runs ``before_connect``, connects to ``listener`` and waits; (our end, pid)."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child

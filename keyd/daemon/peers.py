@@ -19,6 +19,7 @@ event loop. A connection's identity is resolved again once it is older than the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import grp
@@ -385,9 +386,11 @@ async def off_loop(function: Callable[..., T], *args: Any) -> T:
         try:
             result = function(*args)
         except BaseException as exc:  # handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, None, exc)
+            outcome: tuple[T | None, BaseException | None] = (None, exc)
         else:
-            loop.call_soon_threadsafe(settle, result, None)
+            outcome = (result, None)
+        with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+            loop.call_soon_threadsafe(settle, *outcome)
 
     _BACKGROUND.submit(job)
     return await future
@@ -467,8 +470,12 @@ class Identities:
             timer.cancel()
             done(self._named(caller.pid, caller.uid, caller.gid, caller.gids, caller.unit, caller.user_unit))
 
+        def wake() -> None:  # in the worker thread
+            with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
+                loop.call_soon_threadsafe(finish)
+
         timer = loop.call_later(self._wait, finish)
-        self._start(caller.uid, caller.gids, lambda: loop.call_soon_threadsafe(finish))
+        self._start(caller.uid, caller.gids, wake)
 
     def _start(self, uid: int, gids: frozenset[int], then: Callable[[], object] | None) -> None:
         key = (uid, gids)

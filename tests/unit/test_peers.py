@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +20,7 @@ import pytest
 from keyd import cli
 from keyd.config import AppConfig, Config, GrantConfig, RefreshConfig, ServerConfig, VaultConfig
 from keyd.daemon import peers
+from keyd.daemon.api import Response
 from keyd.daemon.peers import (
     DEFAULT_GRANT,
     Caller,
@@ -34,6 +39,7 @@ from keyd.daemon.peers import (
     units_of,
     user_unit_from_path,
 )
+from keyd.daemon.server import Server
 from keyd.errors import ApiError
 from keyd.ops import grants
 
@@ -397,7 +403,8 @@ def test_grant_selectors(selectors: dict[str, object], matches: bool) -> None:
 def test_user_unit_selector(selectors: dict[str, object], matches: bool) -> None:
     grant = GrantConfig(index=0, **selectors)  # type: ignore[arg-type]
     in_manager = caller(unit="user@1000.service", user_unit="talkjs-sync.service")
-    assert grant_matches(grant, in_manager, {"alice": 1000}.get, {}.get) is matches
+    no_groups: dict[str, int] = {}
+    assert grant_matches(grant, in_manager, {"alice": 1000}.get, no_groups.get) is matches
 
 
 async def _reresolve(policy: Policy) -> None:
@@ -406,7 +413,7 @@ async def _reresolve(policy: Policy) -> None:
 
 def test_names_resolved_again_reach_every_caller() -> None:
     known = {"www-data": 33}
-    policy = Policy([GrantConfig(index=0, group="www-data")], groups=lambda name: known.get(name))
+    policy = Policy([GrantConfig(index=0, group="www-data")], groups=known.get)
     assert policy.grant_for(caller()) is not None
     del known["www-data"]  # groupdel
     asyncio.run(_reresolve(policy))
@@ -662,3 +669,84 @@ def test_cli_grants_by_uid_and_user(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert cli.main(["grants", "-c", str(path), "--uid", "4000123"]) == 1
     assert "no grant matches" in capsys.readouterr().out
     assert cli.main(["grants", "-c", str(path), "--user", "no-such-user-kd"]) == 2
+
+
+_SLOW_CLIENT = r"""
+import socket, sys, time
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(30)
+sock.connect(sys.argv[1])
+sock.sendall(b"GET /v1/ping HTTP/1.1\r\nHost: keyd\r\nConnection: close\r\n\r\n")
+answer = b""
+while chunk := sock.recv(4096):
+    answer += chunk
+print(answer.split(b" ")[1].decode(), flush=True)
+"""
+
+
+def _python_for(uid: int) -> str:
+    for candidate in (os.path.realpath(sys.executable), "/usr/bin/python3"):
+        try:
+            probe = subprocess.run([candidate, "-c", "0"], user=uid, group=uid, extra_groups=[], check=False)
+        except OSError:
+            continue
+        if probe.returncode == 0:
+            return candidate
+    pytest.skip("no Python interpreter is executable by another uid")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: callers of two other uids")
+def test_a_hung_name_lookup_of_one_uid_does_not_delay_another_callers_answer() -> None:
+    """A real Server; the NSS lookup of one uid hangs (an injected resolver), another uid's
+    request is answered meanwhile, and the first is answered once its lookup returns."""
+    slow_uid, fast_uid = 4_100_001, 4_100_002
+    release = threading.Event()
+
+    def lookup(uid: int, gids: Iterable[int]) -> tuple[str, dict[int, str]]:
+        if uid == slow_uid:
+            release.wait(20)
+        return f"u{uid}", {}
+
+    async def client(uid: int, path: str, python: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            python, "-c", _SLOW_CLIENT, path, user=uid, group=uid, extra_groups=[], stdout=subprocess.PIPE
+        )
+
+    async def scenario() -> tuple[float, bool]:
+        path = os.path.join(workdir, "s.sock")
+        server = Server(
+            ServerConfig(socket=path, socket_mode=0o666),
+            lambda request: Response(200, b'{"user":"%s"}' % request.caller.user.encode()),
+            identities=Identities(lookup=lookup, wait=30.0, root="/"),
+        )
+        python = _python_for(slow_uid)
+        await server.start()
+        try:
+            slow = await client(slow_uid, path, python)
+            for _ in range(1000):  # until the hung uid is connected and waiting for its name
+                if server.connections or slow.returncode is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert server.connections, "the first client never connected"
+            started = time.monotonic()
+            fast = await client(fast_uid, path, python)
+            fast_out, _ = await asyncio.wait_for(fast.communicate(), 15)
+            fast_seconds = time.monotonic() - started
+            assert fast_out.strip() == b"200"
+            slow_waited = slow.returncode is None  # still waiting while the other was answered
+            release.set()
+            slow_out, _ = await asyncio.wait_for(slow.communicate(), 15)
+            assert slow_out.strip() == b"200"
+            return fast_seconds, slow_waited
+        finally:
+            release.set()
+            await server.shutdown()
+
+    workdir = tempfile.mkdtemp(prefix="kd-", dir="/tmp")  # reachable by the other uids
+    os.chmod(workdir, 0o755)  # noqa: S103 - other uids must reach the socket inside
+    try:
+        fast_seconds, slow_waited = asyncio.run(scenario())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert slow_waited
+    assert fast_seconds < 10.0  # a Python start-up and one request, not the 20 s hang

@@ -197,7 +197,7 @@ def process_file(sock: socket.socket, pid: int, name: str) -> str | None:
         if _exited(pidfd):
             return None
         return text
-    except OSError:
+    except (OSError, ValueError):
         return None
     finally:
         os.close(pidfd)
@@ -487,10 +487,11 @@ class Identities:
                 return
             waiting = self._inflight[key] = [then] if then is not None else []
 
+        now = self.clock()  # read here, on the caller's thread: the loop's clock stays on the loop
+
         def job() -> None:
             try:
                 user, names = self._lookup(uid, gids)
-                now = self.clock()
                 if len(self._users) >= MAX_NAMES or len(self._groups) >= MAX_NAMES:
                     self._users.clear()
                     self._groups.clear()

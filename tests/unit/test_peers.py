@@ -750,3 +750,13 @@ def test_a_hung_name_lookup_of_one_uid_does_not_delay_another_callers_answer() -
         shutil.rmtree(workdir, ignore_errors=True)
     assert slow_waited
     assert fast_seconds < 10.0  # a Python start-up and one request, not the 20 s hang
+
+
+def test_cli_grants_with_a_user_unit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, '[[grant]]\nuid = 0\nuser_unit = "sync.service"\ntypes = ["app"]\n')
+    assert cli.main(["grants", "-c", str(path), "--uid", "0", "--user-unit", "sync.service"]) == 0
+    out = capsys.readouterr().out
+    assert "user unit sync.service" in out
+    assert "matches grant[0] (uid = 0, user_unit = 'sync.service')" in out
+    # The same name as a system unit is another thing: no match.
+    assert cli.main(["grants", "-c", str(path), "--uid", "0", "--unit", "sync.service"]) == 1

@@ -205,8 +205,8 @@ def process_file(sock: socket.socket, pid: int, name: str) -> str | None:
 
 # -- systemd units from a cgroup path, as sd_pid_get_unit / sd_pid_get_user_unit ---------------
 
-# Unit types that can hold processes (unit_name_is_valid, UNIT_NAME_PLAIN | UNIT_NAME_INSTANCE).
-UNIT_SUFFIXES = ("service", "scope", "socket", "mount", "swap")
+# unit_name_is_valid(UNIT_NAME_PLAIN | UNIT_NAME_INSTANCE) for the unit types that hold processes,
+# and slices (skipped over).
 _UNIT_NAME = re.compile(
     r"^[A-Za-z0-9:_.\\-]+(?:@[A-Za-z0-9:_.\\-]+)?\.(?:service|scope|socket|mount|swap|slice)$"
 )

@@ -126,7 +126,7 @@ def cmd_grants(args: argparse.Namespace) -> int:
     from keyd.ops import grants  # noqa: PLC0415
 
     config = configuration.load(args.config)
-    caller = grants.caller_for(uid=args.uid, user=args.user, unit=args.unit)
+    caller = grants.caller_for(uid=args.uid, user=args.user, unit=args.unit, user_unit=args.user_unit)
     matched, lines = grants.explain(config, caller)
     print("\n".join(lines))
     return EXIT_OK if matched else EXIT_FAILED
@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--uid", type=int, help="the caller's uid")
     who.add_argument("--user", help="the caller's user name")
     p.add_argument("--unit", default="", help="the caller's systemd unit, e.g. php-fpm.service")
+    p.add_argument(
+        "--user-unit", default="", help="the caller's unit inside its own user manager (systemd --user)"
+    )
 
     p = add("token", cmd_token, "ask a running keyd for a token and print it")
     p.add_argument("--user-id", help="user token for this TalkJS user id")

@@ -78,6 +78,7 @@ class ServerConfig:
     idle_timeout: float = 60.0
     max_connections: int = 1024
     shutdown_timeout: float = 5.0
+    identity_cache: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +213,7 @@ class GrantConfig:
     group: str | None = None
     gid: int | None = None
     unit: str | None = None
+    user_unit: str | None = None
     apps: tuple[str, ...] = ("*",)
     types: tuple[str, ...] = ("user",)
     max_ttl: float | None = None
@@ -400,6 +402,7 @@ def _read_server(r: _Reader) -> ServerConfig:
         idle_timeout=r.get("idle_timeout", d.idle_timeout, _positive_duration),
         max_connections=r.get("max_connections", d.max_connections, _positive_int),
         shutdown_timeout=r.get("shutdown_timeout", d.shutdown_timeout, _positive_duration),
+        identity_cache=r.get("identity_cache", d.identity_cache, _positive_duration),
     )
     if cfg.socket_group and not cfg.socket_group.isdigit():
         try:
@@ -550,7 +553,8 @@ def _read_grant(index: int, r: _Reader, apps: Mapping[str, AppConfig]) -> GrantC
         uid=r.get("uid", None, _int),
         group=r.get("group", None, _nonempty),
         gid=r.get("gid", None, _int),
-        unit=r.get("unit", None, _nonempty),
+        unit=r.get("unit", None, _unit_name),
+        user_unit=r.get("user_unit", None, _unit_name),
         apps=r.get("apps", ("*",), _string_list),
         types=r.get("types", ("user",), types),
         max_ttl=r.get("max_ttl", None, _positive_duration),
@@ -562,11 +566,30 @@ def _read_grant(index: int, r: _Reader, apps: Mapping[str, AppConfig]) -> GrantC
         r.problem("rest", 'lists endpoints, but types does not include "rest"')
     if "rest" in grant.types and not grant.rest and "rest" in r.table.get("types", ()):
         r.problem("types", 'includes "rest", but the grant lists no rest endpoints (rest = ["PUT /users/*"])')
+    if grant.user_unit is not None and grant.uid is None and grant.user is None:
+        r.problem(
+            "user_unit",
+            "must be combined with uid or user in the same grant: every user names the units of "
+            "their own systemd manager freely",
+        )
     for app in grant.apps:
         if app != "*" and app not in apps:
             r.problem("apps", f"names app {app!r}, which has no [apps.{app}] table")
     r.finish()
     return grant
+
+
+_UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.\\-]+(?:@[A-Za-z0-9:_.\\-]+)?\.(?:service|scope|socket|mount|swap)$")
+
+
+def _unit_name(value: Any) -> str:
+    name = _nonempty(value)
+    if len(name) > 255 or not _UNIT_NAME.match(name):
+        raise ValueError(
+            f"{name!r} is not the name of a systemd unit that runs processes "
+            "(such as php-fpm.service, talkjs-sync.service or session-1.scope)"
+        )
+    return name
 
 
 def _read_audit(r: _Reader) -> AuditConfig:

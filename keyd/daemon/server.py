@@ -29,7 +29,7 @@ import httptools
 
 from keyd.config import ServerConfig
 from keyd.daemon.api import Deferred, Request, Response, error_body
-from keyd.daemon.peers import Caller, Identities, peer_credentials
+from keyd.daemon.peers import Caller, Identities
 from keyd.errors import StartupError
 
 log = logging.getLogger("keyd.server")
@@ -176,14 +176,23 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         try:
-            pid, uid, gid = peer_credentials(transport.get_extra_info("socket"))
-            self.caller = server.identities.caller(pid, uid, gid)
+            self.caller, known = server.identities.identify(transport.get_extra_info("socket"))
         except OSError:
             transport.close()
             return
         server.connections.add(self)
         self.parser = httptools.HttpRequestParser(self)
         self.deadline = server.now() + server.idle_timeout
+        if not known:
+            # A uid keyd has not seen: its names are looked up in a worker thread (NSS may block),
+            # and only this connection waits for them.
+            transport.pause_reading()
+            server.identities.when_named(self.caller, self._named)
+
+    def _named(self, caller: Caller) -> None:
+        self.caller = caller
+        if self.parser is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -269,6 +278,8 @@ class Connection(asyncio.Protocol):
         url = self._url
         caller = self.caller
         assert caller is not None  # noqa: S101 - set in connection_made before parsing
+        if caller.expires < server.soon:  # bounded by the identity cache time: resolved again
+            caller = self.caller = server.identities.refresh(caller, self.transport.get_extra_info("socket"))
         if url == b"/v1/tokens" and server.tokens is not None and self.parser.get_method() == b"POST":
             # The hot path: no Request, routing or Response object for the usual answer.
             try:
@@ -502,7 +513,7 @@ class Server:
         self.handler = handler
         # POST /v1/tokens straight to the API (Api.issue), bypassing ``handler``'s generic objects.
         self.tokens = tokens
-        self.identities = identities or Identities()
+        self.identities = identities or Identities(config.identity_cache)
         self.connections: set[Connection] = set()
         self.closing = False
         self.refused_connections = 0
@@ -543,6 +554,7 @@ class Server:
         calls it alone, to feed connections without a socket."""
         self.now = loop.time
         self.soon = self.now() + self._interval
+        self.identities.clock = loop.time  # identities expire on the clock deadlines use
         self.call_soon = loop.call_soon
 
     async def start(self, sock: socket.socket | None = None) -> None:

@@ -7,22 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
 from typing import Any
 
+from keyd import config as configuration
 from keyd.config import Config
 from keyd.daemon import containment, systemd
 from keyd.daemon.api import Api
 from keyd.daemon.audit import AuditLog
 from keyd.daemon.keystore import KeyStore
 from keyd.daemon.metrics import Metrics, RequestStats, Sources, TcpListener, vault_section
-from keyd.daemon.peers import Policy
+from keyd.daemon.peers import Policy, off_loop
 from keyd.daemon.refresher import Refresher
 from keyd.daemon.server import Server
 from keyd.daemon.vault import Vault
-from keyd.errors import StartupError
+from keyd.errors import ConfigError, StartupError
 from keyd.logs import ago
 
 log = logging.getLogger("keyd.daemon")
@@ -78,6 +80,7 @@ class Daemon:
         self._ready_sent = False
         self._reload_waiting: set[str] = set()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._grant_reloads: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -110,6 +113,7 @@ class Daemon:
         self.refresher.start()
         self._loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._tasks.append(asyncio.create_task(self._report_status()))
+        self._tasks.append(asyncio.create_task(self._resolve_grant_names()))
         interval = systemd.watchdog_interval()
         if interval:
             self._tasks.append(asyncio.create_task(self._watchdog(interval)))
@@ -159,6 +163,47 @@ class Daemon:
         self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         self.audit.reopen()
         self.refresher.refresh_now()
+        self._reload_grants_soon()
+
+    # -- grants: reloaded on SIGHUP, their names resolved again every identity cache period ----
+
+    def _reload_grants_soon(self) -> None:
+        if self._loop is None:
+            return
+        task = self._loop.create_task(self._reload_grants())
+        self._grant_reloads.add(task)
+        task.add_done_callback(self._grant_reloads.discard)
+
+    async def _reload_grants(self) -> None:
+        """Re-read the [[grant]] tables (only those) from the config file, off the event loop.
+
+        They decide from the next request on, on every connection, kept-alive ones included. A
+        file with problems changes nothing: the grants in use stay.
+        """
+        source = self.config.source
+        try:
+            fresh = await off_loop(configuration.load, source)
+            compiled = await off_loop(self.policy.compile, fresh.grants)
+        except ConfigError as exc:
+            log.error("SIGHUP: grants not reloaded, keeping those in use: %s", exc)
+            return
+        except Exception:
+            log.exception("SIGHUP: grants not reloaded, keeping those in use")
+            return
+        self.policy.install(compiled)
+        log.info("SIGHUP: %d grant(s) reloaded from %s", len(fresh.grants), source)
+        if dataclasses.replace(fresh, grants=()) != dataclasses.replace(self.config, grants=()):
+            log.warning(
+                "SIGHUP reloads only [[grant]] tables: restart keyd for the other changes in %s", source
+            )
+
+    async def _resolve_grant_names(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.server.identity_cache)
+            try:
+                await self.policy.reresolve()
+            except Exception:
+                log.exception("could not resolve the names grants use again")
 
     # -- key events and status ---------------------------------------------------------------
 

@@ -6,20 +6,24 @@ Used by ``keyd grants`` and ``keyd check-config``; returns lines of text, the CL
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 from collections.abc import Callable, Iterable
 
 from keyd.config import Config, GrantConfig
-from keyd.daemon.peers import Caller, Identities, Policy, format_rate
+from keyd.daemon.peers import Caller, Policy, format_rate, lookup_names
 from keyd.errors import ConfigError
 
 # A grant that lets a group with more members than this mint app tokens gets a warning.
 MANY_MEMBERS = 5
-_SELECTORS = ("user", "uid", "group", "gid", "unit")
+_SELECTORS = ("user", "uid", "group", "gid", "unit", "user_unit")
 
 
-def caller_for(uid: int | None = None, user: str | None = None, unit: str = "") -> Caller:
-    """The Caller a process of this user would be: its primary and supplementary groups.
+def caller_for(
+    uid: int | None = None, user: str | None = None, unit: str = "", user_unit: str = ""
+) -> Caller:
+    """The Caller a process of this user would be when started with its groups from the group
+    database (``--init-groups``, a login): its primary and supplementary groups.
 
     A uid without a passwd entry has no groups at all (gid -1).
     """
@@ -36,15 +40,22 @@ def caller_for(uid: int | None = None, user: str | None = None, unit: str = "") 
             gid = pwd.getpwuid(uid).pw_gid
         except KeyError:
             gid = -1
-    name, groups, gids = Identities().lookup(uid, gid)
+    try:
+        entry = pwd.getpwuid(uid)
+        gids = {*os.getgrouplist(entry.pw_name, entry.pw_gid), gid}
+    except KeyError:
+        gids = {gid}
+    gids.discard(-1)
+    name, names = lookup_names(uid, gids)
     return Caller(
         pid=0,
         uid=uid,
         gid=gid,
         user=name,
-        groups=groups,
-        gids=frozenset(g for g in gids if g >= 0),
+        groups=frozenset(names.values()),
+        gids=frozenset(gids),
         unit=unit,
+        user_unit=user_unit,
     )
 
 
@@ -71,6 +82,7 @@ def explain(config: Config, caller: Caller) -> tuple[bool, list[str]]:
     lines = [
         f"caller: uid {caller.uid} ({caller.user or 'no passwd entry'}), gid {caller.gid}, groups: {groups}"
         + (f", unit {caller.unit}" if caller.unit else "")
+        + (f", user unit {caller.user_unit}" if caller.user_unit else "")
     ]
     grant = Policy(config.grants).grant_for(caller)
     if grant is None:
@@ -93,7 +105,7 @@ def explain(config: Config, caller: Caller) -> tuple[bool, list[str]]:
         lines.append(f"  max_ttl: {_duration(grant.max_ttl)}")
     pattern = grant.user_id_pattern.pattern if grant.user_id_pattern is not None else "any valid user_id"
     lines.append(f"  user_id_pattern: {pattern}")
-    rate = f"{format_rate(grant.rate)} per caller process" if grant.rate is not None else "unlimited"
+    rate = f"{format_rate(grant.rate)} per caller uid" if grant.rate is not None else "unlimited"
     lines.append(f"  rate: {rate}")
     lines += rest_lines(grant)
     return True, lines

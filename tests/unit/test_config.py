@@ -587,3 +587,33 @@ def test_cert_method_requires_its_files() -> None:
         f'{SOURCE}: vault.auth.client_cert: is required when method = "cert"',
         f'{SOURCE}: vault.auth.client_key: is required when method = "cert"',
     ]
+
+
+# -- unit and user_unit selectors (sec-peers) -------------------------------------------------
+
+
+def test_user_unit_needs_a_uid_or_user_in_the_same_grant() -> None:
+    data = minimal()
+    data["grant"] = [{"user_unit": "talkjs-sync.service", "types": ["app"]}]
+    problem = one_problem(data)
+    assert problem.startswith(f"{SOURCE}: grant[0].user_unit: must be combined with uid or user")
+    for who in ({"uid": 1000}, {"user": "sync"}):
+        data["grant"] = [{"user_unit": "talkjs-sync.service", "types": ["app"], **who}]
+        assert config.parse(data, SOURCE).grants[0].user_unit == "talkjs-sync.service"
+
+
+@pytest.mark.parametrize("key", ["unit", "user_unit"])
+@pytest.mark.parametrize("name", ["talkjs-sync", "system.slice", "x@.service", "a b.service", ""])
+def test_unit_selectors_must_name_a_unit_with_processes(key: str, name: str) -> None:
+    data = minimal()
+    data["grant"] = [{key: name, "uid": 1}]
+    problem = one_problem(data)
+    assert problem.startswith(f"{SOURCE}: grant[0].{key}: ")
+
+
+def test_identity_cache_is_a_duration() -> None:
+    data = minimal()
+    data["server"] = {"identity_cache": "5s"}
+    assert config.parse(data, SOURCE).server.identity_cache == 5.0
+    data["server"] = {"identity_cache": "soon"}
+    assert one_problem(data).startswith(f"{SOURCE}: server.identity_cache: ")

@@ -2,31 +2,56 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
 from keyd import cli
 from keyd.config import AppConfig, Config, GrantConfig, RefreshConfig, ServerConfig, VaultConfig
+from keyd.daemon import peers
+from keyd.daemon.api import Response
 from keyd.daemon.peers import (
     DEFAULT_GRANT,
     Caller,
     Identities,
     Policy,
     RateLimiter,
+    cgroup_root,
     format_rate,
     grant_matches,
     peer_credentials,
+    peer_groups,
+    process_file,
+    systemd_cgroup,
     unit_from_cgroup,
+    unit_from_path,
+    units_of,
+    user_unit_from_path,
 )
+from keyd.daemon.server import Server
 from keyd.errors import ApiError
 from keyd.ops import grants
 
 APP = AppConfig(name="default", app_id="tA")
 OTHER = AppConfig(name="other", app_id="tB")
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def caller(**kw: object) -> Caller:
@@ -71,38 +96,261 @@ def test_peer_credentials_of_a_socketpair_are_our_own() -> None:
         assert peer_credentials(a) == (os.getpid(), os.getuid(), os.getgid())
 
 
+USER_SYNC = "/user.slice/user-1000.slice/user@1000.service/app.slice/talkjs-sync.service"
+
+
 @pytest.mark.parametrize(
-    ("text", "unit"),
+    ("path", "unit", "user_unit"),
     [
-        ("0::/system.slice/php-fpm.service\n", "php-fpm.service"),
-        ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/run-r1.scope\n", "run-r1.scope"),
-        ("12:pids:/x\n1:name=systemd:/system.slice/nginx.service/sub\n0::/\n", "nginx.service"),
-        ("0::/\n", ""),
-        ("0::/docker/abcdef\n", ""),
-        ("", ""),
+        # system services, as systemd lays them out
+        ("/system.slice/php-fpm.service", "php-fpm.service", None),
+        ("/system.slice/talkjs-sync.service", "talkjs-sync.service", None),
+        ("/system.slice/system-getty.slice/getty@tty1.service", "getty@tty1.service", None),
+        ("/system.slice/docker-0123abcd.scope", "docker-0123abcd.scope", None),
+        ("/system.slice/sshd.socket", "sshd.socket", None),
+        ("/system.slice/home.mount", "home.mount", None),
+        # nested slices (a-b.slice is a child of a.slice) and a delegated subtree below a service
+        ("/a.slice/a-b.slice/a-b-c.slice/worker@7.service", "worker@7.service", None),
+        ("/system.slice/app.service/payload", "app.service", None),
+        ("/system.slice/app.service/evil.slice/talkjs-sync.service", "app.service", None),
+        ("/system.slice/_cgroup.procs.service", "cgroup.procs.service", None),  # cg_unescape
+        # a user's own systemd manager: the unit is the manager; the user unit is what it runs
+        (USER_SYNC, "user@1000.service", (1000, "talkjs-sync.service")),
+        (
+            "/user.slice/user-1000.slice/user@1000.service/init.scope",
+            "user@1000.service",
+            (1000, "init.scope"),
+        ),
+        (
+            "/user.slice/user-1000.slice/user@1000.service/app.slice/app-x.slice/run-r1.scope",
+            "user@1000.service",
+            (1000, "run-r1.scope"),
+        ),
+        ("/user.slice/user-1000.slice/user@1000.service/app.slice", "user@1000.service", None),
+        # login sessions
+        ("/user.slice/user-1000.slice/session-3.scope", "session-3.scope", None),
+        ("/user.slice/user-1000.slice/session-c1.scope/child", "session-c1.scope", None),
+        # PID 1, the root, slices alone, no systemd, outside our cgroup namespace
+        ("/init.scope", "init.scope", None),
+        ("/", "", None),
+        ("/user.slice/user-1000.slice", "", None),
+        ("/docker/0123abcd", "", None),
+        ("/process_api/626892a5", "", None),
+        ("/../../system.slice/talkjs-sync.service", "", None),
+        ("/system.slice/bad name.service", "", None),
+        ("/system.slice/x@.service", "", None),  # a template is no unit of a process
     ],
 )
-def test_unit_from_cgroup(text: str, unit: str) -> None:
-    assert unit_from_cgroup(text) == unit
+def test_units_from_cgroup_paths_like_sd_pid_get_unit(
+    path: str, unit: str, user_unit: tuple[int, str] | None
+) -> None:
+    assert unit_from_path(path) == unit
+    assert user_unit_from_path(path) == user_unit
 
 
-def test_identities_resolve_root_and_cache_for_a_minute() -> None:
+def test_a_user_managers_unit_is_never_the_unit() -> None:
+    text = f"0::{USER_SYNC}\n"
+    assert unit_from_cgroup(text) == "user@1000.service"
+    assert units_of(text, 1000) == ("user@1000.service", "talkjs-sync.service")
+    # A process of another uid inside uid 1000's manager (a setuid program it started) has none.
+    assert units_of(text, 0) == ("user@1000.service", "")
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ("0::/system.slice/php-fpm.service\n", "/system.slice/php-fpm.service"),  # unified
+        # hybrid: systemd tracks in the v2 hierarchy; both name the same cgroup
+        (
+            "9:name=systemd:/system.slice/a.service\n1:cpu:/\n0::/system.slice/a.service\n",
+            "/system.slice/a.service",
+        ),
+        # legacy (cgroup v1 only): everything sits at the v2 root, name=systemd tells
+        (
+            "12:pids:/x\n1:name=systemd:/system.slice/nginx.service/sub\n0::/\n",
+            "/system.slice/nginx.service/sub",
+        ),
+        ("11:cpu,name=systemd:/system.slice/b.service\n", "/system.slice/b.service"),
+        # a name=systemd hierarchy of one's own cannot override the v2 path
+        (f"5:name=systemd:/system.slice/talkjs-sync.service\n0::{USER_SYNC}\n", USER_SYNC),
+        ("4:memory:/system.slice/x.service\n", None),
+        ("0::/\n", "/"),
+        ("", None),
+    ],
+)
+def test_systemd_cgroup_picks_systemds_hierarchy(text: str, path: str | None) -> None:
+    assert systemd_cgroup(text) == path
+
+
+@pytest.mark.parametrize(
+    ("pid1", "root", "path", "unit"),
+    [
+        ("0::/init.scope\n", "/", "/system.slice/a.service", "a.service"),
+        # systemd in a container without a cgroup namespace: paths are shifted by PID 1's root
+        ("0::/docker/c1/init.scope\n", "/docker/c1", "/docker/c1/system.slice/a.service", "a.service"),
+        ("1:name=systemd:/lxc/c2/init.scope\n0::/\n", "/lxc/c2", "/lxc/c2/init.scope", "init.scope"),
+        (None, "/", "/system.slice/a.service", "a.service"),
+    ],
+)
+def test_paths_are_shifted_by_the_root_like_cg_get_root_path(
+    pid1: str | None, root: str, path: str, unit: str
+) -> None:
+    assert cgroup_root(pid1) == root
+    assert unit_from_path(path, root) == unit
+
+
+def test_peer_credentials_groups_and_cgroup_of_a_socketpair_are_our_own() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        assert peer_groups(a) == tuple(os.getgroups())
+        text = process_file(a, os.getpid(), "cgroup")
+        assert text == Path("/proc/self/cgroup").read_text()
+
+
+def _connected_child(
+    listener: socket.socket, before_connect: Callable[[], None]
+) -> tuple[socket.socket, int]:
+    """A forked child that runs ``before_connect``, connects to ``listener`` and waits; (our end, pid)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            before_connect()
+            child = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            child.connect(listener.getsockname())
+            child.recv(1)
+        finally:
+            os._exit(0)
+    conn, _ = listener.accept()
+    return conn, pid
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(tmp_path / "l.sock"))
+    sock.listen(8)
+    with sock:
+        yield sock
+
+
+def test_the_cgroup_of_a_peer_that_has_exited_is_never_read(listener: socket.socket) -> None:
+    conn, pid = _connected_child(listener, lambda: None)
+    with conn:
+        assert process_file(conn, pid, "cgroup") is not None  # alive: read
+        conn.send(b"x")
+        os.waitpid(pid, 0)  # exited and reaped: its pid is free for anyone
+        assert process_file(conn, pid, "cgroup") is None
+
+
+def test_without_so_peerpidfd_a_pidfd_opened_after_accept_guards_the_read(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peers, "SO_PEERPIDFD", 4095)  # no such option: ENOPROTOOPT, as before Linux 6.5
+    conn, pid = _connected_child(listener, lambda: None)
+    with conn:
+        assert process_file(conn, pid, "cgroup") == Path(f"/proc/{pid}/cgroup").read_text()
+        conn.send(b"x")
+        os.waitpid(pid, 0)
+        assert process_file(conn, pid, "cgroup") is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the child sets its own groups")
+def test_peer_groups_are_the_processs_own_even_beyond_256(listener: socket.socket) -> None:
+    many = list(range(3_000_000, 3_000_300))
+    conn, pid = _connected_child(listener, lambda: os.setgroups(many))
+    with conn:
+        assert sorted(peer_groups(conn) or ()) == many
+        conn.send(b"x")
+    os.waitpid(pid, 0)
+    conn, pid = _connected_child(listener, lambda: os.setgroups([]))
+    with conn:
+        assert peer_groups(conn) == ()
+        conn.send(b"x")
+    os.waitpid(pid, 0)
+
+
+def test_identify_takes_names_from_the_cache_and_looks_up_the_rest_in_a_thread() -> None:
+    calls: list[int] = []
+
+    def lookup(uid: int, gids: Iterable[int]) -> tuple[str, dict[int, str]]:
+        calls.append(uid)
+        return "me", {g: f"g{g}" for g in gids}
+
+    ids = Identities(lookup=lookup, root="/")
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        first, known = ids.identify(a)
+        assert not known and first.user == ""
+        wait_for(lambda: calls and ids.identify(a)[1])
+        again, known = ids.identify(a)
+        assert known and again.user == "me" and again.gids == frozenset({os.getgid(), *os.getgroups()})
+        assert again.groups == frozenset(f"g{g}" for g in again.gids)
+        assert calls == [os.getuid()]
+
+
+def test_a_slow_name_lookup_does_not_stall_the_event_loop() -> None:
+    release = threading.Event()
+
+    def slow(uid: int, gids: Iterable[int]) -> tuple[str, dict[int, str]]:
+        release.wait(10)
+        return "slow", {}
+
+    async def scenario() -> tuple[float, Caller]:
+        ids = Identities(lookup=slow, wait=5.0, root="/")
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with a, b:
+            caller, known = ids.identify(a)
+            assert not known
+            named: asyncio.Future[Caller] = asyncio.get_running_loop().create_future()
+            ids.when_named(caller, named.set_result)
+            started = time.monotonic()
+            for _ in range(20):
+                await asyncio.sleep(0.005)  # the loop keeps turning while NSS hangs
+            stalled = time.monotonic() - started
+            assert not named.done()
+            release.set()
+            return stalled, await asyncio.wait_for(named, 5)
+
+    stalled, named = asyncio.run(scenario())
+    assert stalled < 1.0
+    assert named.user == "slow"
+
+
+def test_a_hung_name_lookup_gives_up_waiting_after_a_while() -> None:
+    release = threading.Event()
+
+    def hung(uid: int, gids: Iterable[int]) -> tuple[str, dict[int, str]]:
+        release.wait(10)
+        return "late", {}
+
+    async def scenario() -> Caller:
+        ids = Identities(lookup=hung, wait=0.1, root="/")
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with a, b:
+            caller, _ = ids.identify(a)
+            named: asyncio.Future[Caller] = asyncio.get_running_loop().create_future()
+            ids.when_named(caller, named.set_result)
+            return await asyncio.wait_for(named, 5)
+
+    try:
+        named = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert named.user == ""  # served without a name rather than held by NSS
+    assert named.uid == os.getuid()
+
+
+def test_an_identity_expires_after_the_cache_time_and_is_resolved_again() -> None:
     clock = FakeClock()
-    ids = Identities(clock)
-    user, names, gids = ids.lookup(0, 0)
-    assert user == "root"
-    assert "root" in names and 0 in gids
-    ids._cache[(0, 0)] = (clock.now, "cached", frozenset(), frozenset())
-    assert ids.lookup(0, 0)[0] == "cached"
-    clock.now += 61
-    assert ids.lookup(0, 0)[0] == "root"
-
-
-def test_unknown_uid_has_no_name_but_keeps_its_gid() -> None:
-    user, names, gids = Identities().lookup(4_000_123, 4_000_321)
-    assert user == ""
-    assert gids == frozenset({4_000_321})
-    assert names == frozenset()
+    ids = Identities(cache_seconds=5.0, clock=clock, lookup=lambda uid, gids: ("me", {}), root="/")
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with a, b:
+        caller, _ = ids.identify(a)
+        assert caller.expires == clock.now + 5.0
+        clock.now += 6
+        fresh = ids.refresh(caller, a)
+        assert fresh is not caller and fresh.expires == clock.now + 5.0
+        assert (fresh.pid, fresh.uid, fresh.gids) == (caller.pid, caller.uid, caller.gids)
 
 
 # -- grant matching --------------------------------------------------------------------------
@@ -124,11 +372,57 @@ def test_unknown_uid_has_no_name_but_keeps_its_gid() -> None:
         ({"unit": "nginx.service"}, False),
         ({"group": "www-data", "unit": "php-fpm.service"}, True),
         ({"group": "www-data", "unit": "nginx.service"}, False),  # all given must match
+        ({"group": "no-such-group"}, False),  # a name that does not resolve matches nobody
+        ({"user": "no-such-user"}, False),
+        ({"user": "alice", "uid": 1001}, False),  # name and id disagree: nobody
+        ({"user": "alias-of-alice"}, True),  # matched by uid, whatever name the passwd lists first
+        ({"group": "staff-alias"}, True),
+        # sd_pid_get_unit: a user's own manager's units are never the unit
+        ({"unit": "talkjs-sync.service"}, False),
+        ({"uid": 1000, "user_unit": "talkjs-sync.service"}, False),
     ],
 )
 def test_grant_selectors(selectors: dict[str, object], matches: bool) -> None:
     grant = GrantConfig(index=0, **selectors)  # type: ignore[arg-type]
-    assert grant_matches(grant, caller()) is matches
+    users = {"alice": 1000, "alias-of-alice": 1000, "bob": 1001}.get
+    groups = {"www-data": 33, "wheel": 10, "staff-alias": 1000}.get
+    assert grant_matches(grant, caller(), users, groups) is matches
+
+
+@pytest.mark.parametrize(
+    ("selectors", "matches"),
+    [
+        ({"unit": "talkjs-sync.service"}, False),  # the unit is user@1000.service
+        ({"unit": "user@1000.service"}, True),
+        ({"uid": 1000, "user_unit": "talkjs-sync.service"}, True),
+        ({"user": "alice", "user_unit": "talkjs-sync.service"}, True),
+        ({"uid": 1001, "user_unit": "talkjs-sync.service"}, False),
+        ({"uid": 1000, "user_unit": "other.service"}, False),
+    ],
+)
+def test_user_unit_selector(selectors: dict[str, object], matches: bool) -> None:
+    grant = GrantConfig(index=0, **selectors)  # type: ignore[arg-type]
+    in_manager = caller(unit="user@1000.service", user_unit="talkjs-sync.service")
+    no_groups: dict[str, int] = {}
+    assert grant_matches(grant, in_manager, {"alice": 1000}.get, no_groups.get) is matches
+
+
+async def _reresolve(policy: Policy) -> None:
+    await policy.reresolve()
+
+
+def test_names_resolved_again_reach_every_caller() -> None:
+    known = {"www-data": 33}
+    policy = Policy([GrantConfig(index=0, group="www-data")], groups=known.get)
+    assert policy.grant_for(caller()) is not None
+    del known["www-data"]  # groupdel
+    asyncio.run(_reresolve(policy))
+    assert policy.grant_for(caller()) is None
+    known["www-data"] = 33
+    asyncio.run(_reresolve(policy))
+    assert policy.grant_for(caller()) is not None
+    policy.install(policy.compile([GrantConfig(index=0, uid=4242)]))  # a reload
+    assert policy.grant_for(caller()) is None
 
 
 def test_first_matching_grant_decides() -> None:
@@ -251,7 +545,23 @@ def test_policy_answers_429_beyond_the_rate_and_counts_refusals_too() -> None:
         policy.authorize(caller(), APP, "user", None, "a")
     assert (err.value.status, err.value.code) == (429, "rate_limited")
     assert "2/s" in err.value.message
-    policy.authorize(caller(pid=101), APP, "user", None, "a")
+    # Another process of the same uid shares the bucket: forking gains nothing.
+    with pytest.raises(ApiError) as err:
+        policy.authorize(caller(pid=101), APP, "user", None, "a")
+    assert err.value.code == "rate_limited"
+    policy.authorize(caller(uid=2000), APP, "user", None, "a")  # another uid has its own
+
+
+def test_buckets_of_a_unit_grant_are_per_uid_and_unit() -> None:
+    clock = FakeClock()
+    grant = GrantConfig(index=0, unit="php-fpm.service", rate=1.0)
+    policy = Policy([grant, GrantConfig(index=1, rate=1.0)], RateLimiter(clock))
+    policy.authorize(caller(), APP, "user", None, "a")
+    with pytest.raises(ApiError):
+        policy.authorize(caller(pid=7), APP, "user", None, "a")
+    # The same uid outside the unit falls to grant[1] and its own bucket.
+    policy.authorize(caller(unit="cron.service"), APP, "user", None, "a")
+    assert peers.rate_identity(grant, caller()) == (1000, "php-fpm.service", "")
 
 
 @pytest.mark.parametrize(
@@ -282,7 +592,7 @@ def test_explain_lists_types_apps_ttls_pattern_and_rate() -> None:
     assert "apps: other" in text and "default" not in text
     assert "user tokens up to 2m, app tokens up to 2m" in text  # the grant tightens 24h and 5m
     assert "^u[0-9]+$" in text
-    assert "50/s per caller process" in text
+    assert "50/s per caller uid" in text
 
 
 def test_explain_without_a_match() -> None:
@@ -355,7 +665,98 @@ def test_cli_grants_by_uid_and_user(tmp_path: Path, capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert "matches grant[0] (uid = 0)" in out
     assert "types: user, app" in out
-    assert "rate: 10/s per caller process" in out
+    assert "rate: 10/s per caller uid" in out
     assert cli.main(["grants", "-c", str(path), "--uid", "4000123"]) == 1
     assert "no grant matches" in capsys.readouterr().out
     assert cli.main(["grants", "-c", str(path), "--user", "no-such-user-kd"]) == 2
+
+
+_SLOW_CLIENT = r"""
+import socket, sys, time
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(30)
+sock.connect(sys.argv[1])
+sock.sendall(b"GET /v1/ping HTTP/1.1\r\nHost: keyd\r\nConnection: close\r\n\r\n")
+answer = b""
+while chunk := sock.recv(4096):
+    answer += chunk
+print(answer.split(b" ")[1].decode(), flush=True)
+"""
+
+
+def _python_for(uid: int) -> str:
+    for candidate in (os.path.realpath(sys.executable), "/usr/bin/python3"):
+        try:
+            probe = subprocess.run([candidate, "-c", "0"], user=uid, group=uid, extra_groups=[], check=False)
+        except OSError:
+            continue
+        if probe.returncode == 0:
+            return candidate
+    pytest.skip("no Python interpreter is executable by another uid")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: callers of two other uids")
+def test_a_hung_name_lookup_of_one_uid_does_not_delay_another_callers_answer() -> None:
+    """A real Server; the NSS lookup of one uid hangs (an injected resolver), another uid's
+    request is answered meanwhile, and the first is answered once its lookup returns."""
+    slow_uid, fast_uid = 4_100_001, 4_100_002
+    release = threading.Event()
+
+    def lookup(uid: int, gids: Iterable[int]) -> tuple[str, dict[int, str]]:
+        if uid == slow_uid:
+            release.wait(20)
+        return f"u{uid}", {}
+
+    async def client(uid: int, path: str, python: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            python, "-c", _SLOW_CLIENT, path, user=uid, group=uid, extra_groups=[], stdout=subprocess.PIPE
+        )
+
+    async def scenario() -> tuple[float, bool]:
+        path = os.path.join(workdir, "s.sock")
+        server = Server(
+            ServerConfig(socket=path, socket_mode=0o666),
+            lambda request: Response(200, b'{"user":"%s"}' % request.caller.user.encode()),
+            identities=Identities(lookup=lookup, wait=30.0, root="/"),
+        )
+        python = _python_for(slow_uid)
+        await server.start()
+        try:
+            slow = await client(slow_uid, path, python)
+            for _ in range(1000):  # until the hung uid is connected and waiting for its name
+                if server.connections or slow.returncode is not None:
+                    break
+                await asyncio.sleep(0.01)
+            assert server.connections, "the first client never connected"
+            started = time.monotonic()
+            fast = await client(fast_uid, path, python)
+            fast_out, _ = await asyncio.wait_for(fast.communicate(), 15)
+            fast_seconds = time.monotonic() - started
+            assert fast_out.strip() == b"200"
+            slow_waited = slow.returncode is None  # still waiting while the other was answered
+            release.set()
+            slow_out, _ = await asyncio.wait_for(slow.communicate(), 15)
+            assert slow_out.strip() == b"200"
+            return fast_seconds, slow_waited
+        finally:
+            release.set()
+            await server.shutdown()
+
+    workdir = tempfile.mkdtemp(prefix="kd-", dir="/tmp")  # reachable by the other uids
+    os.chmod(workdir, 0o755)  # noqa: S103 - other uids must reach the socket inside
+    try:
+        fast_seconds, slow_waited = asyncio.run(scenario())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert slow_waited
+    assert fast_seconds < 10.0  # a Python start-up and one request, not the 20 s hang
+
+
+def test_cli_grants_with_a_user_unit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, '[[grant]]\nuid = 0\nuser_unit = "sync.service"\ntypes = ["app"]\n')
+    assert cli.main(["grants", "-c", str(path), "--uid", "0", "--user-unit", "sync.service"]) == 0
+    out = capsys.readouterr().out
+    assert "user unit sync.service" in out
+    assert "matches grant[0] (uid = 0, user_unit = 'sync.service')" in out
+    # The same name as a system unit is another thing: no match.
+    assert cli.main(["grants", "-c", str(path), "--uid", "0", "--unit", "sync.service"]) == 1

@@ -588,9 +588,13 @@ class Server:
         interval = self._interval
         while True:
             await asyncio.sleep(interval)
-            now = self.now()
-            for conn in [c for c in self.connections if c.deadline < now]:
-                conn.expire()
+            self.expire_due()
+
+    def expire_due(self) -> None:
+        """One sweep: every connection whose deadline has passed on the clock now is expired."""
+        now = self.now()
+        for conn in [c for c in self.connections if c.deadline < now]:
+            conn.expire()
 
     async def shutdown(self) -> None:
         """Stop taking connections, answer what was already sent, close the rest without a reset.

@@ -10,9 +10,9 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -72,7 +72,8 @@ def _directory(parent: Path, name: str, mode: int, owner: int = 0, group: int = 
     return path
 
 
-Config = Callable[[Path, Path | None], dict[str, Any]]
+class Config(Protocol):
+    def __call__(self, socket_dir: Path, audit_file: Path | None = None) -> dict[str, Any]: ...
 
 
 @pytest.fixture

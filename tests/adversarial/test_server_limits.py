@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ def accounts(users: SysUsers) -> dict[str, Any]:
 
 
 def _ask(users: SysUsers, user: str, socket_path: str) -> list[Any]:
-    result = users.client(user, socket_path, [["POST", "/v1/tokens", {"user_id": "alice"}]])
+    result = users.client(user, socket_path, [("POST", "/v1/tokens", {"user_id": "alice"})])
     assert "connect_error" not in result, result
     return list(result["results"][0])
 
@@ -143,7 +144,7 @@ def test_a_refusal_flood_cannot_fill_the_disk(
 
     def counted() -> int:
         mine = [line for line in _audit_lines(audit) if line.get("uid") == flooder.pw_uid]
-        return sum(1 for line in mine if line["outcome"] == "refused") + sum(
+        return sum(1 for line in mine if line["outcome"] == "refused") + sum(  # type: ignore[no-any-return]  # JSON numbers
             line.get("folded", 0) for line in mine if line["outcome"] == "refused_folded"
         )
 
@@ -249,7 +250,5 @@ def _stop_began(logs: str) -> float:
         if line.startswith("{"):
             doc = json.loads(line)
             if doc.get("message") == "shutting down":
-                from datetime import datetime  # noqa: PLC0415 - only here
-
                 return datetime.fromisoformat(doc["time"]).timestamp()
     raise AssertionError(f"no 'shutting down' line:\n{logs}")

@@ -15,8 +15,8 @@ import socket
 import threading
 import time
 from collections import Counter
-from datetime import datetime
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 

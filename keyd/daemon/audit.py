@@ -304,7 +304,7 @@ class AuditLog:
     def flush(self) -> None:
         """Write every pending line with as few write(2) calls as the kernel allows."""
         self._scheduled = False
-        if not self._pending:
+        if not self._pending or self._fd < 0:  # nothing to write, or closed (a late timer)
             return
         pending, self._pending = self._pending, []
         data = self._lines(pending).encode("utf-8", "replace")

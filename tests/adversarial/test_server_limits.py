@@ -223,6 +223,14 @@ def test_a_stop_resets_no_request_that_was_sent_in_time(
     config = base_config(bao, short_dir, path)
     config["log"] = {"format": "json"}
     keyd = keyd_factory(config)
+    idle = []  # keep-alive connections that made one request and then wait
+    for i in range(4):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(keyd.socket)
+        sock.sendall(token_request(f"idle{i}"))
+        assert read_response(sock)[0] == 200
+        idle.append(sock)
     clients = [Client(keyd.socket, i) for i in range(16)]
     for client in clients:
         client.start()
@@ -242,6 +250,9 @@ def test_a_stop_resets_no_request_that_was_sent_in_time(
     assert set(in_time) <= {"200", "200 close"}, in_time
     assert set(later) <= {"200", "200 close", "eof"}, later
     assert "reset" not in later
+    for sock in idle:  # idle through the drain window: an EOF, not a reset
+        assert sock.recv(65536) == b""
+        sock.close()
 
 
 def _stop_began(logs: str) -> float:

@@ -223,10 +223,12 @@ class AuditLog:
         for (uid, code), state in self._refusals.items():
             if state.folded:
                 caller = state.caller
+                # uid -1: the shared bucket of uids beyond the table; its last caller says little.
+                user, pid, unit = (caller.user, caller.pid, caller.unit) if uid >= 0 else ("", 0, "")
                 self._pending.append(
                     f'{{"time":"{stamp}","outcome":"refused_folded","code":{_opt(code)},'
-                    f'"uid":{uid},"user":{_json_str(caller.user[:_MAX_NAME])},"pid":{caller.pid},'
-                    f'"unit":{_json_str(caller.unit[:_MAX_NAME])},"folded":{state.folded},'
+                    f'"uid":{uid},"user":{_json_str(user[:_MAX_NAME])},"pid":{pid},'
+                    f'"unit":{_json_str(unit[:_MAX_NAME])},"folded":{state.folded},'
                     f'"since":"{_timestamp(state.since)}"}}\n'
                 )
                 state.folded = 0

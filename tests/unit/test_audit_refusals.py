@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from keyd.config import AuditConfig
+from keyd.daemon import audit as audit_module
 from keyd.daemon.audit import MAX_REFUSED_SUB, AuditLog
 from keyd.daemon.peers import Caller
 from keyd.errors import StartupError
@@ -167,3 +168,21 @@ def test_reopen_refuses_a_symlink_and_keeps_the_old_file(tmp_path: Path) -> None
     audit.close()
     assert target.read_text() == ""
     assert [line["sub"] for line in read(tmp_path / "audit.log.1")] == ["one", "two"]
+
+
+def test_the_table_of_callers_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit_module, "_MAX_REFUSAL_KEYS", 3)
+    audit, _, path = make(tmp_path, refusal_burst=1)
+    for uid in range(10):
+        caller = dataclasses.replace(MALLORY, uid=2000 + uid)
+        for _ in range(3):
+            audit.record(caller, "default", "user", "m", None, "refused", "forbidden")
+    assert len(audit._refusals) <= 4  # three callers and the shared bucket
+    audit.close()
+    lines = read(path)
+    total = sum(1 for line in lines if line["outcome"] == "refused") + sum(
+        line.get("folded", 0) for line in lines
+    )
+    assert total == 30
+    shared = [line for line in lines if line.get("uid") == -1]
+    assert shared and shared[0]["user"] == "" and shared[0]["pid"] == 0

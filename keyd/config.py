@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,6 +79,11 @@ class ServerConfig:
     max_connections: int = 1024
     shutdown_timeout: float = 5.0
     identity_cache: float = 60.0
+    # One uid may hold at most this many connections: another uid is still served while one holds
+    # all it can (docs/security.md, "Local adversary").
+    max_connections_per_uid: int = 256
+    # A fresh connection must send its first request byte within this time.
+    first_byte_timeout: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +231,11 @@ class GrantConfig:
 class AuditConfig:
     file: str = ""
     hash_user_ids: bool = False
+    # Refusals are logged line by line up to a burst, then at a rate, per uid and reason; the rest
+    # are counted and written as one summary line per uid and reason every refusal_summary_every.
+    refusal_burst: int = 20
+    refusal_rate: float = 1.0
+    refusal_summary_every: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,7 +413,15 @@ def _read_server(r: _Reader) -> ServerConfig:
         max_connections=r.get("max_connections", d.max_connections, _positive_int),
         shutdown_timeout=r.get("shutdown_timeout", d.shutdown_timeout, _positive_duration),
         identity_cache=r.get("identity_cache", d.identity_cache, _positive_duration),
+        max_connections_per_uid=r.get("max_connections_per_uid", 0, _positive_int),
+        first_byte_timeout=r.get("first_byte_timeout", d.first_byte_timeout, _positive_duration),
     )
+    if not cfg.max_connections_per_uid:
+        # Unset: 256, but at most a quarter of max_connections, so one uid never holds them all.
+        per_uid = min(d.max_connections_per_uid, max(1, cfg.max_connections // 4))
+        cfg = replace(cfg, max_connections_per_uid=per_uid)
+    elif cfg.max_connections_per_uid > cfg.max_connections:
+        r.problem("max_connections_per_uid", "must not be greater than server.max_connections")
     if cfg.socket_group and not cfg.socket_group.isdigit():
         try:
             grp.getgrnam(cfg.socket_group)
@@ -597,6 +615,9 @@ def _read_audit(r: _Reader) -> AuditConfig:
     cfg = AuditConfig(
         file=r.get("file", d.file, _expand),
         hash_user_ids=r.get("hash_user_ids", d.hash_user_ids, _bool),
+        refusal_burst=r.get("refusal_burst", d.refusal_burst, _positive_int),
+        refusal_rate=r.get("refusal_rate", d.refusal_rate, parse_rate),
+        refusal_summary_every=r.get("refusal_summary_every", d.refusal_summary_every, _positive_duration),
     )
     r.finish()
     return cfg

@@ -14,6 +14,17 @@ lines are formatted by hand when the buffer is flushed (the caller part cached p
 prefix per second) and written with one ``write(2)`` after a short delay (``flush_interval``) or
 once 256 decisions are pending, never fsynced. A crash can lose the last fraction of a second of audit lines; that is the trade for
 signing at full speed. A failing write is logged (at most once a minute) and does not stop signing.
+
+Every issued token and verified webhook gets its own line. Refusals are bounded per caller: a
+caller without a grant must not be able to fill the disk with them. Per uid and error code, a burst
+of ``refusal_burst`` lines, then ``refusal_rate`` lines a second; the rest are counted and written
+as one ``refused_folded`` line per uid and code every ``refusal_summary_every``::
+
+    {"time":"2025-01-31T12:00:10.000Z","outcome":"refused_folded","code":"forbidden","uid":1001,
+     "user":"mallory","pid":4711,"unit":"","folded":19979,"since":"2025-01-31T12:00:00.120Z"}
+
+A refused line's user id is cut to 64 characters (``"sub_chars"`` then gives its full length);
+names from the system (user, unit) to 256.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from json.encoder import encode_basestring_ascii as _json_str
 
 from keyd.config import AuditConfig
 from keyd.daemon.peers import Caller
+from keyd.daemon.safefiles import open_audit_file
 from keyd.errors import StartupError
 
 log = logging.getLogger("keyd.audit")
@@ -38,6 +50,9 @@ FLUSH_RECORDS = 256  # about 64 KiB of lines
 _MAX_CACHED_CALLERS = 1024
 _MILLIS = [f".{ms:03d}Z" for ms in range(1000)] + [".999Z"]  # the last entry absorbs float rounding
 _ERROR_EVERY = 60.0
+MAX_REFUSED_SUB = 64  # characters of a refused request's user id kept in its line
+_MAX_NAME = 256  # characters of a user or unit name (systemd's own limit for unit names)
+_MAX_REFUSAL_KEYS = 4096  # (uid, code) pairs tracked at once; beyond, idle ones are forgotten
 
 
 # (time, caller, app, type, sub, ttl, outcome, code): one decision, formatted at flush time.
@@ -48,9 +63,22 @@ def _opt(value: str | None) -> str:
     return "null" if value is None else _json_str(value)
 
 
-def open_append(path: str) -> int:
-    """Open (or create, mode 0600) ``path`` for appending; raises OSError."""
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _timestamp(now: float) -> str:
+    second = int(now)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + _MILLIS[int((now - second) * 1000)]
+
+
+class _Refusals:
+    """One (uid, code)'s refusal lines: a token bucket, and how many were folded since ``since``."""
+
+    __slots__ = ("caller", "folded", "since", "stamp", "tokens")
+
+    def __init__(self, tokens: float, now: float, caller: Caller) -> None:
+        self.tokens = tokens
+        self.stamp = now
+        self.folded = 0
+        self.since = now
+        self.caller = caller
 
 
 class AuditLog:
@@ -70,22 +98,25 @@ class AuditLog:
         self._hash = config.hash_user_ids
         self._clock = clock
         self._flush_interval = flush_interval
-        self._pending: list[_Record] = []
+        self._pending: list[_Record | str] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._middles: dict[tuple[Caller, str, str | None, str | None, str | None, int | None], str] = {}
         self._second = -1
         self._prefix = ""
         self._last_error = -_ERROR_EVERY
+        self._burst = float(config.refusal_burst)
+        self._rate = config.refusal_rate
+        self._summary_every = config.refusal_summary_every
+        self._refusals: dict[tuple[int, str | None], _Refusals] = {}
+        self._summary_scheduled = False
         self._fd = self._open()
 
     def _open(self) -> int:
+        """The audit file's descriptor (never through a symlink; see safefiles), or stderr's."""
         if not self.path:
             return sys.stderr.fileno()
-        try:
-            return open_append(self.path)
-        except OSError as exc:
-            raise StartupError(f"audit.file: cannot open {self.path!r}: {exc.strerror}") from None
+        return open_audit_file(self.path)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Buffer lines and flush them from ``loop`` shortly after they are recorded."""
@@ -109,6 +140,9 @@ class AuditLog:
         in keyd's request path (docs/benchmarks.md) formatting each line as it was recorded cost
         more than signing the token, because it interleaved with everything else a request does.
         """
+        if outcome == "refused":
+            self._refused(caller, app, kind, sub, ttl, code)
+            return
         self._pending.append((self._clock(), caller, app, kind, sub, ttl, outcome, code))
         if len(self._pending) >= FLUSH_RECORDS or self._loop is None:
             self.flush()
@@ -116,7 +150,102 @@ class AuditLog:
             self._scheduled = True
             self._loop.call_later(self._flush_interval, self.flush)
 
-    def _lines(self, records: list[_Record]) -> str:
+    def _refused(
+        self,
+        caller: Caller,
+        app: str | None,
+        kind: str | None,
+        sub: str | None,
+        ttl: int | None,
+        code: str | None,
+    ) -> None:
+        """A refusal: its own line while the (uid, code) bucket allows, otherwise counted."""
+        now = self._clock()
+        key = (caller.uid, code)
+        state = self._refusals.get(key)
+        if state is None:
+            if len(self._refusals) >= _MAX_REFUSAL_KEYS:
+                self._forget_idle(now)
+                if len(self._refusals) >= _MAX_REFUSAL_KEYS:
+                    key = (-1, code)  # every uid beyond the table shares one bucket per code
+                    state = self._refusals.get(key)
+            if state is None:
+                state = self._refusals[key] = _Refusals(self._burst, now, caller)
+        if state.tokens < self._burst:
+            state.tokens = min(self._burst, state.tokens + max(0.0, now - state.stamp) * self._rate)
+        state.stamp = now
+        if state.tokens >= 1.0:
+            state.tokens -= 1.0
+            self._pending.append(self._refused_line(now, caller, app, kind, sub, ttl, code))
+            if len(self._pending) >= FLUSH_RECORDS or self._loop is None:
+                self.flush()
+            elif not self._scheduled:
+                self._scheduled = True
+                self._loop.call_later(self._flush_interval, self.flush)
+            return
+        if state.folded == 0:
+            state.since = now
+        state.folded += 1
+        state.caller = caller
+        if self._loop is not None and not self._summary_scheduled:
+            self._summary_scheduled = True
+            self._loop.call_later(self._summary_every, self.summarise)
+
+    def _refused_line(
+        self,
+        now: float,
+        caller: Caller,
+        app: str | None,
+        kind: str | None,
+        sub: str | None,
+        ttl: int | None,
+        code: str | None,
+    ) -> str:
+        """A refusal's line, formatted now (refusal lines are few): the user id is cut short."""
+        middle = self._middles.get((caller, "refused", code, app, kind, ttl)) or self._middle(
+            (caller, "refused", code, app, kind, ttl)
+        )
+        head = '{"time":"' + _timestamp(now) + middle
+        if sub is None:
+            return head + '"sub":null}\n'
+        if self._hash:
+            digest = hashlib.sha256(sub.encode("utf-8", "replace")).hexdigest()
+            return head + f'"sub_sha256":"{digest}"}}\n'
+        if len(sub) > MAX_REFUSED_SUB:
+            return head + f'"sub":{_json_str(sub[:MAX_REFUSED_SUB])},"sub_chars":{len(sub)}}}\n'
+        return head + f'"sub":{_json_str(sub)}}}\n'
+
+    def summarise(self) -> None:
+        """Write one ``refused_folded`` line per (uid, code) that had refusals folded; forget idle ones."""
+        self._summary_scheduled = False
+        now = self._clock()
+        stamp = _timestamp(now)
+        for (uid, code), state in self._refusals.items():
+            if state.folded:
+                caller = state.caller
+                # uid -1: the shared bucket of uids beyond the table; its last caller says little.
+                user, pid, unit = (caller.user, caller.pid, caller.unit) if uid >= 0 else ("", 0, "")
+                self._pending.append(
+                    f'{{"time":"{stamp}","outcome":"refused_folded","code":{_opt(code)},'
+                    f'"uid":{uid},"user":{_json_str(user[:_MAX_NAME])},"pid":{pid},'
+                    f'"unit":{_json_str(unit[:_MAX_NAME])},"folded":{state.folded},'
+                    f'"since":"{_timestamp(state.since)}"}}\n'
+                )
+                state.folded = 0
+        self._forget_idle(now)
+        self.flush()
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop the buckets that have refilled and hold no folded count: they are as new."""
+        burst, rate = self._burst, self._rate
+        for key in [
+            key
+            for key, state in self._refusals.items()
+            if not state.folded and state.tokens + (now - state.stamp) * rate >= burst
+        ]:
+            del self._refusals[key]
+
+    def _lines(self, records: list[_Record | str]) -> str:
         """The lines for ``records``, formatted in one loop (a call per line cost a third more)."""
         out: list[str] = []
         append = out.append
@@ -129,6 +258,9 @@ class AuditLog:
         last: _Record | None = None
         middle = ""
         for record in records:
+            if isinstance(record, str):  # a refusal or summary line, formatted when recorded
+                append(record)
+                continue
             now, caller, app, kind, sub, ttl, outcome, code = record
             second = int(now)
             if second != current:
@@ -165,7 +297,7 @@ class AuditLog:
             f'","outcome":{_json_str(outcome)},"code":{_opt(code)},"app":{_opt(app)},'
             f'"type":{_opt(kind)},"ttl":{"null" if ttl is None else int(ttl)},'
             f'"pid":{caller.pid},"uid":{caller.uid},"gid":{caller.gid},'
-            f'"user":{_json_str(caller.user)},"unit":{_json_str(caller.unit)},'
+            f'"user":{_json_str(caller.user[:_MAX_NAME])},"unit":{_json_str(caller.unit[:_MAX_NAME])},'
         )
         return middle
 
@@ -204,7 +336,7 @@ class AuditLog:
     def flush(self) -> None:
         """Write every pending line with as few write(2) calls as the kernel allows."""
         self._scheduled = False
-        if not self._pending:
+        if not self._pending or self._fd < 0:  # nothing to write, or closed (a late timer)
             return
         pending, self._pending = self._pending, []
         self._write(self._lines(pending).encode("utf-8", "replace"))
@@ -232,19 +364,17 @@ class AuditLog:
         if not self.path:
             return
         try:
-            fd = open_append(self.path)
-        except OSError as exc:
-            log.error(
-                "could not reopen audit file %s (%s); still writing to the old one", self.path, exc.strerror
-            )
+            fd = open_audit_file(self.path)
+        except StartupError as exc:
+            log.error("could not reopen the audit file (%s); still writing to the old one", exc)
             return
         old, self._fd = self._fd, fd
         os.close(old)
         log.info("audit file %s reopened", self.path)
 
     def close(self) -> None:
-        """Flush what is pending and close the file (standard error stays open)."""
-        self.flush()
+        """Summarise folded refusals, flush what is pending and close the file (stderr stays open)."""
+        self.summarise()
         if self.path and self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -5,7 +5,8 @@ is handled synchronously inside ``data_received``: signing is pure CPU work of a
 there is nothing to await, responses stay in order for pipelined requests, and no task is created
 per request. ``POST /v1/tokens`` goes straight to ``Api.issue``; everything else becomes a
 ``Request`` for the generic handler. Answers are queued and written once per event-loop pass
-(``Server.flush``). Timeouts are enforced by one sweeper task rather than a timer per request.
+(``Server.flush``). Timeouts are enforced by one sweeper task rather than a timer per request;
+each deadline is taken from the real clock when the bytes it is about arrive, so it never fires early.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import errno
 import grp
 import logging
 import os
+import secrets
 import socket
 import stat
 import time
@@ -30,14 +32,19 @@ import httptools
 from keyd.config import ServerConfig
 from keyd.daemon.api import Deferred, Request, Response, error_body
 from keyd.daemon.peers import Caller, Identities
+from keyd.daemon.safefiles import check_directory
 from keyd.errors import StartupError
 
 log = logging.getLogger("keyd.server")
 
 MAX_HEADER_BYTES = 16384
+_MAX_SUN_PATH = 107  # sockaddr_un.sun_path, less its terminating NUL
 LINGER_SECONDS = 1.0  # after a 413: how long to discard the rest of an oversized body
 CLOSE_GRACE = 1.0  # after closing: how long a peer that reads nothing may keep its connection
 MAX_HELD = 64  # answers held behind a deferred one before the connection stops reading
+# On shutdown: how long requests already sent (or arriving) are still read and answered with
+# "Connection: close" before idle connections get an EOF (Server.shutdown).
+DRAIN_SECONDS = 0.1
 _OK_JSON = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
 _STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
@@ -53,6 +60,12 @@ def _raw_response(status: int, code: str, message: str) -> bytes:
 
 
 _TOO_MANY = _raw_response(503, "too_many_connections", "keyd is at its connection limit; retry shortly")
+_TOO_MANY_FOR_UID = _raw_response(
+    503,
+    "too_many_connections",
+    "this user holds as many connections to keyd as server.max_connections_per_uid allows; "
+    "reuse or close one",
+)
 _SHUTTING_DOWN = _raw_response(503, "shutting_down", "keyd is shutting down")
 
 
@@ -67,58 +80,85 @@ def _resolve_group(group: str) -> int:
         raise StartupError(f"server.socket_group: no group named {group!r}") from None
 
 
-def bind_socket(config: ServerConfig) -> socket.socket:
-    """Bind a listening Unix socket at config.socket with its mode and group.
+def bind_socket(config: ServerConfig) -> tuple[socket.socket, int]:
+    """Bind a listening Unix socket at config.socket with its mode and group; (socket, inode).
 
-    A stale socket file (nobody listening) is replaced; a live one makes this fail, so two daemons
-    never fight over one path. The socket is bound under a temporary name, given its mode and group,
-    then renamed into place: it is never reachable with looser permissions.
+    The directory must be one no other user can change (safefiles.check_directory). A stale socket
+    file (nobody listening) of keyd's user or root is replaced; a live one makes this fail, so two
+    daemons never fight over one path. The socket is bound inside a fresh private 0700 directory,
+    given its group and mode there (no other user can swap that name for a symlink while keyd
+    chowns and chmods it: both follow symlinks on a socket path), then renamed into place: it is
+    never reachable with looser permissions, and no name another user controls is ever followed.
     """
     path = config.socket
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise StartupError(f"server.socket: directory {directory!r} does not exist")
+    name = os.path.basename(path)
+    check_directory("server.socket", directory)
+    gid = _resolve_group(config.socket_group)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise StartupError(f"server.socket: {path!r} exists and is not a socket; not replacing it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        _replaceable(path, name, dir_fd)
+        private = f".kd{secrets.token_hex(4)}"
         try:
-            probe.settimeout(1.0)
-            probe.connect(path)
+            os.mkdir(private, 0o700, dir_fd=dir_fd)
         except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise StartupError(f"server.socket: cannot probe {path!r}: {exc.strerror}") from None
-            log.info("replacing stale socket file %s", path)
-        else:
-            raise StartupError(f"server.socket: another process is already serving on {path!r}")
+            raise StartupError(
+                f"server.socket: cannot create a directory in {directory!r}: {exc.strerror}"
+            ) from None
+        inner = f"{private}/s"
+        bind_path = os.path.join(directory, inner)
+        if len(bind_path.encode()) > _MAX_SUN_PATH:  # the directory through its descriptor: shorter
+            bind_path = f"/proc/self/fd/{dir_fd}/{inner}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(bind_path)
+            if gid >= 0:
+                os.chown(inner, -1, gid, dir_fd=dir_fd, follow_symlinks=False)
+            os.chmod(inner, config.socket_mode, dir_fd=dir_fd)  # inside keyd's own 0700 directory
+            os.rename(inner, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            inode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(inner, dir_fd=dir_fd)
+            raise StartupError(f"server.socket: cannot create {path!r}: {exc.strerror}") from None
         finally:
-            probe.close()
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(temporary)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(temporary)
-        gid = _resolve_group(config.socket_group)
-        if gid >= 0:
-            os.chown(temporary, -1, gid)
-        os.chmod(temporary, config.socket_mode)
-        os.rename(temporary, path)
-    except OSError as exc:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise StartupError(f"server.socket: cannot create {path!r}: {exc.strerror}") from None
+            os.umask(old_umask)
+            with contextlib.suppress(OSError):
+                os.rmdir(private, dir_fd=dir_fd)
     finally:
-        os.umask(old_umask)
+        os.close(dir_fd)
     sock.listen(4096)
     sock.setblocking(False)
-    return sock
+    return sock, inode
+
+
+def _replaceable(path: str, name: str, dir_fd: int) -> None:
+    """Raise StartupError unless nothing is at ``path`` or a stale socket of keyd's user or root."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"server.socket: {path!r} exists and is not a socket; not replacing it")
+    if st.st_uid not in (0, os.geteuid()):
+        raise StartupError(
+            f"server.socket: {path!r} is a socket of uid {st.st_uid}, not of keyd's user or root; "
+            "another user may have planted it: remove it and keep the directory private"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise StartupError(f"server.socket: cannot probe {path!r}: {exc.strerror}") from None
+        log.info("replacing stale socket file %s", path)
+    else:
+        raise StartupError(f"server.socket: another process is already serving on {path!r}")
+    finally:
+        probe.close()
 
 
 def _call_now(callback: Callable[[], None]) -> None:
@@ -128,6 +168,15 @@ def _call_now(callback: Callable[[], None]) -> None:
 
 class _Abort(Exception):
     """Stop parsing this connection: a response has been written and it will be closed."""
+
+
+class _SealedHeaders(dict[bytes, bytes]):
+    """A request's headers once they are complete: chunked trailers arrive through on_header too,
+    and must not add to or replace them (a trailer could otherwise set X-TalkJS-Signature or
+    Content-Type after the fact). Writes are ignored; reads are a plain dict's."""
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        return None
 
 
 class Connection(asyncio.Protocol):
@@ -143,8 +192,10 @@ class Connection(asyncio.Protocol):
         "deadline",
         "held",
         "parser",
+        "received",
         "server",
         "transport",
+        "uid",
     )
 
     def __init__(self, server: Server) -> None:
@@ -152,8 +203,11 @@ class Connection(asyncio.Protocol):
         self.transport: Any = None
         self.parser: Any = None
         self.caller: Caller | None = None
+        # True from the first byte of a request until it is answered.
         self.busy = False
         self.deadline = 0.0
+        self.received = 0.0  # the clock when data_received last ran
+        self.uid: int | None = None  # counted in server.uid_connections while set
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
         self._header_bytes = 0
@@ -166,7 +220,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         server = self.server
-        if server.closing:
+        if server.stopped:
             transport.write(_SHUTTING_DOWN)
             transport.close()
             return
@@ -180,9 +234,13 @@ class Connection(asyncio.Protocol):
         except OSError:
             transport.close()
             return
-        server.connections.add(self)
+        if not server.admit(self, self.caller.uid):
+            transport.write(_TOO_MANY_FOR_UID)
+            transport.close()
+            return
         self.parser = httptools.HttpRequestParser(self)
-        self.deadline = server.now() + server.idle_timeout
+        # A fresh connection must start its request soon: holding idle slots costs a caller this.
+        self.deadline = server.now() + server.first_byte_timeout
         if not known:
             # A uid keyd has not seen: its names are looked up in a worker thread (NSS may block),
             # and only this connection waits for them.
@@ -192,10 +250,13 @@ class Connection(asyncio.Protocol):
     def _named(self, caller: Caller) -> None:
         self.caller = caller
         if self.parser is not None and not self.transport.is_closing():
+            if not self.busy:  # the first-byte deadline counts from when keyd starts reading
+                self.deadline = self.server.now() + self.server.first_byte_timeout
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
+        if self.uid is not None:
+            self.server.release(self)
         self.parser = None
         held, self.held = self.held, None
         for item in held or ():
@@ -205,6 +266,13 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.parser is None:
             return
+        server = self.server
+        # One clock read per read: the deadlines this data starts are measured from when it
+        # arrived, never from an older time (a stalled loop must not make them fire early).
+        self.received = now = server.now()
+        if not self.busy:
+            self.busy = True
+            self.deadline = now + server.request_timeout
         try:
             self.parser.feed_data(data)
         except _Abort:
@@ -229,17 +297,12 @@ class Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         if not self.busy:
-            # The request's first URL bytes: llhttp's on_message_begin folded in here, one Python
-            # callback fewer per request (a request line always has a URL).
+            # A pipelined request that began in the same read as the previous one's end.
             self.busy = True
-            server = self.server
-            self.deadline = server.soon + server.request_timeout
-            self._url = url
-            self._headers = {}
-            self._header_bytes = 0
-            self._body = b""
-        else:
-            self._url += url
+            self.deadline = self.received + self.server.request_timeout
+        # Per-request state is reset when a request is answered (_reset), so no on_message_begin
+        # callback is needed; b"" + url is url itself, no copy.
+        self._url += url
         if len(self._url) > 8192:
             self._fail(414, "uri_too_long", "the request URL is too long")
 
@@ -247,10 +310,24 @@ class Connection(asyncio.Protocol):
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > MAX_HEADER_BYTES:
             self._fail(431, "headers_too_large", "the request headers are too large")
-        self._headers[name.lower()] = value
+        headers = self._headers
+        key = name.lower()
+        if key in headers:
+            # A repeated field is one comma-separated list (RFC 9110 5.3): "Transfer-Encoding: gzip"
+            # then "Transfer-Encoding: chunked" must read as "gzip, chunked", not as the last one.
+            value = headers[key] + b", " + value
+        headers[key] = value
 
     def on_headers_complete(self) -> None:
         headers = self._headers
+        if b"transfer-encoding" in headers:
+            if headers[b"transfer-encoding"].strip().lower() != b"chunked":
+                self._fail(
+                    501,
+                    "unsupported_transfer_encoding",
+                    "only Transfer-Encoding: chunked is supported (no other coding)",
+                )
+            self._headers = _SealedHeaders(headers)  # trailers, if any, are ignored
         length = headers.get(b"content-length")
         # Fewer digits than max_body has cannot exceed it: the usual case skips int().
         if (
@@ -261,9 +338,14 @@ class Connection(asyncio.Protocol):
             and int(length) > self._body_limit()
         ):
             self._too_large()
-        if b"expect" in headers and headers[b"expect"].lower() == b"100-continue":
+        if (
+            b"expect" in headers
+            and headers[b"expect"].lower() == b"100-continue"
+            and self.parser.get_http_version() != "1.0"
+        ):
             # curl sends this for bodies over 1 KiB (a forwarded webhook) and otherwise waits a
-            # second before sending the body.
+            # second before sending the body. An HTTP/1.0 client knows no 1xx answers: RFC 9110
+            # 10.1.1 says to ignore the expectation there.
             self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -278,7 +360,7 @@ class Connection(asyncio.Protocol):
         url = self._url
         caller = self.caller
         assert caller is not None  # noqa: S101 - set in connection_made before parsing
-        if caller.expires < server.soon:  # bounded by the identity cache time: resolved again
+        if caller.expires < self.received:  # bounded by the identity cache time: resolved again
             caller = self.caller = server.identities.refresh(caller, self.transport.get_extra_info("socket"))
         if url == b"/v1/tokens" and server.tokens is not None and self.parser.get_method() == b"POST":
             # The hot path: no Request, routing or Response object for the usual answer.
@@ -298,7 +380,11 @@ class Connection(asyncio.Protocol):
                 if len(outbox) == 1:
                     server.call_soon(server.flush)
                 self.busy = False
-                self.deadline = server.soon + server.idle_timeout
+                self.deadline = self.received + server.idle_timeout
+                self._url = b""
+                self._headers = {}
+                self._header_bytes = 0
+                self._body = b""
                 return
             self._finish(answer if isinstance(answer, Response) else Response(200, answer))
             return
@@ -339,7 +425,11 @@ class Connection(asyncio.Protocol):
             server.flush()
             self.transport.close()
             raise _Abort
-        self.deadline = server.soon + server.idle_timeout
+        self.deadline = self.received + server.idle_timeout
+        self._url = b""
+        self._headers = {}
+        self._header_bytes = 0
+        self._body = b""
 
     # -- deferred answers (the REST proxy) ---------------------------------------------------
 
@@ -479,6 +569,17 @@ class Connection(asyncio.Protocol):
         self.deadline = self.server.now() + LINGER_SECONDS
         raise _Abort
 
+    def half_close(self) -> None:
+        """Shutdown, idle connection: an EOF tells the client no answer will come on it.
+
+        Whatever the client still sends is read and dropped, so the final close finds nothing
+        unread (closing with unread bytes would reset the connection under the client).
+        """
+        self.server.flush()
+        self.parser = None
+        if not self.transport.is_closing():
+            self.transport.write_eof()
+
     def expire(self) -> None:
         """Called by the sweeper when the deadline passed: 408 mid-request, silent close when idle.
 
@@ -508,14 +609,19 @@ class Server:
         handler: Callable[[Request], Response],
         identities: Identities | None = None,
         tokens: Callable[[Caller, bytes, bytes | None], bytes | Response] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.handler = handler
         # POST /v1/tokens straight to the API (Api.issue), bypassing ``handler``'s generic objects.
         self.tokens = tokens
-        self.identities = identities or Identities(config.identity_cache)
+        self.identities = identities or Identities(config.identity_cache, clock=clock)
         self.connections: set[Connection] = set()
-        self.closing = False
+        # uid -> connections it holds now (server.max_connections_per_uid caps each)
+        self.uid_connections: dict[int, int] = {}
+        self.max_per_uid = config.max_connections_per_uid
+        self.closing = False  # shutdown began: answers carry "Connection: close"
+        self.stopped = False  # shutdown drained: no connection is accepted any more
         self.refused_connections = 0
         # error code -> requests rejected here, before the API (400, 408, 413, 414, 431, 500)
         self.rejections: dict[str, int] = {}
@@ -523,19 +629,21 @@ class Server:
         self._sweeper: asyncio.Task[None] | None = None
         self._bound_path: str | None = None
         self._bound_inode: int | None = None
-        # The clock for deadlines: the loop's own once serving.
-        self.now: Callable[[], float] = time.monotonic
+        # The clock for deadlines (monotonic, full resolution: uvloop's loop.time() counts
+        # milliseconds). Deadlines are read from it when the bytes they concern arrive, and the
+        # sweeper compares them with it every interval: never early, at most one interval late
+        # (plus however long the event loop itself was stalled).
+        self.now = clock
         self.request_timeout = config.request_timeout
         self.idle_timeout = config.idle_timeout
+        self.first_byte_timeout = config.first_byte_timeout
         self.max_body = config.max_body
         self.max_body_digits = len(str(config.max_body))
         # The REST proxy's body limit for /v1/rest/ (0: no proxy, server.max_body everywhere).
         self.rest_max_body = 0
-        # The sweeper's clock plus one sweep interval, refreshed by the sweeper: the two deadlines
-        # set per request are measured from it without reading a clock, so they are never early;
-        # with the sweep's own granularity they fire at most two intervals late.
-        self._interval = min(1.0, config.request_timeout / 4, config.idle_timeout / 4)
-        self.soon = time.monotonic() + self._interval
+        self._interval = min(
+            1.0, config.request_timeout / 4, config.idle_timeout / 4, config.first_byte_timeout / 4
+        )
         # Answers queued by Connection._send, written by flush once per event-loop pass.
         self.outbox: list[tuple[Any, bytes]] = []
         self.call_soon: Callable[[Callable[[], None]], object] = _call_now
@@ -550,21 +658,44 @@ class Server:
                 pass
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Take ``loop``'s clock and flush on it. start() does this; `keyd bench --inprocess`
-        calls it alone, to feed connections without a socket."""
-        self.now = loop.time
-        self.soon = self.now() + self._interval
-        self.identities.clock = loop.time  # identities expire on the clock deadlines use
+        """Flush on ``loop``. start() does this; `keyd bench --inprocess` calls it alone, to feed
+        connections without a socket."""
         self.call_soon = loop.call_soon
+
+    def admit(self, conn: Connection, uid: int) -> bool:
+        """Count a new connection against its uid's cap; False (not counted) when the cap is reached.
+
+        Every uid counts, root and keyd's own included: a cap with an exception is a cap a
+        compromised root-run client could exhaust for everyone else.
+        """
+        held = self.uid_connections.get(uid, 0)
+        if held >= self.max_per_uid:
+            self.refused_connections += 1
+            return False
+        self.uid_connections[uid] = held + 1
+        conn.uid = uid
+        self.connections.add(conn)
+        return True
+
+    def release(self, conn: Connection) -> None:
+        """The connection is gone: it no longer counts against its uid."""
+        uid = conn.uid
+        conn.uid = None
+        self.connections.discard(conn)
+        if uid is not None:
+            held = self.uid_connections.get(uid, 1) - 1
+            if held > 0:
+                self.uid_connections[uid] = held
+            else:
+                self.uid_connections.pop(uid, None)
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Serve on an inherited listening socket, or bind config.socket."""
         loop = asyncio.get_running_loop()
         self.attach(loop)
         if sock is None:
-            sock = bind_socket(self.config)
+            sock, self._bound_inode = bind_socket(self.config)
             self._bound_path = self.config.socket
-            self._bound_inode = os.stat(self.config.socket).st_ino
         self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock, backlog=4096)
         self._sweeper = asyncio.create_task(self._sweep())
 
@@ -572,24 +703,47 @@ class Server:
         interval = self._interval
         while True:
             await asyncio.sleep(interval)
-            now = self.now()
-            self.soon = now + interval
-            for conn in [c for c in self.connections if c.deadline < now]:
-                conn.expire()
+            self.expire_due()
+
+    def expire_due(self) -> None:
+        """One sweep: every connection whose deadline has passed on the clock now is expired."""
+        now = self.now()
+        for conn in [c for c in self.connections if c.deadline < now]:
+            conn.expire()
 
     async def shutdown(self) -> None:
-        """Stop accepting, let requests in flight finish (bounded), close everything, remove the socket."""
+        """Stop taking connections, answer what was already sent, close the rest without a reset.
+
+        1. The socket file goes (no new client finds it), and every answer from now on carries
+           "Connection: close".
+        2. For DRAIN_SECONDS keyd keeps reading and answering: a request a client had sent before
+           the stop began is in the kernel's buffer and gets its answer, with "Connection: close"
+           (so do connections still waiting in the listen backlog).
+        3. The listener closes; each idle connection gets an EOF (half-close) and what its client
+           still sends is dropped: a client sees "closed", never a reset under a request it sent
+           in time. Clients retry once on a fresh connection (README, docs/operations.md).
+        4. Requests still being received may finish until server.shutdown_timeout; then every
+           connection is closed.
+        """
         self.closing = True
+        self._remove_socket_file()
+        self.flush()
+        deadline = self.now() + self.config.shutdown_timeout
+        await asyncio.sleep(min(DRAIN_SECONDS, self.config.shutdown_timeout / 2))
+        for _ in range(3):  # after a stall the timer can fire before the I/O poll: poll too
+            await asyncio.sleep(0)
+        self.stopped = True
         if self._server is not None:
             self._server.close()
-        self._remove_socket_file()
         self.flush()
         for conn in list(self.connections):
             if not conn.busy and conn.held is None:
-                conn.transport.close()
-        deadline = self.now() + self.config.shutdown_timeout
-        while any(c.busy or c.held is not None for c in self.connections) and self.now() < deadline:
-            await asyncio.sleep(0.05)
+                conn.half_close()
+        linger = min(deadline, self.now() + CLOSE_GRACE)
+        while self.connections and self.now() < deadline:
+            if self.now() >= linger and not any(c.busy or c.held is not None for c in self.connections):
+                break
+            await asyncio.sleep(0.02)
         self.flush()
         for conn in list(self.connections):
             conn.transport.close()
@@ -602,7 +756,7 @@ class Server:
         if self._bound_path is None:
             return
         try:
-            if os.stat(self._bound_path).st_ino == self._bound_inode:
+            if os.lstat(self._bound_path).st_ino == self._bound_inode:
                 os.unlink(self._bound_path)
         except FileNotFoundError:
             pass

@@ -109,7 +109,7 @@ def test_connections_beyond_the_cap_get_a_clear_503(
 ) -> None:
     path, _ = secret_path
     config = base_config(bao, short_dir, path)
-    config["server"].update(max_connections=4)
+    config["server"].update(max_connections=4, max_connections_per_uid=4)  # one uid here
     keyd = keyd_factory(config)
     held = [_connect(keyd.socket) for _ in range(4)]
     # The four are served (keep-alive) and stay open.
@@ -190,7 +190,9 @@ def test_clients_that_never_read_cannot_hold_connection_slots(
 ) -> None:
     path, _ = secret_path
     config = base_config(bao, short_dir, path)
-    config["server"].update(idle_timeout="1s", request_timeout="1s", max_connections=2)
+    config["server"].update(
+        idle_timeout="1s", request_timeout="1s", max_connections=2, max_connections_per_uid=2
+    )
     keyd = keyd_factory(config)
     hogs = []
     for _ in range(2):

@@ -42,6 +42,8 @@ def test_9_idle_connections_and_the_connection_cap(vault, approle_files, start_k
     vault.write_key(new_key())
     config = keyd_config(vault.address, short_dir, approle_files)
     config["server"]["max_connections"] = CAP
+    # All from this test's one uid, idle without a first byte for the whole scenario.
+    config["server"].update(max_connections_per_uid=CAP, first_byte_timeout="10m")
     keyd = start_keyd(config)
     idle = [_connect(keyd.socket) for _ in range(IDLE)]
     extra: list[socket.socket] = []

@@ -110,6 +110,8 @@ request_timeout = "3s"
 idle_timeout = 20
 max_connections = 10
 shutdown_timeout = "2s"
+max_connections_per_uid = 5
+first_byte_timeout = "1500ms"
 
 [vault]
 address = "https://vault.example.com:8200/"
@@ -161,6 +163,9 @@ types = ["user", "app", "webhook"]
 [audit]
 file = "/tmp/audit.log"
 hash_user_ids = true
+refusal_burst = 5
+refusal_rate = "30/m"
+refusal_summary_every = "1m"
 
 [log]
 level = "debug"
@@ -185,6 +190,8 @@ def test_every_key_type_is_parsed(tmp_path: Path) -> None:
         idle_timeout=20.0,
         max_connections=10,
         shutdown_timeout=2.0,
+        max_connections_per_uid=5,
+        first_byte_timeout=1.5,
     )
     assert cfg.vault.address == "https://vault.example.com:8200"  # trailing slash dropped
     assert cfg.vault.ca_cert == "/etc/ssl/vault-ca.pem"
@@ -219,7 +226,13 @@ def test_every_key_type_is_parsed(tmp_path: Path) -> None:
     assert first.user_id_pattern is not None and first.user_id_pattern.pattern == "^[a-z]+$"
     assert first.rate == pytest.approx(10.0)
     assert (second.uid, second.apps, second.types) == (0, ("*",), ("user", "app", "webhook"))
-    assert cfg.audit == config.AuditConfig(file="/tmp/audit.log", hash_user_ids=True)
+    assert cfg.audit == config.AuditConfig(
+        file="/tmp/audit.log",
+        hash_user_ids=True,
+        refusal_burst=5,
+        refusal_rate=0.5,
+        refusal_summary_every=60.0,
+    )
     assert cfg.log == config.LogConfig(level="debug", format="json")
     assert cfg.metrics.listen == "127.0.0.1:9464"
     assert cfg.default_app == "default"
@@ -617,3 +630,12 @@ def test_identity_cache_is_a_duration() -> None:
     assert config.parse(data, SOURCE).server.identity_cache == 5.0
     data["server"] = {"identity_cache": "soon"}
     assert one_problem(data).startswith(f"{SOURCE}: server.identity_cache: ")
+def test_per_uid_connection_cap_defaults_to_a_quarter_of_a_small_max() -> None:
+    data = minimal()
+    data["server"] = {"max_connections": 10}
+    assert config.parse(data, SOURCE).server.max_connections_per_uid == 2
+    assert config.parse(minimal(), SOURCE).server.max_connections_per_uid == 256
+    data["server"] = {"max_connections": 10, "max_connections_per_uid": 11}
+    assert one_problem(data) == (
+        f"{SOURCE}: server.max_connections_per_uid: must not be greater than server.max_connections"
+    )

@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 
 from keyd.config import ServerConfig
+from keyd.daemon import peers as peers_module
 from keyd.daemon import server as server_module
 from keyd.daemon.api import Request, Response
+from keyd.daemon.peers import Caller, Identities
 from keyd.daemon.server import Connection, Server
 
 
@@ -72,9 +74,18 @@ def sock() -> Iterator[socket.socket]:
         yield ours
 
 
+class KnownIdentities(Identities):
+    """Names count as cached: outside a running event loop nothing could look them up."""
+
+    def identify(self, sock: socket.socket) -> tuple[Caller, bool]:
+        caller, _ = super().identify(sock)
+        return caller, True
+
+
 def make(sock: socket.socket, clock: Clock | None = None, **config: Any) -> tuple[Server, Clock]:
     clock = clock or Clock()
-    server = Server(ServerConfig(**config), echo, clock=clock)
+    identities = KnownIdentities(clock=clock, lookup=lambda uid, gids: ("tester", {}), root="/")
+    server = Server(ServerConfig(**config), echo, identities=identities, clock=clock)
     return server, clock
 
 
@@ -270,7 +281,7 @@ def test_the_first_byte_deadline_ends_with_the_first_byte(sock: socket.socket) -
 
 def test_one_uid_cannot_take_every_slot(sock: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
     uid = {"value": 1001}
-    monkeypatch.setattr(server_module, "peer_credentials", lambda _sock: (4242, uid["value"], 100))
+    monkeypatch.setattr(peers_module, "peer_credentials", lambda _sock: (4242, uid["value"], 100))
     server, _ = make(sock, max_connections=8, max_connections_per_uid=3)
     held = [connect(server, sock) for _ in range(3)]
     assert all(not t.closed for _, t in held)

@@ -12,7 +12,6 @@ import pytest
 
 from keyd.config import ServerConfig
 from keyd.daemon import peers as peers_module
-from keyd.daemon import server as server_module
 from keyd.daemon.api import Request, Response
 from keyd.daemon.peers import Caller, Identities
 from keyd.daemon.server import Connection, Server

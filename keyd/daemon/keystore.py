@@ -123,6 +123,7 @@ class AppState:
     last_success: float | None = None
     last_attempt: float | None = None
     last_error: str = ""
+    cause: str = ""  # a short phrase for status lines: "sealed", "permission denied on secret/data/x"
     failures: int = 0
     expires_at: float = 0.0
 
@@ -175,6 +176,7 @@ class KeyStore:
         state.last_success = now
         state.last_attempt = now
         state.last_error = ""
+        state.cause = ""
         state.failures = 0
         state.expires_at = now + self._max_stale
         if old is not None:
@@ -187,10 +189,11 @@ class KeyStore:
                 _wipe(snapshot, keep=old)
         return changed
 
-    def record_failure(self, app: str, message: str) -> None:
+    def record_failure(self, app: str, message: str, cause: str = "") -> None:
         state = self._states[app]
         state.last_attempt = self._clock()
         state.last_error = message
+        state.cause = cause
         state.failures += 1
 
     def ready(self) -> bool:
@@ -223,6 +226,13 @@ class KeyStore:
                 "stale": stale,
                 "refresh_failures": state.failures,
                 "last_error": state.last_error or None,
+                "cause": state.cause or None,
+                "stale_for": (
+                    round(now - state.last_success, 3)
+                    if state.failures and state.last_success is not None
+                    else None
+                ),
+                "max_stale": self._max_stale,
             }
         if can_sign_all:
             status = "degraded" if degraded else "ok"

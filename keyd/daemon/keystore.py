@@ -227,12 +227,6 @@ class KeyStore:
                 "refresh_failures": state.failures,
                 "last_error": state.last_error or None,
                 "cause": state.cause or None,
-                "stale_for": (
-                    round(now - state.last_success, 3)
-                    if state.failures and state.last_success is not None
-                    else None
-                ),
-                "max_stale": self._max_stale,
             }
         if can_sign_all:
             status = "degraded" if degraded else "ok"

@@ -235,8 +235,8 @@ class Refresher:
         if app.separate_webhook_key:
             path += " or " + kv_api_path(app, app.webhook_source[0])
         return SecretError(
-            f"{exc}: keyd's Vault policy does not allow reading {path} (a freshly issued token was "
-            "refused too; retrying on the normal backoff)",
+            f"{exc}: check keyd's Vault policy, which does not allow reading {path} (a freshly issued "
+            "token was refused too; retrying on the normal backoff, without logging in again)",
             f"permission denied on {path}",
         )
 

@@ -245,7 +245,8 @@ class Failover:
                 self.failovers += 1
                 self.current = node.address
 
-    def failed(self, node: Node, error: str, cause: str) -> None:
+    def failed(self, node: Node, error: str, cause: str) -> int:
+        """Mark a failure; returns the node's failures in a row (1: it was healthy until now)."""
         with self._lock:
             now = self._clock()
             node.failures += 1
@@ -253,6 +254,7 @@ class Failover:
             node.last_error = error
             node.last_cause = cause
             node.last_error_at = now
+            return node.failures
 
     def probed(self, node: Node, status: int | None, error: str, cause: str) -> bool:
         """Record a sys/health answer (status None: no answer). True when the node newly serves."""
@@ -420,10 +422,11 @@ class Vault:
                 with translate(node.address):
                     result = call(client)
             except VaultUnavailable as exc:
-                self._failover.failed(node, str(exc), exc.cause)
+                streak = self._failover.failed(node, str(exc), exc.cause)
                 failures.append((node.address, str(exc), exc.cause))
                 if len(self._failover.nodes) > 1:
-                    log.warning(
+                    log.log(
+                        logging.WARNING if streak == 1 else logging.DEBUG,
                         "%s: Vault node %s failed (%s); trying the next node",
                         action,
                         node.address,

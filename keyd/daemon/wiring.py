@@ -234,12 +234,13 @@ class Daemon:
                     parts.append(f"waiting for Vault: no key yet for app {name}{why}")
             elif not a["can_sign"]:
                 parts.append(
-                    f"unavailable: not signing for app {name}{why}, no refresh for {ago(a['stale_for'])}"
+                    f"unavailable: not signing for app {name}{why}, no refresh for "
+                    f"{ago(a['since_last_refresh'])}"
                 )
             elif a["stale"]:
                 parts.append(
-                    f"degraded (signing with the last good key, {ago(a['stale_for'])} of max_stale "
-                    f"{ago(a['max_stale'])} used): app {name}{why}"
+                    f"degraded (signing with the last good key, {ago(a['since_last_refresh'])} of "
+                    f"max_stale {ago(self.config.refresh.max_stale)} used): app {name}{why}"
                 )
         if not parts and not self.store.ready():
             return "waiting for Vault"

@@ -206,6 +206,9 @@ def test_vault_section_never_holds_the_token():
         "token_ttl_remaining": 40.0,
         "login_failures": 0,
         "refresh_failures": 3,
+        "node": None,
+        "failovers": 0,
+        "nodes": [],
     }
     assert vault_section(None, 1, 0, now=0)["logged_in"] is False
     unlimited = vault_section(TokenInfo(ttl=0, renewable=False, obtained_at=0), 0, 0, now=10)

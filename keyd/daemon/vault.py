@@ -335,11 +335,16 @@ class Vault:
         self._lock = threading.Lock()
         self._failover = Failover(config.nodes, clock, rand)
         self._sessions: dict[str, requests.Session] = {}
+        # Passed with every request, not only set on the session: requests lets REQUESTS_CA_BUNDLE
+        # override a session's own ``verify`` (hvac passes it explicitly too).
+        self._verify: bool | str = config.ca_cert or True
+        self._cert: tuple[str, str] | None = None
+        if self._auth.method == "cert":
+            self._cert = (self._auth.client_cert, self._auth.client_key)
         for address in config.nodes:
             session = requests.Session()
-            session.verify = config.ca_cert or True
-            if self._auth.method == "cert":
-                session.cert = (self._auth.client_cert, self._auth.client_key)
+            session.verify = self._verify
+            session.cert = self._cert
             self._sessions[address] = session
         self._factory = client_factory or self._hvac_client
         # (token generation, {address: client}): replaced whole on login, never mutated.
@@ -602,7 +607,11 @@ class Vault:
             error = cause = ""
             try:
                 response = self._sessions[node.address].get(
-                    f"{node.address}/v1/sys/health", timeout=timeout, allow_redirects=False
+                    f"{node.address}/v1/sys/health",
+                    timeout=timeout,
+                    allow_redirects=False,
+                    verify=self._verify,
+                    cert=self._cert,
                 )
                 status = response.status_code
                 if status not in SERVING:

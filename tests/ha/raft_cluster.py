@@ -253,7 +253,7 @@ class RaftCluster:
         wait_until(attempt, timeout, 0.1, what="a KV write")
         return result[-1], time.monotonic()
 
-    def approle(self, directory: Path, token_ttl: str = "6s") -> tuple[Path, Path]:
+    def approle(self, directory: Path, token_ttl: str = "15s") -> tuple[Path, Path]:  # noqa: S107 - a duration, not a password
         """The "keyd" AppRole role (short token TTL: renewals happen during the scenario), role_id
         and secret_id in 0600 files."""
         root = self.root()

@@ -472,11 +472,11 @@ class Vault:
             self._token_generation += 1
             self.token = info
             log.info(
-                "logged in to Vault with %s auth at %s (token ttl %s, renewable %s)",
+                "logged in to Vault with %s auth (token ttl %s, renewable %s) at %s",
                 method,
-                self._failover.current,
                 f"{int(info.ttl)}s" if info.ttl else "unlimited",
                 info.renewable,
+                self._failover.current,
                 extra={"event": "login", "node": self._failover.current},
             )
             return info
@@ -574,7 +574,10 @@ class Vault:
                 return response["data"]["data"], response["data"]["metadata"].get("version")
             return client.secrets.kv.v1.read_secret(path=path, mount_point=mount)["data"], None
 
-        data, version = self._call(f"reading {where} (KV v{kv_version})", call)
+        try:
+            data, version = self._call(f"reading {where} (KV v{kv_version})", call)
+        except SecretError as exc:  # 404
+            raise SecretError(str(exc), f"secret not found at {where}") from None
         cause = f"malformed secret at {where}"
         if not isinstance(data, dict) or field not in data:
             raise SecretError(f"reading {where}: the secret has no field {field!r}", cause)

@@ -130,6 +130,7 @@ class Daemon:
             self.refresher.stop()
         except Exception:
             log.exception("error while stopping the refresher")
+        self.vault.close()
         if self.metrics_tcp is not None:
             await self.metrics_tcp.close()
         try:

@@ -106,7 +106,8 @@ class Refresher:
         self._policy_denied: dict[str, int] = {}
         self._running: set[str] = set()
         self._scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=max(2, len(apps) + 1))},
+            # One worker per app, one for the token job, one for the probe job.
+            executors={"default": ThreadPoolExecutor(max_workers=max(2, len(apps) + 2))},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )

@@ -447,6 +447,8 @@ class Vault:
             return result
         if len(failures) == 1:
             raise VaultUnavailable(f"{action} at {failures[0][1]}", failures[0][2])
+        # In the configured order, so the same outage always reads the same (logged once, not per try).
+        failures.sort(key=lambda failure: self._config.nodes.index(failure[0]))
         causes = list(dict.fromkeys(cause for _, _, cause in failures))
         raise VaultUnavailable(
             f"{action}: no Vault node could serve it: " + "; ".join(text for _, text, _ in failures),

@@ -234,6 +234,22 @@ class RaftCluster:
                 return True
         return False
 
+    def login_and_read_works(self, path: str, approle: tuple[Path, Path]) -> bool:
+        """Whether some node takes an AppRole login with keyd's credentials and serves the read with
+        the new token (what a keyd whose token ran out during an outage needs)."""
+        role_id, secret_id = (p.read_text().strip() for p in approle)
+        for node in self.nodes:
+            if not node.running:
+                continue
+            with contextlib.suppress(Exception):
+                client = node.client(timeout=1)
+                client.auth.approle.login(role_id=role_id, secret_id=secret_id)
+                client.secrets.kv.v2.read_secret_version(
+                    path=path, mount_point="secret", raise_on_deleted_version=True
+                )
+                return True
+        return False
+
     def write_key(self, path: str, key: str, timeout: float = 30.0) -> tuple[int, float]:
         """Store a new KV version on whichever node takes it; (version, time.monotonic() when done)."""
         result: list[Any] = []

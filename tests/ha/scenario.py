@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,29 +79,49 @@ def first_200_after(load: Load, moment: float) -> float | None:
         return next((at for at, status in load.timeline if at >= moment and status == 200), None)
 
 
-def full_outage_and_recovery(
-    cluster: RaftCluster, proc: KeydProcess, load: Load, outage: float
-) -> tuple[float, float]:
-    """Crash every node, keep them down ``outage`` seconds, start and unseal them.
+@dataclass(frozen=True)
+class Recovery:
+    """One full outage: when the cluster could serve keyd again, and when keyd signed again."""
 
-    Returns (cluster ready at, keyd signing again at), both time.monotonic(): "ready" is the first
-    moment the test itself can read the key from some node; "signing" the first 200 of the load after
-    the nodes were started again.
+    read_ready: float  # first moment a read (root token) worked again: what a keyd with a live token needs
+    login_ready: float  # first moment an AppRole login and a read worked: what a keyd must do if its token ran out
+    signing: float  # the load's first 200 after the nodes were started again
+    logged_in: bool  # keyd logged in again (its token ran out during the outage)
+
+    @property
+    def ready(self) -> float:
+        """When the cluster could serve *this* keyd: with a login if it needed one."""
+        return self.login_ready if self.logged_in else self.read_ready
+
+    @property
+    def seconds(self) -> float:
+        """keyd's recovery time: from the cluster being able to serve it to its first 200 (0 if before)."""
+        return max(0.0, self.signing - self.ready)
+
+
+def full_outage_and_recovery(
+    cluster: RaftCluster, proc: KeydProcess, load: Load, outage: float, approle: tuple[Path, Path]
+) -> Recovery:
+    """Crash every node, keep them down ``outage`` seconds, start and unseal them, and time keyd.
+
+    From the restart on, this test polls the cluster itself (a root-token read, and an AppRole login
+    with keyd's credentials plus a read) to find the first moment each works again.
     """
     for node in cluster.nodes:
         node.kill()
     time.sleep(outage)
+    logs_before = len(proc.logs())
     restart = time.monotonic()
-    ready_at: list[float] = []
+    ready: dict[str, float] = {}
     stop = threading.Event()
 
     def watch() -> None:
-        # The test's own reader, polling from the restart on: the first moment a read works.
-        while not stop.is_set() and not ready_at:
-            if cluster.read_works(PATH):
-                ready_at.append(time.monotonic())
-            else:
-                time.sleep(0.02)
+        while not stop.is_set() and len(ready) < 2:
+            if "read" not in ready and cluster.read_works(PATH):
+                ready["read"] = time.monotonic()
+            if "login" not in ready and cluster.login_and_read_works(PATH, approle):
+                ready["login"] = time.monotonic()
+            time.sleep(0.02)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -110,15 +131,15 @@ def full_outage_and_recovery(
         for node in cluster.nodes:
             cluster.unseal(node)
         deadline = time.monotonic() + 60
-        while not ready_at:
-            assert time.monotonic() < deadline, "the cluster never served a read again"
+        while len(ready) < 2:
+            assert time.monotonic() < deadline, f"the cluster never served keyd again: {ready}"
             time.sleep(0.05)
     finally:
         stop.set()
         watcher.join(10)
-    ready = ready_at[0]
     deadline = time.monotonic() + 30
     while (signing := first_200_after(load, restart)) is None:
         assert time.monotonic() < deadline, f"keyd never signed again:\n{proc.logs()[-3000:]}"
         time.sleep(0.05)
-    return ready, signing
+    logged_in = "logged in to Vault" in proc.logs()[logs_before:]
+    return Recovery(ready["read"], ready["login"], signing, logged_in)

@@ -5,7 +5,8 @@ in the middle of it, and at the end the whole cluster is down for longer than re
 What must hold (issue 11): no answer other than 200 while any node can serve reads; the newest key
 version is signed with within refresh.interval + 2 s of being readable; after the whole cluster comes
 back, keyd signs again within 2 s of the cluster being able to serve; token renewal across leader
-changes never drops the token (no second login before the full outage); health names the node in use
+changes never drops the token (a renewal timed to fall into a leader election fails, is retried and
+succeeds, with no second login before the full outage); health names the node in use
 and each failed node's error with its address.
 """
 
@@ -54,7 +55,7 @@ def test_keyd_keeps_signing_while_a_raft_cluster_loses_nodes(
     began = time.monotonic()
     key1 = new_key()
     cluster.write_key(PATH, key1)
-    approle = cluster.approle(short_dir, token_ttl="15s")
+    approle = cluster.approle(short_dir, token_ttl="30s")
     proc = KeydProcess(short_dir, keyd_config(cluster, short_dir, approle), env={})
     keyd_procs.append(proc)
     proc.start()
@@ -65,8 +66,10 @@ def test_keyd_keeps_signing_while_a_raft_cluster_loses_nodes(
         load.wait_for(20)
         turmoil = time.monotonic()
 
-        # 1. The active node crashes; a new leader is elected; the key is rotated meanwhile.
+        # 1. The active node crashes just before keyd renews its token (at a third of the TTL left,
+        # 10 s of 30 s), so the renewal falls into the leader election; the key is rotated meanwhile.
         active = cluster.wait_active()
+        wait_until(lambda: vault_doc(proc)["token_ttl_remaining"] <= 11.0, 40, 0.1, what="renewal near")
         active.kill()
         cluster.wait_active(other_than=active)
         key2 = new_key()
@@ -113,7 +116,8 @@ def test_keyd_keeps_signing_while_a_raft_cluster_loses_nodes(
         # Token renewal across the leader changes kept the token: one login, several renewals.
         logs = proc.logs()
         assert logs.count("logged in to Vault") == 1, logs
-        assert logs.count("renewed the Vault token") >= 1, logs
+        failed_renewal = logs.index("Vault token renewal failed")  # it did fall into the election
+        assert "renewed the Vault token" in logs[failed_renewal:], logs
         assert vault_doc(proc)["logged_in"] is True
 
         # 4. The whole cluster is down for longer than max_stale, then comes back.

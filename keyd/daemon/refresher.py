@@ -105,6 +105,7 @@ class Refresher:
         # app -> the token generation a 403 was seen with right after a login (a policy problem)
         self._policy_denied: dict[str, int] = {}
         self._running: set[str] = set()
+        self._run_generation: dict[str, int] = {}
         self._scheduler = BackgroundScheduler(
             # One worker per app, one for the token job, one for the probe job.
             executors={"default": ThreadPoolExecutor(max_workers=max(2, len(apps) + 2))},
@@ -122,6 +123,15 @@ class Refresher:
 
     def stop(self) -> None:
         self._scheduler.shutdown(wait=False)
+
+    @property
+    def generation(self) -> int:
+        """Grows with every ``refresh_now`` (SIGHUP)."""
+        return self._generation
+
+    def run_generation(self, name: str) -> int:
+        """The ``generation`` at which the app's latest refresh attempt started (-1: none yet)."""
+        return self._run_generation.get(name, -1)
 
     def refresh_now(self) -> None:
         """Re-read every key immediately (SIGHUP). Safe to call often and from any thread."""
@@ -244,6 +254,7 @@ class Refresher:
     def refresh_app(self, name: str) -> bool:
         """Read one app's key(s) now; returns True on success. Never raises VaultError."""
         app = self._apps[name]
+        self._run_generation[name] = self._generation
         try:
             fresh = self._ensure_login()
             try:

@@ -70,6 +70,7 @@ class Daemon:
         self._ready_sent = False
         self._reload_waiting: set[str] = set()
         self._reload_failed: dict[str, str] = {}  # app -> why its key could not be re-read
+        self._reload_generation = 0
         self._tasks: list[asyncio.Task[Any]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -149,6 +150,7 @@ class Daemon:
         log.info("SIGHUP: refreshing every key now")
         self._reload_waiting = set(self.config.apps)
         self._reload_failed = {}
+        self._reload_generation = self.refresher.generation + 1  # what refresh_now below makes it
         self.notifier.notify(
             "RELOADING=1",
             f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
@@ -179,7 +181,12 @@ class Daemon:
 
     def _keys_changed(self, app: str) -> None:
         """After each refresh attempt of one app: READY=1 at start-up and at the end of a reload."""
-        if self._reload_waiting and app in self._reload_waiting:
+        # Only an attempt that started after the SIGHUP counts for the reload (one already under
+        # way when it came is followed by another at once).
+        if (
+            app in self._reload_waiting
+            and self.refresher.run_generation(app) >= self._reload_generation
+        ):
             self._reload_waiting.discard(app)
             state = self.store.state(app)
             if state.failures:

@@ -88,8 +88,12 @@ def test_a_reload_that_failed_for_one_app_says_which_and_why(two_nodes: tuple[Da
     recorder = Recorder()
     daemon.notifier = recorder  # type: ignore[assignment]
     daemon._ready_sent = True
+    daemon.refresher._run_generation = {"live": 0, "test": 0}  # attempts under way before the SIGHUP
     daemon.reload()
     assert recorder.sent[0][0] == "RELOADING=1"
+    daemon._keys_changed("live")  # such an attempt finishing does not count for the reload
+    assert len(recorder.sent) == 1 and daemon._reload_waiting == {"live", "test"}
+    daemon.refresher._run_generation = {"live": 1, "test": 1}  # the reads the SIGHUP started
     daemon.store.record_failure("live", "reading secret/talkjs/live: the secret has no field", "malformed secret at secret/talkjs/live")
     daemon._keys_changed("live")
     daemon.store.update(daemon.store.state("test").snapshot)  # type: ignore[arg-type]

@@ -145,7 +145,9 @@ def test_keyd_keeps_signing_while_a_raft_cluster_loses_nodes(
     for address in cluster.addresses:
         assert address in app["last_error"]
     assert signs_with(proc, key2)
-    assert "sk_test_" not in proc.logs()
+    logs = proc.logs()
+    assert "sk_test_" not in logs
+    assert approle[1].read_text().strip() not in logs  # the secret_id
     elapsed = time.monotonic() - began
     print(f"cluster scenario took {elapsed:.0f}s (plus the cluster's start)")
     assert elapsed < 180

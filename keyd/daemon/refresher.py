@@ -36,7 +36,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from keyd.config import AppConfig, RefreshConfig
 from keyd.daemon.backoff import backoff, jittered
 from keyd.daemon.keystore import KeySnapshot, KeyStore
-from keyd.daemon.vault import ProbeResult, Secret, TokenInfo
+from keyd.daemon.nodes import ProbeResult
+from keyd.daemon.vault import Secret, TokenInfo
 from keyd.errors import SecretError, VaultAuthError, VaultError, VaultLoginError
 
 log = logging.getLogger("keyd.refresher")

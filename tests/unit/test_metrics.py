@@ -246,7 +246,7 @@ def test_tcp_listener_serves_over_loopback():
 
 
 def test_vault_nodes_in_health_and_metrics_name_the_node_in_use_and_each_ones_last_error():
-    from keyd.daemon.vault import NodeView
+    from keyd.daemon.nodes import NodeView
     from keyd.ops.status import render
 
     nodes = [

@@ -15,8 +15,9 @@ import pytest
 
 from keyd.config import AppConfig, RefreshConfig
 from keyd.daemon.keystore import KeyStore, SecretKey
+from keyd.daemon.nodes import ProbeResult
 from keyd.daemon.refresher import TOKEN_JOB, Refresher, backoff, jittered
-from keyd.daemon.vault import ProbeResult, Secret, TokenInfo
+from keyd.daemon.vault import Secret, TokenInfo
 from keyd.errors import SecretError, VaultAuthError, VaultError, VaultLoginError, VaultUnavailable
 from tests.helpers import wait_until
 

@@ -110,6 +110,17 @@ class VaultConfig:
     ca_cert: str = ""
     timeout: float = 5.0
     auth: VaultAuthConfig = field(default_factory=VaultAuthConfig)
+    # Every node of an HA cluster, in order of preference (the first is ``address``); empty when
+    # only ``address`` was given.
+    addresses: tuple[str, ...] = ()
+    # How often keyd asks the nodes' unauthenticated sys/health while a key cannot be refreshed or a
+    # node is marked failed (jittered down to half of it).
+    probe_interval: float = 1.0
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The Vault nodes keyd may talk to, most preferred first (at least one)."""
+        return self.addresses or (self.address,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,15 +442,50 @@ def _read_server(r: _Reader) -> ServerConfig:
     return cfg
 
 
+def _vault_nodes(r: _Reader, name: str, value: Any) -> list[str]:
+    """One URL, or a list of them (an HA cluster's nodes), each checked and named in problems."""
+    if isinstance(value, str):
+        items, keys = [value], [name]
+    elif isinstance(value, list):
+        items, keys = value, [f"{name}[{i}]" for i in range(len(value))]
+        if not items:
+            r.problem(name, "must name at least one Vault node")
+    else:
+        r.problem(name, f"must be a URL or a list of URLs, not {type(value).__name__}")
+        return []
+    nodes: list[str] = []
+    for key, item in zip(keys, items, strict=True):
+        if not isinstance(item, str) or not item.strip():
+            r.problem(key, "must be a non-empty string such as \"https://vault-1.example.com:8200\"")
+            continue
+        if not re.match(r"^https?://[^/\s]+", item.strip()):
+            r.problem(key, f"{item!r} is not an http:// or https:// URL")
+            continue
+        url = item.strip().rstrip("/")
+        if url in nodes:
+            r.problem(key, f"{url!r} is listed twice")
+            continue
+        nodes.append(url)
+    return nodes
+
+
 def _read_vault(r: _Reader) -> VaultConfig:
     d = VaultConfig()
-    address = r.get("address", d.address, _nonempty)
-    if not re.match(r"^https?://[^/\s]+", address):
-        r.problem("address", f"{address!r} is not an http:// or https:// URL")
+    r.seen.update(("address", "addresses"))
+    nodes = [d.address]
+    if "address" in r.table and "addresses" in r.table:
+        r.problem("addresses", "give either vault.address or vault.addresses, not both")
+    elif "addresses" in r.table:
+        nodes = _vault_nodes(r, "addresses", r.table["addresses"])
+    elif "address" in r.table:
+        nodes = _vault_nodes(r, "address", r.table["address"])
+    nodes = nodes or [d.address]
     vault = VaultConfig(
-        address=address.rstrip("/"),
+        address=nodes[0],
+        addresses=tuple(nodes) if len(nodes) > 1 else (),
         ca_cert=r.get("ca_cert", d.ca_cert, _expand),
         timeout=r.get("timeout", d.timeout, _positive_duration),
+        probe_interval=r.get("probe_interval", d.probe_interval, _positive_duration),
         auth=_read_auth(r.sub("auth")),
     )
     r.finish()

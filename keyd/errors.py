@@ -20,23 +20,42 @@ class ConfigError(KeydError):
 
 
 class VaultError(KeydError):
-    """A Vault call failed."""
+    """A Vault call failed.
+
+    ``cause`` is a short phrase for status lines ("sealed", "node unreachable", "permission denied on
+    secret/data/x"); the message holds the whole story (which node, which path, what happened).
+    """
+
+    cause = "Vault error"
+
+    def __init__(self, message: str, cause: str | None = None) -> None:
+        super().__init__(message)
+        if cause is not None:
+            self.cause = cause
 
 
 class VaultUnavailable(VaultError):
     """Transient: Vault is down, sealed, slow or answered 5xx. Keep serving, retry with backoff."""
 
+    cause = "Vault unavailable"
+
 
 class VaultAuthError(VaultError):
     """The Vault token is missing, expired or revoked (401/403): log in again."""
+
+    cause = "permission denied"
 
 
 class VaultLoginError(VaultError):
     """Logging in to Vault failed (bad role_id, used secret_id, missing credential file)."""
 
+    cause = "login failed"
+
 
 class SecretError(VaultError):
     """The secret is missing or malformed (path, field, value): fix it in Vault; the last good key stays."""
+
+    cause = "malformed secret"
 
 
 class StartupError(KeydError):

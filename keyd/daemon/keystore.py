@@ -140,6 +140,7 @@ class AppState:
     last_success: float | None = None
     last_attempt: float | None = None
     last_error: str = ""
+    cause: str = ""  # a short phrase for status lines: "sealed", "permission denied on secret/data/x"
     failures: int = 0
     expires_at: float = 0.0
 
@@ -188,6 +189,7 @@ class KeyStore:
         state.last_success = now
         state.last_attempt = now
         state.last_error = ""
+        state.cause = ""
         state.failures = 0
         state.expires_at = now + self._max_stale
         if old is not None:
@@ -200,10 +202,11 @@ class KeyStore:
                 _wipe(snapshot, keep=old)
         return changed
 
-    def record_failure(self, app: str, message: str) -> None:
+    def record_failure(self, app: str, message: str, cause: str = "") -> None:
         state = self._states[app]
         state.last_attempt = self._clock()
         state.last_error = message
+        state.cause = cause
         state.failures += 1
 
     def ready(self) -> bool:
@@ -236,6 +239,7 @@ class KeyStore:
                 "stale": stale,
                 "refresh_failures": state.failures,
                 "last_error": state.last_error or None,
+                "cause": state.cause or None,
             }
         if can_sign_all:
             status = "degraded" if degraded else "ok"

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -304,12 +304,44 @@ class KeydCollector:
                 "Seconds the current Vault token has left before it must be renewed or replaced.",
                 value=ttl,
             )
+        yield from _node_families(vault)
         yield GaugeMetricFamily("keyd_connections", "Open client connections.", value=sources.connections())
         yield _counter(
             "keyd_connections_refused",
             "Connections refused at server.max_connections.",
             sources.refused_connections(),
         )
+
+
+def _node_families(vault: Mapping[str, Any]) -> Iterator[Metric]:
+    """Per Vault node (labelled by its configured address): in use, healthy, failing streak."""
+    nodes = vault.get("nodes") or []
+    if not nodes:
+        return
+    in_use = GaugeMetricFamily(
+        "keyd_vault_node_in_use", "1 for the Vault node keyd talks to now.", labels=["address"]
+    )
+    up = GaugeMetricFamily(
+        "keyd_vault_node_up",
+        "1 while the Vault node answered keyd's last call or probe, 0 while keyd skips it.",
+        labels=["address"],
+    )
+    failing = GaugeMetricFamily(
+        "keyd_vault_node_consecutive_failures",
+        "Calls and probes to the Vault node that failed since it last answered.",
+        labels=["address"],
+    )
+    for node in nodes:
+        address = str(node.get("address"))
+        in_use.add_metric([address], float(bool(node.get("in_use"))))
+        up.add_metric([address], float(bool(node.get("healthy"))))
+        failing.add_metric([address], int(node.get("consecutive_failures") or 0))
+    yield from (in_use, up, failing)
+    yield _counter(
+        "keyd_vault_failovers",
+        "Times keyd moved to another Vault node because the one it used could not serve.",
+        vault.get("failovers", 0),
+    )
 
 
 def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
@@ -320,18 +352,41 @@ def _bound(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
 
 
-def vault_section(token: Any, login_failures: int, refresh_failures: int, now: float) -> dict[str, Any]:
-    """The ``vault`` section of GET /v1/health: token lifetime and failure counts, never the token.
+def vault_section(
+    token: Any,
+    login_failures: int,
+    refresh_failures: int,
+    now: float,
+    nodes: Sequence[Any] = (),
+    failovers: int = 0,
+) -> dict[str, Any]:
+    """The ``vault`` section of GET /v1/health: token lifetime, failure counts and the Vault nodes
+    (which one keyd uses, each one's last error), never the token.
 
-    ``token`` is a ``vault.TokenInfo`` or None (not logged in).
+    ``token`` is a ``vault.TokenInfo`` or None (not logged in); ``nodes`` are ``vault.NodeView``s.
     """
     expires = token.expires_at() if token is not None else None
+    current = next((n.address for n in nodes if n.in_use), None)
     return {
         "logged_in": token is not None,
         "token_renewable": bool(token.renewable) if token is not None else None,
         "token_ttl_remaining": None if expires is None else round(max(0.0, expires - now), 3),
         "login_failures": login_failures,
         "refresh_failures": refresh_failures,
+        "node": current,
+        "failovers": failovers,
+        "nodes": [
+            {
+                "address": n.address,
+                "in_use": n.in_use,
+                "healthy": n.healthy,
+                "state": n.state,
+                "consecutive_failures": n.consecutive_failures,
+                "last_error": n.last_error,
+                "since_last_error": n.since_last_error,
+            }
+            for n in nodes
+        ],
     }
 
 

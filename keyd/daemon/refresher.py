@@ -5,6 +5,17 @@ itself when it finishes: after a success at ``refresh.interval`` (plus or minus 
 failure at an exponential backoff with full jitter between ``retry_min`` and ``retry_max``. The token
 job renews at about two thirds of the token's TTL and logs in again when renewal is impossible.
 Jobs run on the scheduler's worker threads, never on the event loop.
+
+Recovery: while an app cannot be refreshed (or a Vault node is marked failed), a probe job asks every
+node's unauthenticated ``sys/health`` every ``vault.probe_interval`` (jittered between half of it and
+all of it). When a node starts serving again, each failing app is refreshed at once, and then, while
+the cluster keeps serving and the refresh keeps failing, at a backoff that starts at the probe
+interval: keyd does not wait out a long ``retry_max`` once Vault is back, and a probe costs one small
+unauthenticated GET per node, not a login.
+
+A 403 on a read with a token that was fresh (just logged in, or already refused for this app) is a
+policy problem: it is reported (logged once per change) and retried on the normal backoff, without
+logging in again each time.
 """
 
 from __future__ import annotations
@@ -23,7 +34,9 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from keyd.config import AppConfig, RefreshConfig
+from keyd.daemon.backoff import backoff, jittered
 from keyd.daemon.keystore import KeySnapshot, KeyStore
+from keyd.daemon.nodes import ProbeResult
 from keyd.daemon.vault import Secret, TokenInfo
 from keyd.errors import SecretError, VaultAuthError, VaultError, VaultLoginError
 
@@ -31,6 +44,8 @@ log = logging.getLogger("keyd.refresher")
 logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 TOKEN_JOB = "vault-token"  # noqa: S105 - a job id, not a secret
+PROBE_JOB = "vault-probe"
+__all__ = ["PROBE_JOB", "TOKEN_JOB", "Refresher", "VaultLike", "backoff", "jittered"]
 
 
 class VaultLike(Protocol):
@@ -42,22 +57,17 @@ class VaultLike(Protocol):
     def logged_in(self) -> bool: ...
     def login(self) -> TokenInfo: ...
     def renew(self) -> TokenInfo: ...
+    @property
+    def token_generation(self) -> int: ...
     def invalidate(self) -> None: ...
     def read(self, mount: str, path: str, field: str, kv_version: int) -> Secret: ...
+    def probe(self) -> ProbeResult: ...
+    def any_node_failed(self) -> bool: ...
 
 
-def backoff(failures: int, low: float, high: float, rand: Callable[[], float]) -> float:
-    """Delay before retry number ``failures`` (1-based): exponential, capped, with jitter.
-
-    The delay is drawn from [cap/2, cap] where cap = min(high, low * 2**(failures-1)), so retries
-    spread out but never come back in a tight loop.
-    """
-    cap = min(high, low * (2 ** max(0, min(failures - 1, 30))))
-    return float(cap / 2 + rand() * cap / 2)
-
-
-def jittered(interval: float, rand: Callable[[], float]) -> float:
-    return interval * (0.9 + 0.2 * rand())
+def kv_api_path(app: AppConfig, path: str) -> str:
+    """The API path a KV read goes to (what a Vault policy names)."""
+    return f"{app.kv_mount}/data/{path}" if app.kv_version == 2 else f"{app.kv_mount}/{path}"
 
 
 class Refresher:
@@ -72,6 +82,7 @@ class Refresher:
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         on_change: Callable[[str], None] | None = None,
+        probe_interval: float = 1.0,
     ) -> None:
         self._apps = apps
         self._refresh = refresh
@@ -87,8 +98,18 @@ class Refresher:
         # app -> ("degraded" | "unavailable", last error): so each degradation is logged once
         self._degraded: dict[str, tuple[str, str]] = {}
         self._generation = 0
+        self._probe_interval = probe_interval
+        self._probe_lock = threading.Lock()
+        self._probing = False
+        # app -> (fast retries since a node came back, when the next may run)
+        self._recovery: dict[str, tuple[int, float]] = {}
+        # app -> the token generation a 403 was seen with right after a login (a policy problem)
+        self._policy_denied: dict[str, int] = {}
+        self._running: set[str] = set()
+        self._run_generation: dict[str, int] = {}
         self._scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max_workers=max(2, len(apps) + 1))},
+            # One worker per app, one for the token job, one for the probe job.
+            executors={"default": ThreadPoolExecutor(max_workers=max(2, len(apps) + 2))},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
@@ -103,6 +124,15 @@ class Refresher:
 
     def stop(self) -> None:
         self._scheduler.shutdown(wait=False)
+
+    @property
+    def generation(self) -> int:
+        """Grows with every ``refresh_now`` (SIGHUP)."""
+        return self._generation
+
+    def run_generation(self, name: str) -> int:
+        """The ``generation`` at which the app's latest refresh attempt started (-1: none yet)."""
+        return self._run_generation.get(name, -1)
 
     def refresh_now(self) -> None:
         """Re-read every key immediately (SIGHUP). Safe to call often and from any thread."""
@@ -123,10 +153,15 @@ class Refresher:
 
     # -- Vault token -----------------------------------------------------------------------
 
-    def _ensure_login(self) -> None:
+    def _ensure_login(self) -> bool:
+        """Log in unless a token that has not expired is held; True when this call logged in."""
         with self._auth_lock:
+            token = self._vault.token
+            expires = token.expires_at() if token is not None else None
+            if expires is not None and expires <= self._clock():
+                self._vault.invalidate()  # ran out (a long outage): a read would only get a 403
             if self._vault.logged_in:
-                return
+                return False
             try:
                 info = self._vault.login()
             except VaultError:
@@ -134,6 +169,7 @@ class Refresher:
                 raise
             self._auth_failures = 0
             self._schedule_renewal(info)
+            return True
 
     def _schedule_renewal(self, info: TokenInfo) -> None:
         renew_at = info.renew_at()
@@ -186,6 +222,7 @@ class Refresher:
                 extra={"event": "renewal_failed"},
             )
             self._schedule(TOKEN_JOB, self._renew_token, delay)
+        self._ensure_probing()
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -204,31 +241,46 @@ class Refresher:
             loaded_at=self._clock(),
         )
 
+    def _policy_error(self, app: AppConfig, exc: VaultAuthError) -> SecretError:
+        self._policy_denied[app.name] = self._vault.token_generation
+        path = kv_api_path(app, app.path)
+        if app.separate_webhook_key:
+            path += " or " + kv_api_path(app, app.webhook_source[0])
+        return SecretError(
+            f"{exc}: check keyd's Vault policy, which does not allow reading {path} (a freshly issued "
+            "token was refused too; retrying on the normal backoff, without logging in again)",
+            f"permission denied on {path}",
+        )
+
     def refresh_app(self, name: str) -> bool:
         """Read one app's key(s) now; returns True on success. Never raises VaultError."""
         app = self._apps[name]
-        where = f"{app.kv_mount}/{app.path}"
+        self._run_generation[name] = self._generation
         try:
-            self._ensure_login()
+            fresh = self._ensure_login()
             try:
                 snapshot = self._read(app)
-            except VaultAuthError:
-                # 403 on a read: the token may have been revoked. Log in again and retry once;
-                # if it is still refused, the policy does not allow the path.
+            except VaultAuthError as exc:
+                # 403 on a read. With a token just issued (or one already refused for this app
+                # right after its login), it is the policy: say so, no new login. Otherwise the
+                # token may have been revoked: log in again and retry once.
+                if fresh or self._policy_denied.get(name) == self._vault.token_generation:
+                    raise self._policy_error(app, exc) from None
                 self._vault.invalidate()
                 self._ensure_login()
                 try:
                     snapshot = self._read(app)
-                except VaultAuthError:
-                    raise SecretError(
-                        f"reading {where}: permission denied (check keyd's Vault policy)"
-                    ) from None
+                except VaultAuthError as again:
+                    raise self._policy_error(app, again) from None
         except VaultError as exc:
             self.refresh_failures += 1
-            self._store.record_failure(name, str(exc))
+            self._store.record_failure(name, str(exc), exc.cause)
             self._log_failure(name, exc)
             self._on_change(name)
+            self._ensure_probing()
             return False
+        self._policy_denied.pop(name, None)
+        self._recovery.pop(name, None)
         state = self._store.state(name)
         previous = state.snapshot
         previous_version = previous.version if previous else None
@@ -267,6 +319,7 @@ class Refresher:
                 extra={**extra, "event": "refresh"},
             )
         self._on_change(name)
+        self._ensure_probing()  # a node failed on the way: find out when it is back
         return True
 
     def _log_failure(self, name: str, exc: VaultError) -> None:
@@ -310,7 +363,11 @@ class Refresher:
 
     def _refresh_app(self, name: str) -> None:
         generation = self._generation
-        ok = self.refresh_app(name)
+        self._running.add(name)
+        try:
+            ok = self.refresh_app(name)
+        finally:
+            self._running.discard(name)
         if generation != self._generation:
             delay = 0.0  # a SIGHUP arrived while this run was under way: read again
         elif ok:
@@ -319,3 +376,65 @@ class Refresher:
             failures = self._store.state(name).failures
             delay = backoff(failures, self._refresh.retry_min, self._refresh.retry_max, self._rand)
         self._schedule(f"key:{name}", self._refresh_app, delay, name)
+
+    # -- recovery probes ---------------------------------------------------------------------
+
+    def _needs_probe(self) -> bool:
+        failing = any(self._store.state(name).failures for name in self._apps)
+        return failing or self._vault.any_node_failed()
+
+    def _probe_delay(self) -> float:
+        """Between half of vault.probe_interval and all of it: instances do not probe in step."""
+        return self._probe_interval * (0.5 + 0.5 * self._rand())
+
+    def _ensure_probing(self) -> None:
+        """Start the probe job if something needs it and it is not already running."""
+        if not self._needs_probe():
+            return
+        with self._probe_lock:
+            if self._probing:
+                return
+            self._probing = True
+        self._schedule(PROBE_JOB, self._probe, self._probe_delay())
+
+    def _probe(self) -> None:
+        """One round of sys/health probes; refresh failing apps at once when Vault serves again."""
+        try:
+            result: ProbeResult | None = self._vault.probe()
+        except Exception:  # a probe must never stop the probing
+            log.exception("probing Vault failed")
+            result = None
+        if result is not None and result.serving:
+            self._recover(result)
+        with self._probe_lock:
+            self._probing = self._needs_probe()
+            if not self._probing:
+                return
+        self._schedule(PROBE_JOB, self._probe, self._probe_delay())
+
+    def _recover(self, result: ProbeResult) -> None:
+        now = self._clock()
+        for name in self._apps:
+            if not self._store.state(name).failures:
+                continue
+            if result.newly_serving:
+                self._recovery[name] = (0, now)  # a node came back: try at once, then back off
+            recovery = self._recovery.get(name)
+            if recovery is None or now < recovery[1] or name in self._running:
+                continue
+            attempts = recovery[0] + 1
+            delay = backoff(attempts, self._probe_interval, self._refresh.retry_max, self._rand)
+            self._recovery[name] = (attempts, now + delay)
+            what = (
+                "node " + ", ".join(result.newly_serving) + " serves again"
+                if result.newly_serving
+                else "serves; trying again"
+            )
+            log.info(
+                "app %s: Vault %s: refreshing now",
+                name,
+                what,
+                extra={"app": name, "event": "recovery_attempt", "attempt": attempts},
+            )
+            # A little jitter (at most a fifth of the probe interval) so a fleet does not read in step.
+            self._schedule(f"key:{name}", self._refresh_app, self._rand() * 0.2 * self._probe_interval, name)

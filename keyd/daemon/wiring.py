@@ -51,6 +51,7 @@ class Daemon:
             self.vault,
             self.store,
             on_change=self._keys_changed_threadsafe,
+            probe_interval=config.vault.probe_interval,
         )
         self.api.add_health("vault", self._vault_status)
         self.metrics = Metrics(
@@ -79,6 +80,8 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._ready_sent = False
         self._reload_waiting: set[str] = set()
+        self._reload_failed: dict[str, str] = {}  # app -> why its key could not be re-read
+        self._reload_generation = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._grant_reloads: set[asyncio.Task[None]] = set()
 
@@ -143,6 +146,7 @@ class Daemon:
             self.refresher.stop()
         except Exception:
             log.exception("error while stopping the refresher")
+        self.vault.close()
         if self.metrics_tcp is not None:
             await self.metrics_tcp.close()
         try:
@@ -160,7 +164,13 @@ class Daemon:
         """SIGHUP: re-read every key now (and let listeners such as the audit log reopen files)."""
         log.info("SIGHUP: refreshing every key now")
         self._reload_waiting = set(self.config.apps)
-        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        self._reload_failed = {}
+        self._reload_generation = self.refresher.generation + 1  # what refresh_now below makes it
+        self.notifier.notify(
+            "RELOADING=1",
+            f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
+            "STATUS=reloading: re-reading every app's key",
+        )
         self.audit.reopen()
         self.refresher.refresh_now()
         self._reload_grants_soon()
@@ -208,10 +218,15 @@ class Daemon:
     # -- key events and status ---------------------------------------------------------------
 
     def _vault_status(self) -> dict[str, Any]:
-        """The Vault token's remaining TTL and failure counts, for /v1/health and /metrics."""
+        """The Vault token's remaining TTL, failure counts and nodes, for /v1/health and /metrics."""
         refresher = self.refresher
         return vault_section(
-            self.vault.token, refresher.login_failures, refresher.refresh_failures, time.time()
+            self.vault.token,
+            refresher.login_failures,
+            refresher.refresh_failures,
+            time.time(),
+            nodes=self.vault.nodes(),
+            failovers=self.vault.failovers,
         )
 
     def _keys_changed_threadsafe(self, app: str) -> None:
@@ -222,13 +237,26 @@ class Daemon:
 
     def _keys_changed(self, app: str) -> None:
         """After each refresh attempt of one app: READY=1 at start-up and at the end of a reload."""
-        if self._reload_waiting:
+        # Only an attempt that started after the SIGHUP counts for the reload (one already under
+        # way when it came is followed by another at once).
+        if (
+            app in self._reload_waiting
+            and self.refresher.run_generation(app) >= self._reload_generation
+        ):
             self._reload_waiting.discard(app)
+            state = self.store.state(app)
+            if state.failures:
+                self._reload_failed[app] = state.cause or state.last_error
+                log.error(
+                    "reload: app %s: the key could not be re-read: %s",
+                    app,
+                    state.last_error,
+                    extra={"app": app, "event": "reload_failed", "error": state.last_error},
+                )
             if self._reload_waiting:
                 return
             if self._ready_sent:
-                log.info("reload finished: every app's key was re-read")
-                self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+                self._reload_finished()
                 return
             # A SIGHUP before the first READY: the start-up check below still applies.
         if not self._ready_sent and self.store.ready():
@@ -236,15 +264,67 @@ class Daemon:
             log.info("ready: every app has a key loaded")
             self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
 
+    def _reload_finished(self) -> None:
+        """End of a SIGHUP reload: READY=1 (systemd's end of RELOADING=1) with a truthful STATUS."""
+        failed = self._reload_failed
+        if not failed:
+            log.info("reload finished: every app's key was re-read")
+            self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+            return
+        reasons = "; ".join(f"app {app}: {why}" for app, why in sorted(failed.items()))
+        log.error(
+            "reload failed for %d of %d app(s): %s",
+            len(failed),
+            len(self.config.apps),
+            reasons,
+            extra={"event": "reload_failed", "apps": sorted(failed)},
+        )
+        # systemd has no "reload failed" message for Type=notify-reload: READY=1 ends the reload
+        # either way, so the STATUS sent with it says plainly that it failed and why.
+        self.notifier.notify("READY=1", f"STATUS=reload failed: {reasons}; now {self.status_line()}")
+
     def status_line(self) -> str:
+        """One line for systemd's STATUS: serving, degraded (which app, why, how much of max_stale
+        is used), unavailable (not signing, and why) or waiting for a first key."""
         _, doc = self.store.health()
-        apps = doc["apps"]
-        if not self.store.ready():
+        apps: dict[str, Any] = doc["apps"]
+        ok = [name for name, a in apps.items() if a["can_sign"] and not a["stale"]]
+        parts: list[str] = []
+        for name, a in apps.items():
+            cause = a.get("cause") or a.get("last_error") or ""
+            why = f" ({cause})" if cause else ""
+            if not a["key_loaded"]:
+                if a["refresh_failures"]:
+                    parts.append(f"waiting for Vault: no key yet for app {name}{why}")
+            elif not a["can_sign"]:
+                parts.append(
+                    f"unavailable: not signing for app {name}{why}, no refresh for "
+                    f"{ago(a['since_last_refresh'])}"
+                )
+            elif a["stale"]:
+                parts.append(
+                    f"degraded (signing with the last good key, {ago(a['since_last_refresh'])} of "
+                    f"max_stale {ago(self.config.refresh.max_stale)} used): app {name}{why}"
+                )
+        if not parts and not self.store.ready():
             return "waiting for Vault"
-        ages = [a["since_last_refresh"] or 0.0 for a in apps.values()]
-        if doc["status"] == "ok":
-            return f"serving {len(apps)} app(s), keys {ago(max(ages))} old"
-        return f"degraded: Vault unreachable for {ago(max(ages))}"
+        if not parts:
+            ages = [a["since_last_refresh"] or 0.0 for a in apps.values()]
+            return f"serving {len(apps)} app(s), keys {ago(max(ages))} old" + self._nodes_note()
+        if ok and len(ok) < len(apps):
+            parts.append(f"serving {', '.join(ok)}")
+        return "; ".join(parts) + self._nodes_note()
+
+    def _nodes_note(self) -> str:
+        """With several Vault nodes and one of them failing: which node keyd uses and what failed."""
+        nodes = self.vault.nodes()
+        failing = [n for n in nodes if not n.healthy]
+        if len(nodes) < 2 or not failing:
+            return ""
+        using = self.vault.current_node
+        return f"; Vault node {using} in use; failing: " + ", ".join(
+            f"{n.address} ({n.state})" for n in failing
+        )
 
     async def _report_status(self) -> None:
         while True:

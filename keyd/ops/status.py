@@ -78,7 +78,25 @@ def _vault_lines(vault: dict[str, Any], width: int, colour: bool) -> list[str]:
     failures = f"{logins} failed login{'s' if logins != 1 else ''}, {refreshes} failed refresh{'es' if refreshes != 1 else ''} since start"
     if logins or refreshes:
         failures = _paint(failures, _YELLOW, colour)
-    return [f"  {label:{width}}  {lifetime}", f"  {'failures':{width}}  {failures}"]
+    lines = [f"  {label:{width}}  {lifetime}", f"  {'failures':{width}}  {failures}"]
+    return lines + _node_lines(vault.get("nodes") or [], width, colour)
+
+
+def _node_lines(nodes: list[dict[str, Any]], width: int, colour: bool) -> list[str]:
+    """One line per Vault node: which one keyd uses, its state and its last error."""
+    lines = []
+    for node in nodes:
+        label = "Vault node"
+        state = str(node.get("state") or "")
+        text = f"{node.get('address')}: {state}"
+        if node.get("in_use"):
+            text += " (in use)"
+        if not node.get("healthy"):
+            text = _paint(text, _RED, colour)
+        if node.get("last_error"):
+            text += f"\n  {'':{width}}  last error {ago(node.get('since_last_error'))} ago: {node['last_error']}"
+        lines.append(f"  {label:{width}}  {text}")
+    return lines
 
 
 def render(doc: dict[str, Any], socket_path: str, colour: bool = False) -> str:

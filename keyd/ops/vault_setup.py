@@ -160,10 +160,19 @@ def _seconds(value: float) -> int:
 
 
 class Setup:
-    """The steps of `keyd vault setup` against one Vault, each reporting what it did via ``say``."""
+    """The steps of `keyd vault setup` against one Vault node, each reporting what it did via ``say``.
+
+    Every step is idempotent (it reads first and changes only what differs), so when a node fails
+    part-way, ``main`` runs them all again on the next node of the list.
+    """
 
     def __init__(
-        self, config: Config, client: Any, options: SetupOptions, say: Callable[[str], None] = print
+        self,
+        config: Config,
+        client: Any,
+        options: SetupOptions,
+        say: Callable[[str], None] = print,
+        node: str = "",
     ) -> None:
         self.config = config
         self.client = client
@@ -171,29 +180,38 @@ class Setup:
         self.say = say
         self.auth = config.vault.auth
         self.mount = self.auth.mount_point
+        self.node = node or config.vault.address
 
-    def run(self, key: str | None = None) -> None:
+    def _step(self, what: str, path: str, action: Callable[[], None]) -> None:
+        """Run one step; a failure names the node, the step and the Vault path it used."""
         from keyd.daemon.vault import translate  # noqa: PLC0415 - imports hvac; see the module docstring
 
-        with translate("keyd vault setup"):
-            if self.auth.method == "approle":
-                self.enable_auth("approle")
-            elif self.auth.method == "cert":
-                self.enable_auth("cert")
-            self.write_policy()
-            if self.auth.method == "approle":
-                self.write_approle_role()
-                self.write_role_id()
-                self.write_secret_id()
-            elif self.auth.method == "cert":
-                self.write_cert_role()
-            else:
-                self.say(
-                    f"method = token: create keyd's token yourself, e.g. "
-                    f"`bao token create -policy={self.options.policy} -period=24h -orphan`"
-                )
-            if key is not None and self.options.store_key is not None:
-                self.store_key(self.options.store_key, key)
+        with translate(f"keyd vault setup at {self.node}: {what} ({path})"):
+            action()
+
+    def run(self, key: str | None = None) -> None:
+        role, policy, mount = self.options.role, self.options.policy, self.mount
+        method = self.auth.method
+        if method in ("approle", "cert"):
+            self._step("enabling the auth method", "sys/auth", lambda: self.enable_auth(method))
+        self._step("writing the policy", f"sys/policy/{policy}", self.write_policy)
+        if method == "approle":
+            self._step("writing the AppRole role", f"auth/{mount}/role/{role}", self.write_approle_role)
+            self._step("reading the role_id", f"auth/{mount}/role/{role}/role-id", self.write_role_id)
+            self._step("issuing a secret_id", f"auth/{mount}/role/{role}/secret-id", self.write_secret_id)
+        elif method == "cert":
+            name = self.auth.cert_role or role
+            self._step("writing the cert role", f"auth/{mount}/certs/{name}", self.write_cert_role)
+        else:
+            self.say(
+                f"method = token: create keyd's token yourself, e.g. "
+                f"`bao token create -policy={policy} -period=24h -orphan`"
+            )
+        app_name = self.options.store_key
+        if key is not None and app_name is not None:
+            app = self.config.apps[app_name]
+            path = kv_read_path(app.kv_mount, app.path, app.kv_version)
+            self._step(f"storing the key of app {app_name}", path, lambda: self.store_key(app_name, key))
 
     # auth method
 
@@ -465,6 +483,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-policy", action="store_true", help="print the policy for the config and exit (no Vault)"
     )
+    parser.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a Vault node to use instead of the config's vault.address list (repeatable, in order "
+        "of preference; the next one is tried when a node cannot serve)",
+    )
 
 
 def main(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
@@ -508,15 +534,50 @@ def main(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
             "set VAULT_TOKEN to an operator's Vault token (one that may manage auth methods, "
             "policies and roles)"
         )
-    import hvac  # noqa: PLC0415 - see the module docstring
-
-    client = hvac.Client(
-        url=config.vault.address,
-        token=token,
-        verify=config.vault.ca_cert or True,
-        timeout=config.vault.timeout,
-    )
-    print(f"keyd vault setup on {config.vault.address} for {config.source}:")
-    Setup(config, client, options).run(key)
+    nodes = tuple(a.strip().rstrip("/") for a in args.address) or config.vault.nodes
+    for node in nodes:
+        if not node.startswith(("http://", "https://")):
+            raise ConfigError([f"--address: {node!r} is not an http:// or https:// URL"])
+    run_with_failover(config, nodes, token, options, key)
     print(f"done. Check with: keyd check-config -c {args.config}")
     return 0
+
+
+def run_with_failover(
+    config: Config,
+    nodes: tuple[str, ...],
+    token: str,
+    options: SetupOptions,
+    key: str | None,
+    say: Callable[[str], None] = print,
+    warn: Callable[[str], None] = lambda text: print(text, file=sys.stderr),
+) -> str:
+    """Run the setup on the first node that can serve it, in order; returns the node used.
+
+    A node that cannot serve (unreachable, TLS failure, timeout, 5xx, sealed) is reported and the
+    whole, idempotent setup runs again on the next one. Any other answer (403, 400, 404) is the
+    cluster's own and ends the run with an error naming the node and the Vault path.
+    """
+    import hvac  # noqa: PLC0415 - see the module docstring
+
+    from keyd.errors import VaultUnavailable  # noqa: PLC0415
+
+    failures: list[str] = []
+    for node in nodes:
+        client = hvac.Client(
+            url=node, token=token, verify=config.vault.ca_cert or True, timeout=config.vault.timeout
+        )
+        say(f"keyd vault setup on {node} for {config.source}:")
+        try:
+            Setup(config, client, options, say=say, node=node).run(key)
+        except VaultUnavailable as exc:
+            failures.append(str(exc))
+            if node != nodes[-1]:
+                warn(f"{exc}; trying the next Vault node")
+            continue
+        finally:
+            client.adapter.close()
+        return node
+    if len(failures) == 1:
+        raise VaultUnavailable(failures[0])
+    raise VaultUnavailable("no Vault node could serve keyd vault setup: " + "; ".join(failures))

@@ -639,3 +639,41 @@ def test_per_uid_connection_cap_defaults_to_a_quarter_of_a_small_max() -> None:
     assert one_problem(data) == (
         f"{SOURCE}: server.max_connections_per_uid: must not be greater than server.max_connections"
     )
+# -- Vault HA: several addresses ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["address", "addresses"])
+def test_vault_nodes_as_a_list_in_order_of_preference(key: str) -> None:
+    data = minimal()
+    data["vault"] = {key: ["https://v1:8200/", "https://v2:8200", " https://v3:8200 "], "probe_interval": "250ms"}
+    cfg = config.parse(data, SOURCE)
+    assert cfg.vault.nodes == ("https://v1:8200", "https://v2:8200", "https://v3:8200")
+    assert cfg.vault.address == "https://v1:8200"  # the first one, for code that wants one address
+    assert cfg.vault.probe_interval == 0.25
+
+
+def test_a_single_address_keeps_working() -> None:
+    data = minimal()
+    data["vault"] = {"address": "https://vault:8200"}
+    cfg = config.parse(data, SOURCE)
+    assert cfg.vault.nodes == ("https://vault:8200",) and cfg.vault.addresses == ()
+    assert cfg.vault.probe_interval == 1.0
+
+
+@pytest.mark.parametrize(
+    ("vault", "expected"),
+    [
+        ({"address": []}, "vault.address: must name at least one Vault node"),
+        ({"addresses": ["https://a:1", "ftp://b"]}, "vault.addresses[1]: 'ftp://b' is not an http:// or https:// URL"),
+        ({"addresses": ["https://a:1", 7]}, "vault.addresses[1]: must be a non-empty string"),
+        ({"address": ["https://a:1", "https://a:1/"]}, "vault.address[1]: 'https://a:1' is listed twice"),
+        ({"address": 8200}, "vault.address: must be a URL or a list of URLs, not int"),
+        ({"address": "https://a:1", "addresses": ["https://b:1"]}, "vault.addresses: give either"),
+        ({"probe_interval": 0}, "vault.probe_interval: must be greater than zero"),
+    ],
+)
+def test_bad_vault_node_lists_name_the_file_and_key(vault: dict[str, Any], expected: str) -> None:
+    data = minimal()
+    data["vault"] = vault
+    line = one_problem(data)
+    assert line.startswith(f"{SOURCE}: {expected}"), line

@@ -223,6 +223,7 @@ def test_health_starting_ok_degraded_unavailable() -> None:
         "stale": False,
         "refresh_failures": 0,
         "last_error": None,
+        "cause": None,
     }
 
     store.record_failure("default", "reading secret/x: cannot connect to Vault")

@@ -206,6 +206,9 @@ def test_vault_section_never_holds_the_token():
         "token_ttl_remaining": 40.0,
         "login_failures": 0,
         "refresh_failures": 3,
+        "node": None,
+        "failovers": 0,
+        "nodes": [],
     }
     assert vault_section(None, 1, 0, now=0)["logged_in"] is False
     unlimited = vault_section(TokenInfo(ttl=0, renewable=False, obtained_at=0), 0, 0, now=10)
@@ -240,3 +243,30 @@ def test_tcp_listener_serves_over_loopback():
 
     data = asyncio.run(run())
     assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"keyd_up 1\n")
+
+
+def test_vault_nodes_in_health_and_metrics_name_the_node_in_use_and_each_ones_last_error():
+    from keyd.daemon.nodes import NodeView
+    from keyd.ops.status import render
+
+    nodes = [
+        NodeView("https://v1:8200", False, False, "sealed", 3, "https://v1:8200: Vault is sealed or down (503)", 2.0),
+        NodeView("https://v2:8200", True, True, "standby", 0, None, None),
+    ]
+    doc = vault_section(None, 0, 0, now=0, nodes=nodes, failovers=4)
+    assert doc["node"] == "https://v2:8200"
+    assert doc["nodes"][0]["last_error"] == "https://v1:8200: Vault is sealed or down (503)"
+    metrics = Metrics(
+        RequestStats(),
+        Sources(health=lambda: {"apps": {}}, vault=lambda: doc, connections=lambda: 0, refused_connections=lambda: 0),
+        process=False,
+    )
+    found = families(metrics)
+    assert sample(found, "keyd_vault_node_in_use", address="https://v2:8200") == 1
+    assert sample(found, "keyd_vault_node_in_use", address="https://v1:8200") == 0
+    assert sample(found, "keyd_vault_node_up", address="https://v1:8200") == 0
+    assert sample(found, "keyd_vault_node_consecutive_failures", address="https://v1:8200") == 3
+    assert sample(found, "keyd_vault_failovers_total") == 4
+    text = render({"status": "ok", "apps": {}, "vault": doc}, "/run/keyd/keyd.sock")
+    assert "https://v2:8200: standby (in use)" in text
+    assert "https://v1:8200: sealed" in text and "Vault is sealed or down (503)" in text

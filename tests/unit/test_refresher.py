@@ -15,6 +15,7 @@ import pytest
 
 from keyd.config import AppConfig, RefreshConfig
 from keyd.daemon.keystore import KeyStore, SecretKey
+from keyd.daemon.nodes import ProbeResult
 from keyd.daemon.refresher import TOKEN_JOB, Refresher, backoff, jittered
 from keyd.daemon.vault import Secret, TokenInfo
 from keyd.errors import SecretError, VaultAuthError, VaultError, VaultLoginError, VaultUnavailable
@@ -47,6 +48,18 @@ class FakeVault:
         self.renew_ttl: float | None = None
         self.calls: list[str] = []
         self.on_read: Callable[[], None] | None = None
+        self.token_generation = 0
+        self.probes: list[ProbeResult] = []  # answers of the next probes (then: serving, no change)
+        self.node_failed = False
+
+    def probe(self) -> ProbeResult:
+        self.calls.append("probe")
+        if self.probes:
+            return self.probes.pop(0)
+        return ProbeResult(serving=True, newly_serving=())
+
+    def any_node_failed(self) -> bool:
+        return self.node_failed
 
     @property
     def logged_in(self) -> bool:
@@ -56,6 +69,7 @@ class FakeVault:
         self.calls.append("login")
         if self.login_errors:
             raise self.login_errors.pop(0)
+        self.token_generation += 1
         self.token = TokenInfo(ttl=self.ttl, renewable=self.renewable, obtained_at=self.clock())
         return self.token
 
@@ -390,3 +404,119 @@ def test_a_real_scheduler_loads_every_key_on_start() -> None:
         refresher.stop()
     assert store.signing("a").version == 7 and store.signing("b").version == 7
     assert vault.calls.count("login") == 1
+
+
+# -- policy problems, recovery probes ------------------------------------------------------------
+
+
+def test_a_403_right_after_a_fresh_login_is_the_policy_and_retries_never_log_in_again() -> None:
+    h = Harness()
+    denied = VaultAuthError("reading secret/talkjs/live (KV v2) at http://v1: permission denied (403)")
+    h.vault.read_errors = [denied] * 10
+    for _ in range(5):
+        assert h.refresher.refresh_app("default") is False
+    assert h.vault.calls.count("login") == 1  # the first refresh's login, then never again
+    state = h.store.state("default")
+    assert state.cause == "permission denied on secret/data/talkjs/live"
+    assert "check keyd's Vault policy" in state.last_error and "http://v1" in state.last_error
+    # The normal backoff (5 failures in a row: at least 8 s), not a fast loop.
+    h.refresher._refresh_app("default")
+    assert h.last("key:default") >= h.refresh.retry_min * 8
+
+
+def test_a_403_with_an_older_token_logs_in_once_then_the_verdict_sticks_to_that_token() -> None:
+    h = Harness()
+    assert h.refresher.refresh_app("default") is True
+    denied = VaultAuthError("permission denied (403)")
+    h.vault.read_errors = [denied] * 10
+    assert h.refresher.refresh_app("default") is False  # read, re-login, read: policy
+    assert h.vault.calls.count("login") == 2
+    assert h.refresher.refresh_app("default") is False
+    assert h.refresher.refresh_app("default") is False
+    assert h.vault.calls.count("login") == 2  # the same token was already refused after its login
+    # The policy is fixed: the next read works, and the verdict is forgotten.
+    h.vault.read_errors = []
+    assert h.refresher.refresh_app("default") is True
+    assert h.refresher._policy_denied == {}
+
+
+def test_an_expired_token_is_replaced_before_reading() -> None:
+    h = Harness(ttl=60.0)
+    assert h.refresher.refresh_app("default") is True
+    h.vault.calls.clear()
+    h.clock.now += 61  # a long outage: the token ran out meanwhile
+    assert h.refresher.refresh_app("default") is True
+    assert h.vault.calls == ["invalidate", "login", "read secret/talkjs/live#secret_key"]
+
+
+def probe_harness() -> Harness:
+    h = Harness(refresh=RefreshConfig(interval=300.0, max_stale=3600.0, retry_min=1.0, retry_max=300.0))
+    h.refresher._probe_interval = 1.0
+    h.refresher.refresh_app("default")
+    h.vault.read_errors = [VaultUnavailable("no Vault node could serve it", "node unreachable")] * 20
+    assert h.refresher.refresh_app("default") is False
+    return h
+
+
+def test_a_failed_refresh_starts_probing_at_jittered_probe_intervals() -> None:
+    h = probe_harness()
+    assert h.refresher._probing
+    assert 0.5 <= h.last("vault-probe") <= 1.0  # rand 0.5: three quarters of the interval
+    for rand, delay in ((0.0, 0.5), (1.0, 1.0)):
+        h.rand = rand
+        assert h.refresher._probe_delay() == delay
+
+
+def test_a_node_serving_again_refreshes_failing_apps_at_once_then_backs_off() -> None:
+    h = probe_harness()
+    h.scheduled.clear()
+    # Nothing serves: no refresh is pulled forward, probing goes on.
+    h.vault.probes = [ProbeResult(serving=False, newly_serving=())]
+    h.refresher._probe()
+    assert [j for j, _ in h.scheduled] == ["vault-probe"]
+    # A node answers healthy: the app is refreshed now (jitter at most a fifth of the interval).
+    h.scheduled.clear()
+    h.vault.probes = [ProbeResult(serving=True, newly_serving=("https://v2:8200",))]
+    h.refresher._probe()
+    assert 0.0 <= h.last("key:default") <= 0.2
+    # Still serving, the refresh failed again: not at every probe, but after a growing backoff.
+    h.refresher.refresh_app("default")
+    h.scheduled.clear()
+    h.refresher._probe()
+    assert "key:default" not in [j for j, _ in h.scheduled]
+    h.clock.now += 1.0
+    h.refresher._probe()
+    assert "key:default" in [j for j, _ in h.scheduled]
+    h.scheduled.clear()
+    h.clock.now += 1.0
+    h.refresher._probe()
+    assert "key:default" not in [j for j, _ in h.scheduled]  # the second wait is longer (1.5 s)
+    # Success: the app leaves recovery and probing stops.
+    h.vault.read_errors = []
+    assert h.refresher.refresh_app("default") is True
+    h.scheduled.clear()
+    h.refresher._probe()
+    assert h.scheduled == [] and not h.refresher._probing
+
+
+def test_probing_goes_on_while_a_node_is_marked_failed_even_if_every_app_signs() -> None:
+    h = Harness()
+    h.vault.node_failed = True
+    assert h.refresher.refresh_app("default") is True
+    assert h.refresher._probing and h.last("vault-probe") > 0
+    h.scheduled.clear()
+    h.refresher._probe()
+    assert [j for j, _ in h.scheduled] == ["vault-probe"]  # no refresh: every app is fine
+    h.vault.node_failed = False
+    h.scheduled.clear()
+    h.refresher._probe()
+    assert h.scheduled == [] and not h.refresher._probing
+
+
+def test_a_probe_never_pulls_forward_a_refresh_that_is_running() -> None:
+    h = probe_harness()
+    h.scheduled.clear()
+    h.refresher._running.add("default")
+    h.vault.probes = [ProbeResult(serving=True, newly_serving=("https://v1",))]
+    h.refresher._probe()
+    assert "key:default" not in [j for j, _ in h.scheduled]

@@ -93,11 +93,14 @@ class FakeKv:
 
 def vault_with(response: dict[str, Any] | Exception, monkeypatch: pytest.MonkeyPatch) -> Vault:
     monkeypatch.setenv("VAULT_TOKEN", "s.test")
-    v = Vault(VaultConfig(auth=VaultAuthConfig(method="token")))
     fake = FakeKv(response)
-    # Replace hvac's HTTP layer with canned answers.
-    v._client = SimpleNamespace(secrets=SimpleNamespace(kv=SimpleNamespace(v1=fake, v2=fake)))
-    return v
+    # Replace hvac's clients with one that gives canned answers.
+    return Vault(
+        VaultConfig(auth=VaultAuthConfig(method="token")),
+        client_factory=lambda address, token, session: SimpleNamespace(
+            secrets=SimpleNamespace(kv=SimpleNamespace(v1=fake, v2=fake))
+        ),
+    )
 
 
 def v2(data: Any, version: int = 4) -> dict[str, Any]:
@@ -140,7 +143,9 @@ def test_bad_values_are_clear_errors_without_the_value(
 
 
 def test_missing_path_is_a_secret_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(SecretError, match=r"reading secret/nope \(KV v2\): not found \(404\)"):
+    with pytest.raises(
+        SecretError, match=r"reading secret/nope \(KV v2\) at http://127.0.0.1:8200: not found \(404\)"
+    ):
         vault_with(hvac.exceptions.InvalidPath(BODY_SECRET), monkeypatch).read("secret", "nope", "k", 2)
 
 
@@ -200,7 +205,8 @@ def test_no_other_auth_method_picks_up_an_ambient_token(
         method="approle", role_id_file=str(tmp_path / "r"), secret_id_file=str(tmp_path / "s")
     )
     v = Vault(VaultConfig(auth=auth))
-    assert not v._client.token
+    assert v._client(v.current_node, None).token == ""  # not logged in: no token at all
+    assert v._client(v.current_node, "").token == ""  # the clients logins use
     assert "VAULT_TOKEN" not in os.environ  # not left for child processes either
 
 

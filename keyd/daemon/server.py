@@ -443,6 +443,10 @@ class Connection(asyncio.Protocol):
         self.held.append((pending, keep_alive))
         pending.add_done_callback(self._release)
         self.busy = False
+        self._url = b""  # the next pipelined request starts afresh (as _finish does)
+        self._headers = {}
+        self._header_bytes = 0
+        self._body = b""
         if len(self.held) == MAX_HELD + 1:
             self.transport.pause_reading()  # a pipelining client waits for its answers
         if not keep_alive:

@@ -94,9 +94,13 @@ ui = false
         wait_until(self._active, 20, what="OpenBao active")
 
     def _active(self) -> bool:
+        # sys/health answers 200 only on the active node (a Raft node that is still electing
+        # itself, or that stepped down on a loaded machine, answers 429 and refuses mounts).
         with contextlib.suppress(Exception):
-            self.client().auth.token.lookup_self()
-            return True
+            health = hvac.Client(url=self.address, timeout=5).sys.read_health_status(method="GET")
+            if isinstance(health, dict) and not health.get("standby", True) and not health.get("sealed", True):
+                self.client().auth.token.lookup_self()
+                return True
         return False
 
     def ensure_up(self) -> None:

@@ -21,6 +21,7 @@ import argparse
 import getpass
 import ipaddress
 import os
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable
@@ -469,8 +470,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
     """Run `keyd vault setup`; raises KeydError (the CLI maps it to a message and exit code)."""
+    check = f"keyd check-config -c {shlex.quote(args.config)}"
     if "CREDENTIALS_DIRECTORY" not in os.environ:
         os.environ["CREDENTIALS_DIRECTORY"] = args.credentials_dir
+        check += f" --credentials-dir {shlex.quote(args.credentials_dir)}"
     config = configuration.load(args.config)
     if args.print_policy:
         print(render_policy(config), end="")
@@ -518,5 +521,5 @@ def main(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
     )
     print(f"keyd vault setup on {config.vault.address} for {config.source}:")
     Setup(config, client, options).run(key)
-    print(f"done. Check with: keyd check-config -c {args.config}")
+    print(f"done. Check with: {check}")
     return 0

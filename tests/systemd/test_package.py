@@ -236,16 +236,24 @@ def test_sandbox_as_applied(machine: Machine) -> None:
     assert exposure <= 1.5, done.stdout[-2000:]
     pid = main_pid(box)
     uid = keyd_uid(box, pid)
-    # In keyd's mount namespace even root cannot write outside the runtime and logs directories.
+    # In keyd's mount namespace even root cannot write to the system's directories ...
     inside = ["nsenter", f"--target={pid}", "--mount", "--"]
-    for path in ("/etc/probe", "/usr/probe", "/opt/keyd/probe", "/var/lib/probe", "/var/cache/probe", "/srv/probe"):
-        done = box.run(*inside, "sh", "-c", f"echo x > {path}", check=False)
-        assert done.returncode != 0 and "Read-only file system" in done.stderr, (path, done)
+    for directory in ("/etc", "/usr", "/opt/keyd", "/var/lib", "/var/cache", "/srv", "/etc/keyd"):
+        done = box.run(*inside, "sh", "-c", f"echo x > {directory}/probe", check=False)
+        assert done.returncode != 0 and "Read-only file system" in done.stderr, (directory, done)
     for path in ("/root/probe", "/home/webapp/probe"):
         done = box.run(*inside, "sh", "-c", f"echo x > {path}", check=False)
         assert done.returncode != 0, (path, done)
+    # ... and keyd's uid may write to exactly its logs directory and its private /tmp, /var/tmp,
+    # /dev/shm: every directory it can write to, found by find -writable in its namespace.
     as_keyd = [*inside, "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-    for path in ("/run/keyd/probe", "/var/log/keyd/probe", "/tmp/probe"):
+    found = box.run(
+        *as_keyd, "find", "/", "(", "-path", "/proc", "-o", "-path", "/sys", ")", "-prune",
+        "-o", "-type", "d", "-writable", "-print", check=False,
+    ).stdout.split()
+    private = {"/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue"}
+    assert set(found) - private == {"/var/log/private/keyd"}, found
+    for path in ("/var/log/keyd/probe", "/tmp/probe", "/var/tmp/probe"):
         box.run(*as_keyd, "sh", "-c", f"echo x > {path} && rm {path}")
     box.run(*inside, "sh", "-c", "echo x > /tmp/private-probe")
     assert not box.path("/tmp/private-probe").exists()  # PrivateTmp=

@@ -1,6 +1,7 @@
 # The operator's policy: exactly what `keyd vault setup` needs for config.example.toml (AppRole at
 # auth/approle, policy and role "keyd", the key at secret/talkjs/live), including --store-key,
-# --new-secret-id and --wrap-ttl. The test suite runs setup with a token holding only this policy.
+# --new-secret-id and --wrap-ttl (sys/wrapping/lookup needs no token). The test suite runs each
+# documented step with a token holding only this policy, and checks that every block is needed.
 #
 #   bao policy write keyd-operator deploy/vault/operator-policy.hcl    (or: vault policy write ...)
 #   bao token create -policy=keyd-operator -no-default-policy -ttl=1h  (a token for one setup run)
@@ -35,11 +36,6 @@ path "auth/approle/role/keyd/secret-id" {
   capabilities = ["update"]
 }
 path "auth/approle/role/keyd/secret-id/lookup" {
-  capabilities = ["update"]
-}
-
-# --wrap-ttl: whether the wrapping token in the file is still unused.
-path "sys/wrapping/lookup" {
   capabilities = ["update"]
 }
 

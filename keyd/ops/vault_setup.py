@@ -296,6 +296,7 @@ class Setup:
 
     def _secret_id_still_valid(self, value: str) -> bool:
         """Whether the secret_id (or wrapping token) in the file can still be used for this role."""
+        from hvac.exceptions import Forbidden  # noqa: PLC0415
         from hvac.exceptions import VaultError as HvacError  # noqa: PLC0415
 
         try:
@@ -304,6 +305,8 @@ class Setup:
                 wanted = f"auth/{self.mount}/role/{self.options.role}/secret-id"
                 return bool(info["data"].get("creation_path") == wanted)
             found = self.client.auth.approle.read_secret_id(self.options.role, value, mount_point=self.mount)
+        except Forbidden:
+            raise  # the operator's token may not look it up: say so rather than replace a valid one
         except HvacError:
             return False
         return isinstance(found, dict) and bool(found.get("data"))

@@ -248,8 +248,23 @@ def test_sandbox_as_applied(machine: Machine) -> None:
     # /dev/shm: every directory it can write to, found by find -writable in its namespace.
     as_keyd = [*inside, "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
     found = box.run(
-        *as_keyd, "find", "/", "(", "-path", "/proc", "-o", "-path", "/sys", ")", "-prune",
-        "-o", "-type", "d", "-writable", "-print", check=False,
+        *as_keyd,
+        "find",
+        "/",
+        "(",
+        "-path",
+        "/proc",
+        "-o",
+        "-path",
+        "/sys",
+        ")",
+        "-prune",
+        "-o",
+        "-type",
+        "d",
+        "-writable",
+        "-print",
+        check=False,
     ).stdout.split()
     private = {"/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue"}
     assert set(found) - private == {"/var/log/private/keyd"}, found

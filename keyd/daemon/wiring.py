@@ -90,16 +90,26 @@ class Daemon:
                 raise StartupError(
                     f"metrics.listen: cannot listen on {self.config.metrics.listen}: {exc.strerror}"
                 ) from None
-        await self.server.start(systemd.listen_socket())
+        inherited = systemd.listen_socket()
+        if inherited is not None:
+            # Socket activation (a restart, an upgrade): systemd holds the socket and the kernel
+            # queues connections while keyd starts. Accept them once the keys are loaded, so none is
+            # answered 503, or after server.request_timeout at the latest (Vault slow or down).
+            self.notifier.notify("STATUS=waiting for Vault")
+            self.refresher.start()
+            self._loop.add_signal_handler(signal.SIGHUP, self.reload)
+            await self._hold_until_ready(self.config.server.request_timeout)
+        await self.server.start(inherited)
         log.info(
             "keyd listening on %s for %d app(s): %s",
             self.config.server.socket,
             len(self.config.apps),
             ", ".join(self.config.apps),
         )
-        self.notifier.notify("STATUS=waiting for Vault")
-        self.refresher.start()
-        self._loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if inherited is None:
+            self.notifier.notify("STATUS=waiting for Vault")
+            self.refresher.start()
+            self._loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._tasks.append(asyncio.create_task(self._report_status()))
         interval = systemd.watchdog_interval()
         if interval:
@@ -108,6 +118,13 @@ class Daemon:
             await self._stop.wait()
         finally:
             await self._shutdown()
+
+    async def _hold_until_ready(self, limit: float) -> None:
+        """Wait until every app has a key (READY=1 sent), SIGTERM, or ``limit`` seconds."""
+        assert self._stop is not None  # noqa: S101 - set in run()
+        deadline = time.monotonic() + limit
+        while not self._ready_sent and not self._stop.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def _shutdown(self) -> None:
         log.info("shutting down")

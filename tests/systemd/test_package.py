@@ -291,7 +291,27 @@ def test_callers_by_unit_group_and_socket_permission(machine: Machine) -> None:
     assert done.returncode != 0 and "forbidden" in done.stderr.lower(), done
     done = box.run("keyd", "token", "--user-id", "alice", "--socket", SOCKET, user="talksync")
     assert done.stdout.strip().count(".") == 2
-    # A service given keyd-clients by SupplementaryGroups= is matched by the group grant.
+    # SupplementaryGroups=keyd-clients lets a service (a dynamic user) open the socket ...
+    props = ["-p", "DynamicUser=yes", "-p", "SupplementaryGroups=keyd-clients"]
+    done = box.run(*run, "--unit=with-group.service", *props, "keyd", "health")
+    assert json.loads(done.stdout)["status"] == "ok"
+    # ... without keyd-clients nobody connects at all: not a dynamic service, not a plain user.
+    done = box.run(*run, "--unit=no-group.service", "-p", "DynamicUser=yes", "keyd", "health", check=False)
+    assert done.returncode != 0 and "ermission denied" in done.stderr, done
+    assert box.run("python3", "-c", CONNECT, SOCKET, user="outsider").stdout.strip() == "13"  # EACCES
+    assert box.run("python3", "-c", CONNECT, SOCKET, user="webapp").stdout.strip() == "connected"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="keyd matches groups from the user database (getgrouplist), not the caller process's own "
+    "supplementary groups; the sec-peers branch reads them from SO_PEERGROUPS (remove this mark then)",
+)
+def test_service_with_supplementary_group_matches_the_group_grant(machine: Machine) -> None:
+    box = machine
+    run = ["systemd-run", "--wait", "--pipe", "--quiet", "--collect"]
+    # A service (a dynamic user, in no group file) given keyd-clients by SupplementaryGroups= is
+    # matched by the group grant.
     done = box.run(
         *run,
         "--unit=chat-web.service",
@@ -305,11 +325,6 @@ def test_callers_by_unit_group_and_socket_permission(machine: Machine) -> None:
         "bob",
     )
     assert done.stdout.strip().count(".") == 2, done
-    # Without keyd-clients nobody connects at all: not a dynamic service, not a plain user.
-    done = box.run(*run, "--unit=no-group.service", "-p", "DynamicUser=yes", "keyd", "health", check=False)
-    assert done.returncode != 0 and "ermission denied" in done.stderr, done
-    assert box.run("python3", "-c", CONNECT, SOCKET, user="outsider").stdout.strip() == "13"  # EACCES
-    assert box.run("python3", "-c", CONNECT, SOCKET, user="webapp").stdout.strip() == "connected"
 
 
 def test_reload_rotates_to_the_new_kv_version(machine: Machine, vault: BaoServer, operator: Operator) -> None:

@@ -463,6 +463,12 @@ class Server:
             for conn in [c for c in self.connections if c.deadline < now]:
                 conn.expire()
 
+    def stop_accepting(self) -> None:
+        """Close the listener only. With socket activation systemd keeps the socket open, so new
+        connections queue for the next keyd; the ones already accepted are served as usual."""
+        if self._server is not None:
+            self._server.close()
+
     async def shutdown(self) -> None:
         """Stop accepting, let requests in flight finish (bounded), close everything, remove the socket."""
         self.closing = True

@@ -46,8 +46,10 @@ def worker():
             conn.sock = sock
             conn.request("POST", "/v1/tokens", body=body, headers={"Content-Type": "application/json"})
             response = conn.getresponse()
-            response.read()
+            answer = response.read()
             outcome = str(response.status)
+            if response.status != 200:
+                outcome += " " + json.loads(answer).get("error", {}).get("code", "?")
             conn.close()
         except OSError as exc:
             outcome = type(exc).__name__
@@ -167,7 +169,9 @@ def test_vault_setup_with_the_operator_policy_and_the_printed_hint(
     assert "stored (KV v2 version 1)" in done.stdout
     for name in ("role-id", "secret-id"):
         assert box.run("stat", "-c", "%a %U", f"/etc/keyd/{name}").stdout.split() == ["600", "root"]
-    stored = vault.client().secrets.kv.v2.read_secret_version(path="talkjs/live", mount_point="secret")
+    stored = vault.client().secrets.kv.v2.read_secret_version(
+        path="talkjs/live", mount_point="secret", raise_on_deleted_version=True
+    )
     assert stored["data"]["data"]["secret_key"] == operator.key  # no trailing newline
     hint = done.stdout.strip().splitlines()[-1]
     assert hint.startswith("done. Check with: keyd check-config"), hint
@@ -336,7 +340,9 @@ def test_reload_rotates_to_the_new_kv_version(machine: Machine, vault: BaoServer
     )
     assert done.returncode == 0, done.stderr
     assert "stored (KV v2 version 2)" in done.stdout
-    stored = vault.client().secrets.kv.v2.read_secret_version(path="talkjs/live", mount_point="secret")
+    stored = vault.client().secrets.kv.v2.read_secret_version(
+        path="talkjs/live", mount_point="secret", raise_on_deleted_version=True
+    )
     assert stored["data"]["data"]["secret_key"] == rotated
     pid = main_pid(box)
     box.run("systemctl", "reload", "keyd.service")

@@ -242,3 +242,69 @@ def test_the_hint_vault_setup_prints_works_as_printed(obao: BaoServer, tmp_path:
     checked = keyd_cli(*argv[1:], env=clean_env())
     assert checked.returncode == 0, checked.stderr
     assert "not checked here" not in checked.stderr
+
+
+def test_tls_vault_walkthrough_with_the_cli_as_documented(tmp_path: Path) -> None:
+    """docs/deploy.md section 2 against an initialised, unsealed OpenBao with TLS: the admin's
+    commands with VAULT_CACERT, an operator's `bao login ... -token-only -no-store`, then setup."""
+    from tests.integration.test_tls import CA, tls_bao
+
+    ca = CA(tmp_path, "server")
+    vault = tls_bao(tmp_path, ca.issue("vault", server=True), ca)
+    home = tmp_path / "home"
+    home.mkdir()
+    try:
+        env = {
+            "VAULT_ADDR": vault.address,
+            "VAULT_CACERT": str(ca.path),
+            "HOME": str(home),
+            "PATH": "/usr/bin:/bin",
+        }
+
+        def cli(*args: str, token: str = vault.root_token) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [bao_binary(), *args],
+                env={**env, "VAULT_TOKEN": token} if token else env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+
+        assert cli("policy", "write", "keyd-operator", str(OPERATOR_POLICY)).returncode == 0
+        created = cli(
+            "token", "create", "-policy=keyd-operator", "-no-default-policy", "-ttl=1h", "-field=token"
+        )
+        assert created.returncode == 0, created.stderr
+        admin_token = created.stdout.strip()
+        # An operator with a login of their own that carries keyd-operator.
+        assert cli("auth", "enable", "userpass").returncode == 0
+        user = cli("write", "auth/userpass/users/ops", "password=pw-ops", "token_policies=keyd-operator")
+        assert user.returncode == 0, user.stderr
+        login = cli(
+            "login",
+            "-method=userpass",
+            "-token-only",
+            "-no-store",
+            "username=ops",
+            "password=pw-ops",
+            token="",
+        )
+        assert login.returncode == 0, login.stderr
+        assert not (home / ".vault-token").exists()  # -no-store: nothing left behind
+        for number, token in enumerate((admin_token, login.stdout.strip())):
+            reset(vault.client(verify=str(ca.path)))
+            work = tmp_path / f"run{number}"
+            work.mkdir()
+            config = shipped_config(vault, work)
+            config["vault"]["ca_cert"] = str(ca.path)
+            done = run_vault_setup(config, work, token, "--store-key", "default", stdin=new_key())
+            assert done.returncode == 0, done.stderr
+            assert token not in done.stdout + done.stderr
+        # VAULT_CACERT is the CLI's; keyd verifies with vault.ca_cert (or the system trust store).
+        config = shipped_config(vault, tmp_path)
+        done = run_vault_setup(config, tmp_path, admin_token)
+        assert done.returncode != 0, done
+        assert "TLS verification of the Vault server failed (check vault.ca_cert)" in done.stderr
+    finally:
+        vault.cleanup()

@@ -76,6 +76,9 @@ def rootfs() -> Path:
         for cached in (building / "var/cache/apt/archives").glob("*.deb"):
             cached.unlink()
         building.rename(target)
+        for stale in CACHE.glob("rootfs-*"):  # trees built from other inputs (about 300 MB each)
+            if stale != target:
+                shutil.rmtree(stale, ignore_errors=True)
         return target
 
 

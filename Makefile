@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint unit integration resilience bench clean
+.PHONY: run test lint unit integration resilience bench deb clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "keyd needs Python 3.11 or newer (python3.11, python3.12, ...)"; exit 1; }
@@ -37,5 +37,9 @@ resilience: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/keyd bench --compare
 
+# The Debian package (dist/keyd_<version>-1_<arch>.deb); see docs/deploy.md, "Installing keyd".
+deb: $(STAMP)
+	sh packaging/debian/build-deb.sh dist $(BIN)/pip
+
 clean:
-	rm -rf $(VENV) run .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) dist run .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -715,6 +715,12 @@ class Server:
         for conn in [c for c in self.connections if c.deadline < now]:
             conn.expire()
 
+    def stop_accepting(self) -> None:
+        """Close the listener only. With socket activation systemd keeps the socket open, so new
+        connections queue for the next keyd; the ones already accepted are served as usual."""
+        if self._server is not None:
+            self._server.close()
+
     async def shutdown(self) -> None:
         """Stop taking connections, answer what was already sent, close the rest without a reset.
 

@@ -30,6 +30,10 @@ from keyd.logs import ago
 log = logging.getLogger("keyd.daemon")
 
 STATUS_EVERY = 5.0
+# How long keyd keeps connections queued on a socket from systemd while its keys load.
+STARTUP_HOLD = 2.0
+# After closing an inherited listener: time for connections accepted just before to be answered.
+HANDOVER_GRACE = 0.1
 
 
 class Daemon:
@@ -84,6 +88,7 @@ class Daemon:
         self._reload_generation = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._grant_reloads: set[asyncio.Task[None]] = set()
+        self._inherited = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -105,16 +110,28 @@ class Daemon:
                 raise StartupError(
                     f"metrics.listen: cannot listen on {self.config.metrics.listen}: {exc.strerror}"
                 ) from None
-        await self.server.start(systemd.listen_socket())
+        inherited = systemd.listen_socket()
+        self._inherited = inherited is not None
+        if inherited is not None:
+            # Socket activation (a restart, an upgrade): systemd holds the socket and the kernel
+            # queues connections while keyd starts. Accept them once the keys are loaded, so none is
+            # answered 503, or after STARTUP_HOLD at the latest (Vault slow or down: clients then get
+            # 503 well within their own timeouts, 5 s in keyd.client).
+            self.notifier.notify("STATUS=waiting for Vault")
+            self.refresher.start()
+            self._loop.add_signal_handler(signal.SIGHUP, self.reload)
+            await self._hold_until_ready(min(STARTUP_HOLD, self.config.server.request_timeout))
+        await self.server.start(inherited)
         log.info(
             "keyd listening on %s for %d app(s): %s",
             self.config.server.socket,
             len(self.config.apps),
             ", ".join(self.config.apps),
         )
-        self.notifier.notify("STATUS=waiting for Vault")
-        self.refresher.start()
-        self._loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if inherited is None:
+            self.notifier.notify("STATUS=waiting for Vault")
+            self.refresher.start()
+            self._loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._tasks.append(asyncio.create_task(self._report_status()))
         self._tasks.append(asyncio.create_task(self._resolve_grant_names()))
         interval = systemd.watchdog_interval()
@@ -125,8 +142,21 @@ class Daemon:
         finally:
             await self._shutdown()
 
+    async def _hold_until_ready(self, limit: float) -> None:
+        """Wait until every app has a key (READY=1 sent), SIGTERM, or ``limit`` seconds."""
+        assert self._stop is not None  # noqa: S101 - set in run()
+        deadline = time.monotonic() + limit
+        while not self._ready_sent and not self._stop.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
     async def _shutdown(self) -> None:
         log.info("shutting down")
+        if self._inherited:
+            # The socket is systemd's and outlives this process: stop accepting at once, so what is
+            # still queued goes to the next keyd (a restart, an upgrade) instead of a 503
+            # "shutting_down"; connections accepted a moment ago are answered here first.
+            self.server.stop_accepting()
+            await asyncio.sleep(HANDOVER_GRACE)
         self.notifier.notify("STOPPING=1", "STATUS=stopping")
         assert self._loop is not None  # noqa: S101 - set in run()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

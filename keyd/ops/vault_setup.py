@@ -21,6 +21,7 @@ import argparse
 import getpass
 import ipaddress
 import os
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable
@@ -313,6 +314,7 @@ class Setup:
 
     def _secret_id_still_valid(self, value: str) -> bool:
         """Whether the secret_id (or wrapping token) in the file can still be used for this role."""
+        from hvac.exceptions import Forbidden  # noqa: PLC0415
         from hvac.exceptions import VaultError as HvacError  # noqa: PLC0415
 
         try:
@@ -321,6 +323,8 @@ class Setup:
                 wanted = f"auth/{self.mount}/role/{self.options.role}/secret-id"
                 return bool(info["data"].get("creation_path") == wanted)
             found = self.client.auth.approle.read_secret_id(self.options.role, value, mount_point=self.mount)
+        except Forbidden:
+            raise  # the operator's token may not look it up: say so rather than replace a valid one
         except HvacError:
             return False
         return isinstance(found, dict) and bool(found.get("data"))
@@ -495,8 +499,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
     """Run `keyd vault setup`; raises KeydError (the CLI maps it to a message and exit code)."""
+    check = f"keyd check-config -c {shlex.quote(args.config)}"
     if "CREDENTIALS_DIRECTORY" not in os.environ:
         os.environ["CREDENTIALS_DIRECTORY"] = args.credentials_dir
+        check += f" --credentials-dir {shlex.quote(args.credentials_dir)}"
     config = configuration.load(args.config)
     if args.print_policy:
         print(render_policy(config), end="")
@@ -539,7 +545,7 @@ def main(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
         if not node.startswith(("http://", "https://")):
             raise ConfigError([f"--address: {node!r} is not an http:// or https:// URL"])
     run_with_failover(config, nodes, token, options, key)
-    print(f"done. Check with: keyd check-config -c {args.config}")
+    print(f"done. Check with: {check}")
     return 0
 
 

@@ -12,7 +12,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,9 @@ import jwt
 import pytest
 
 from keyd.ops.dev import BaoServer
+from tests import portable
 from tests.conftest import base_config, new_key
-from tests.helpers import ROOT, KeydProcess, wait_until
+from tests.helpers import KeydProcess, wait_until
 from tests.integration.sysusers import sysusers
 
 
@@ -171,11 +171,12 @@ def test_core_dumps_disabled_and_not_dumpable(
         group = users.group("kd")
         account = users.user("keyd", primary=group)
         os.chown(short_dir, account.pw_uid, account.pw_gid)
-        python = users.python(account.pw_name)
-        site = [p for p in sys.path if p.endswith("site-packages")]
-        keyd.env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *site])
+        # The checkout may be unreadable to that user (a clone under /root or in mktemp -d): keyd and
+        # its dependencies are copied where it can read them.
+        shared = portable.for_other_users()
+        keyd.env["PYTHONPATH"] = shared.pythonpath
         keyd.prefix = tuple(users.as_user(account.pw_name))
-        keyd.python = python
+        keyd.python = shared.python(users.as_user(account.pw_name))
         keyd.start()
         _check_not_dumpable(keyd.pid, account.pw_uid, users.as_user(account.pw_name))
         assert keyd.stop() == 0

@@ -32,6 +32,7 @@ import jwt
 import pytest
 
 from keyd.ops.dev import BaoServer
+from tests import portable
 from tests.conftest import base_config, new_key
 from tests.helpers import ROOT, KeydProcess, wait_until
 
@@ -271,7 +272,9 @@ def test_units_set_what_the_deployment_relies_on():
     assert one["ExecStart"].endswith(" run -c /etc/keyd/config.toml")
     assert one["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert one["WatchdogSec"] and one["DynamicUser"] == "yes"
-    assert one["RuntimeDirectory"] == "keyd" and one["UMask"] == "0077" and one["LimitCORE"] == "0"
+    assert one["UMask"] == "0077" and one["LimitCORE"] == "0"
+    # DynamicUser= chowns a RuntimeDirectory= recursively at start: /run/keyd, the socket's, stays root's.
+    assert "RuntimeDirectory" not in one
     assert one["MemoryDenyWriteExecute"] == "yes" and one["NoNewPrivileges"] == "yes"
     assert one["CapabilityBoundingSet"] == ""
     assert "secret-id:/etc/keyd/secret-id" in values(service, "Service", "LoadCredential")
@@ -304,7 +307,7 @@ def test_systemd_analyze_verify_accepts_both_units(tmp_path):
     # verify checks that ExecStart's binary exists: point it at this checkout's keyd.
     keyd_bin = Path(sys.executable).parent / "keyd"
     for unit in (SERVICE, SOCKET):
-        text = unit.read_text().replace("ExecStart=/usr/local/bin/keyd ", f"ExecStart={keyd_bin} ")
+        text = unit.read_text().replace("ExecStart=/usr/bin/keyd ", f"ExecStart={keyd_bin} ")
         (tmp_path / unit.name).write_text(text)
     result = _analyze("verify", str(tmp_path / "keyd.socket"), str(tmp_path / "keyd.service"), cwd=tmp_path)
     complaints = [line for line in (result.stdout + result.stderr).splitlines() if "keyd." in line]
@@ -421,17 +424,6 @@ os.execv(sys.executable, [sys.executable, "-m", "keyd", *sys.argv[5:]])
 """
 
 
-def _nobody_can_run_python() -> bool:
-    """Whether uid 65534 can start this interpreter and import keyd (not when Python lives in /root)."""
-    if shutil.which("setpriv") is None:
-        return False
-    code = "import os, keyd.cli; print(os.__file__)"
-    probe = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code]
-    result = subprocess.run(probe, capture_output=True, text=True, cwd="/", check=False)
-    # Same standard library as ours, not a fallback found elsewhere on the system.
-    return result.returncode == 0 and result.stdout.strip() == os.__file__
-
-
 def _mdwe_supported() -> bool:
     # Probe in a child: once set, MDWE cannot be cleared in this process.
     probe = "import ctypes,sys; sys.exit(0 if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) == 0 else 1)"
@@ -460,9 +452,15 @@ def test_keyd_runs_under_the_units_sandbox_enforced_by_the_kernel():
         run_dir = Path("/tmp") / f"kd-sbx-{os.getpid()}"
         run_dir.mkdir(mode=0o755)
         uid = gid = 0
-        if os.geteuid() == 0 and _nobody_can_run_python():
+        env: dict[str, str] = {}
+        python = sys.executable
+        if os.geteuid() == 0:
             uid = gid = 65534  # nobody/nogroup, as DynamicUser= would allocate some unused uid
             os.chown(run_dir, uid, gid)
+            # The checkout may be unreadable to nobody (a clone under /root or in mktemp -d).
+            shared = portable.for_other_users()
+            python = shared.python(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+            env["PYTHONPATH"] = shared.pythonpath
         try:
             config = base_config(vault, run_dir, "talkjs/sandbox")
             token = client.auth.token.create(policies=["root"], ttl="1h")["auth"]["client_token"]
@@ -474,7 +472,8 @@ def test_keyd_runs_under_the_units_sandbox_enforced_by_the_kernel():
                 str(uid),
                 str(gid),
             )
-            keyd = KeydProcess(run_dir, config, {"VAULT_TOKEN": token}, python_args=args)
+            keyd = KeydProcess(run_dir, config, {"VAULT_TOKEN": token, **env}, python_args=args)
+            keyd.python = python
             try:
                 keyd.start()
                 assert (

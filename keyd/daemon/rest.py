@@ -244,6 +244,11 @@ class RestProxy:
         for sender in self._senders.values():
             sender.close()
 
+    def may_use(self, caller: Caller) -> bool:
+        """Whether the caller's grant has the type ``rest``: only then is a REST-sized body read."""
+        grant = self._policy.grant_for(caller)
+        return grant is not None and "rest" in grant.types
+
     def in_flight(self) -> int:
         return sum(self._in_flight.values())
 

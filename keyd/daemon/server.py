@@ -401,7 +401,12 @@ class Connection(asyncio.Protocol):
     def _body_limit(self) -> int:
         """The body limit for this request: the REST proxy's for its paths, else server.max_body."""
         server = self.server
-        if server.rest_max_body and self._url.startswith(b"/v1/rest/"):
+        if (
+            server.rest_max_body
+            and self._url.startswith(b"/v1/rest/")
+            and self.caller is not None
+            and server.rest_caller(self.caller)
+        ):
             return server.rest_max_body
         return server.max_body
 
@@ -529,8 +534,11 @@ class Server:
         self.idle_timeout = config.idle_timeout
         self.max_body = config.max_body
         self.max_body_digits = len(str(config.max_body))
-        # The REST proxy's body limit for /v1/rest/ (0: no proxy, server.max_body everywhere).
+        # The REST proxy's body limit for /v1/rest/ (0: no proxy, server.max_body everywhere), for
+        # callers ``rest_caller`` accepts (a grant with the type rest): anyone else keeps max_body,
+        # so a caller with no grant cannot make keyd hold a REST-sized body per connection.
         self.rest_max_body = 0
+        self.rest_caller: Callable[[Caller], bool] = lambda caller: False
         # The sweeper's clock plus one sweep interval, refreshed by the sweeper: the two deadlines
         # set per request are measured from it without reading a clock, so they are never early;
         # with the sweep's own granularity they fire at most two intervals late.

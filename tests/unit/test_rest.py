@@ -517,6 +517,17 @@ def test_grants_report_lists_endpoints_and_warns_on_broad_rest_grants() -> None:
         },
         SOURCE,
     )
+    unit_alone = configuration.parse(
+        {
+            "apps": {"default": {"app_id": "t"}},
+            "grant": [{"unit": "sync.service", "types": ["rest"], "rest": ["PUT /users/*"]}],
+        },
+        SOURCE,
+    )
+    assert grants.rest_warnings(unit_alone) == [
+        f"{SOURCE}: grant[0]: warning: allows the REST proxy to any user's process in unit "
+        "'sync.service', whoever runs it: a unit name alone is no identity; add user or uid"
+    ]
     warnings = grants.rest_warnings(config)
     assert warnings == [
         f'{SOURCE}: grant[0]: warning: rest "DELETE /users/**" allows DELETE at any depth; '

@@ -21,11 +21,12 @@ import logging
 import os
 import random
 import time
+import unicodedata
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Protocol
-from urllib.parse import quote, unquote, urlencode
+from urllib.parse import quote, unquote, unquote_to_bytes, urlencode
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
@@ -62,8 +63,9 @@ def check_path(path: bytes) -> str:
 
     Refused: empty segments (``//``, a trailing ``/``), ``.`` and ``..``, a backslash, anything
     outside RFC 3986's path characters, and percent-encodings of ``/``, ``\\``, ``%``, ``.``,
-    control characters or unreserved characters. Other percent-encodings (a space, UTF-8) pass
-    through as sent: TalkJS decodes them once, as keyd's matching assumes.
+    control characters or unreserved characters, bytes that are not UTF-8 (an overlong "/"), and
+    characters NFKC turns into "/", "\\" or a dot segment. Other percent-encodings (a space, UTF-8)
+    pass through as sent: TalkJS decodes them once, as keyd's matching assumes.
     """
     if not path.startswith(b"/") or len(path) < 2:
         raise _invalid_path("the path must name a TalkJS resource, e.g. /v1/rest/default/users/alice")
@@ -87,7 +89,24 @@ def check_path(path: bytes) -> str:
             if char not in _PCHAR:
                 raise _invalid_path("the path holds a character that must be percent-encoded")
             i += 1
+        if b"%" in segment:
+            _check_decoded(segment)
     return path.decode("ascii")
+
+
+def _check_decoded(segment: bytes) -> None:
+    """A segment's percent-encoded bytes must be UTF-8 with no second spelling of "/", "\\" or a dot
+    segment: an overlong sequence (%C0%AF is "/" to a lenient decoder) or a compatibility character
+    that NFKC normalisation turns into one (%EF%BC%8F, the fullwidth solidus) is refused."""
+    try:
+        text = unquote_to_bytes(segment).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _invalid_path(
+            "percent-encoded bytes must be UTF-8 (no overlong or invalid sequences)"
+        ) from None
+    folded = unicodedata.normalize("NFKC", text)
+    if folded != text and ("/" in folded or "\\" in folded or folded in (".", "..")):
+        raise _invalid_path("the path holds a character that normalises to / or \\ or a dot segment")
 
 
 def redact(path: str) -> str:

@@ -51,6 +51,8 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _MAX_CONTENT_TYPE = 200
 UPSTREAM_HEADER = (b"X-Keyd-Upstream", b"talkjs")
+MAX_REFUSED_PATH = 200  # characters of a refused call's path in its audit line
+MAX_LOGGED_PATH = 1024  # ... of a proxied call's (it matched a grant: seldom longer)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -285,8 +287,14 @@ class RestProxy:
             )
         return sender
 
-    def _log_path(self, path: str | None) -> str | None:
-        return redact(path) if path is not None and self._hash else path
+    def _log_path(self, path: str | None, limit: int = MAX_LOGGED_PATH) -> str | None:
+        """The path for the audit line: ids hashed with ``hash_user_ids``, then cut to ``limit``
+        characters ("..." marks a cut). A URL may be 8 KiB (and each hashed id 71 characters): a
+        caller with no grant must not write that much into the audit log per refused request."""
+        if path is None:
+            return None
+        logged = redact(path) if self._hash else path
+        return logged if len(logged) <= limit else logged[: limit - 3] + "..."
 
     # -- the synchronous part ----------------------------------------------------------------
 
@@ -341,7 +349,7 @@ class RestProxy:
                 caller,
                 app_name,
                 method[:16],
-                self._log_path(path),
+                self._log_path(path, MAX_REFUSED_PATH),
                 "refused",
                 exc.code,
                 None,

@@ -106,6 +106,14 @@ def _rest_request(
     return url, body, headers
 
 
+def _retry_safe(method: str) -> bool:
+    """Whether a proxied call may be sent again when its connection closed without an answer.
+
+    Not a POST or PATCH: keyd may already have forwarded it (a restart closes calls in flight),
+    and TalkJS would get it twice. keyd's own endpoints and GET, PUT, DELETE may."""
+    return method.upper() in ("GET", "PUT", "DELETE")
+
+
 def _rest_answer(status: int, headers: Mapping[str, str], raw: bytes) -> RestResponse:
     if headers.get(_UPSTREAM) != "talkjs":  # keyd's own answer: an error document
         checked(status, _decode(status, raw))
@@ -309,7 +317,7 @@ class KeydClient:
         ``path`` is TalkJS's path below ``/v1/APP_ID``; keyd adds the app id and a token of its own.
         """
         url, body, headers = _rest_request(method, path, json, app)
-        status, fields, raw = self._raw(method, url, body, headers, timeout)
+        status, fields, raw = self._raw(method, url, body, headers, timeout, _retry_safe(method))
         return _rest_answer(status, fields, raw)
 
     def _raw(
@@ -319,8 +327,10 @@ class KeydClient:
         body: bytes | None,
         headers: Mapping[str, str] | None,
         timeout: float | None = None,
+        retry: bool = True,
     ) -> tuple[int, dict[str, str], bytes]:
-        """(status, lower-cased headers, raw body) of one exchange."""
+        """(status, lower-cased headers, raw body) of one exchange; ``retry``: whether a request
+        on a kept-alive connection that closed without an answer may be sent again."""
         for attempt in (1, 2):
             reused = self._conn is not None
             if self._conn is None:
@@ -339,7 +349,7 @@ class KeydClient:
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as exc:
                 # A kept-alive connection keyd closed while idle: try once on a fresh one.
                 self.close()
-                if attempt == 2 or not reused:
+                if attempt == 2 or not reused or not retry:
                     raise _unreachable(self.socket_path, exc) from None
             except http.client.HTTPException:
                 self.close()
@@ -442,7 +452,7 @@ class AsyncKeydClient:
     ) -> RestResponse:
         """Call TalkJS's REST API through keyd (see KeydClient.rest)."""
         url, body, headers = _rest_request(method, path, json, app)
-        status, fields, raw = await self._raw(method, url, body, headers, timeout)
+        status, fields, raw = await self._raw(method, url, body, headers, timeout, _retry_safe(method))
         return _rest_answer(status, fields, raw)
 
     async def _raw(
@@ -452,8 +462,9 @@ class AsyncKeydClient:
         body: bytes | None,
         headers: Mapping[str, str] | None,
         timeout: float | None = None,
+        retry: bool = True,
     ) -> tuple[int, dict[str, str], bytes]:
-        """(status, lower-cased headers, raw body) of one exchange."""
+        """(status, lower-cased headers, raw body) of one exchange (``retry``: see KeydClient._raw)."""
         data = http1.encode_request(method, path, headers, body)
         for attempt in (1, 2):
             # The retry always takes a fresh connection: keyd closes idle ones after idle_timeout,
@@ -468,7 +479,7 @@ class AsyncKeydClient:
                         writer.close()
                         raise
             except _Closed:
-                if attempt == 2:
+                if attempt == 2 or not retry:
                     raise Unreachable(
                         0, "unreachable", f"keyd at {self.socket_path} closed the connection"
                     ) from None

@@ -602,7 +602,7 @@ class RateLimiter:
     """Token buckets per (caller identity, grant): ``rate`` requests per second, bursts of up to one
     second's worth (at least 1).
 
-    The identity is the caller's uid (plus its unit where the grant names one), never its pid: a
+    The identity is the caller's uid (per grant), never its pid or unit: a
     user that forks a process per request shares one bucket. Memory is bounded: beyond
     ``max_buckets`` the buckets that have refilled completely are dropped (forgetting them changes
     nothing), then the oldest ones.
@@ -651,10 +651,12 @@ class RateLimiter:
 
 
 def rate_identity(grant: GrantConfig, caller: Caller) -> Hashable:
-    """Whose bucket a request under ``grant`` takes from: the uid, plus the unit the grant names."""
-    if grant.unit is None and grant.user_unit is None:
-        return caller.uid
-    return (caller.uid, caller.unit, caller.user_unit)
+    """Whose bucket a request under ``grant`` takes from: the uid (buckets are per grant too).
+
+    Never the caller's unit or user_unit: a grant fixes the one it names, and the other is the
+    caller's to choose (under ``unit = "user@UID.service"`` every unit the user starts in its own
+    manager would have had a bucket of its own, multiplying the rate)."""
+    return caller.uid
 
 
 class Policy:
@@ -722,7 +724,7 @@ class Policy:
         """The grant that allows this request, or ApiError 403 naming what was refused.
 
         Every request decided under a grant with a ``rate`` takes a token from the caller's bucket
-        (its uid, plus its unit where the grant names one), refused ones included (so a flood of
+        (its uid, per grant), refused ones included (so a flood of
         forbidden requests cannot flood the audit log either); an empty bucket is ApiError 429
         ``rate_limited``.
         """

@@ -21,11 +21,12 @@ import logging
 import os
 import random
 import time
+import unicodedata
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Protocol
-from urllib.parse import quote, unquote, urlencode
+from urllib.parse import quote, unquote, unquote_to_bytes, urlencode
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
@@ -50,6 +51,8 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _MAX_CONTENT_TYPE = 200
 UPSTREAM_HEADER = (b"X-Keyd-Upstream", b"talkjs")
+MAX_REFUSED_PATH = 200  # characters of a refused call's path in its audit line
+MAX_LOGGED_PATH = 1024  # ... of a proxied call's (it matched a grant: seldom longer)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -62,8 +65,9 @@ def check_path(path: bytes) -> str:
 
     Refused: empty segments (``//``, a trailing ``/``), ``.`` and ``..``, a backslash, anything
     outside RFC 3986's path characters, and percent-encodings of ``/``, ``\\``, ``%``, ``.``,
-    control characters or unreserved characters. Other percent-encodings (a space, UTF-8) pass
-    through as sent: TalkJS decodes them once, as keyd's matching assumes.
+    control characters or unreserved characters, bytes that are not UTF-8 (an overlong "/"), and
+    characters NFKC turns into "/", "\\" or a dot segment. Other percent-encodings (a space, UTF-8)
+    pass through as sent: TalkJS decodes them once, as keyd's matching assumes.
     """
     if not path.startswith(b"/") or len(path) < 2:
         raise _invalid_path("the path must name a TalkJS resource, e.g. /v1/rest/default/users/alice")
@@ -87,7 +91,24 @@ def check_path(path: bytes) -> str:
             if char not in _PCHAR:
                 raise _invalid_path("the path holds a character that must be percent-encoded")
             i += 1
+        if b"%" in segment:
+            _check_decoded(segment)
     return path.decode("ascii")
+
+
+def _check_decoded(segment: bytes) -> None:
+    """A segment's percent-encoded bytes must be UTF-8 with no second spelling of "/", "\\" or a dot
+    segment: an overlong sequence (%C0%AF is "/" to a lenient decoder) or a compatibility character
+    that NFKC normalisation turns into one (%EF%BC%8F, the fullwidth solidus) is refused."""
+    try:
+        text = unquote_to_bytes(segment).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _invalid_path(
+            "percent-encoded bytes must be UTF-8 (no overlong or invalid sequences)"
+        ) from None
+    folded = unicodedata.normalize("NFKC", text)
+    if folded != text and ("/" in folded or "\\" in folded or folded in (".", "..")):
+        raise _invalid_path("the path holds a character that normalises to / or \\ or a dot segment")
 
 
 def redact(path: str) -> str:
@@ -244,6 +265,11 @@ class RestProxy:
         for sender in self._senders.values():
             sender.close()
 
+    def may_use(self, caller: Caller) -> bool:
+        """Whether the caller's grant has the type ``rest``: only then is a REST-sized body read."""
+        grant = self._policy.grant_for(caller)
+        return grant is not None and "rest" in grant.types
+
     def in_flight(self) -> int:
         return sum(self._in_flight.values())
 
@@ -261,8 +287,14 @@ class RestProxy:
             )
         return sender
 
-    def _log_path(self, path: str | None) -> str | None:
-        return redact(path) if path is not None and self._hash else path
+    def _log_path(self, path: str | None, limit: int = MAX_LOGGED_PATH) -> str | None:
+        """The path for the audit line: ids hashed with ``hash_user_ids``, then cut to ``limit``
+        characters ("..." marks a cut). A URL may be 8 KiB (and each hashed id 71 characters): a
+        caller with no grant must not write that much into the audit log per refused request."""
+        if path is None:
+            return None
+        logged = redact(path) if self._hash else path
+        return logged if len(logged) <= limit else logged[: limit - 3] + "..."
 
     # -- the synchronous part ----------------------------------------------------------------
 
@@ -317,7 +349,7 @@ class RestProxy:
                 caller,
                 app_name,
                 method[:16],
-                self._log_path(path),
+                self._log_path(path, MAX_REFUSED_PATH),
                 "refused",
                 exc.code,
                 None,

@@ -211,7 +211,7 @@ class Connection(asyncio.Protocol):
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
         self._header_bytes = 0
-        self._body = b""
+        self._body: bytes | bytearray = b""
         # Answers waiting behind a deferred one (see _defer); None while there is none.
         self.held: deque[Any] | None = None
 
@@ -350,8 +350,15 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         # bytes + bytes with an empty left side returns the right side itself: no copy for the
-        # usual one-piece body; a body in pieces is bounded by max_body.
-        self._body += body
+        # usual one-piece body. A body in pieces (bounded by max_body) grows in a bytearray:
+        # bytes + bytes copies all received so far for every piece, which made a REST-sized body
+        # sent in small pieces on a few dozen connections stall the loop (token signing with it).
+        if not self._body:
+            self._body = body
+        elif self._body.__class__ is bytes:
+            self._body = bytearray(self._body) + body
+        else:
+            self._body += body
         if len(self._body) > self.server.max_body and len(self._body) > self._body_limit():
             self._too_large()
 
@@ -360,12 +367,15 @@ class Connection(asyncio.Protocol):
         url = self._url
         caller = self.caller
         assert caller is not None  # noqa: S101 - set in connection_made before parsing
+        body = self._body
+        if isinstance(body, bytearray):  # gathered from pieces (on_body)
+            body = bytes(body)
         if caller.expires < self.received:  # bounded by the identity cache time: resolved again
             caller = self.caller = server.identities.refresh(caller, self.transport.get_extra_info("socket"))
         if url == b"/v1/tokens" and server.tokens is not None and self.parser.get_method() == b"POST":
             # The hot path: no Request, routing or Response object for the usual answer.
             try:
-                answer = server.tokens(caller, self._body, self._headers.get(b"content-type"))
+                answer = server.tokens(caller, body, self._headers.get(b"content-type"))
             except Exception:
                 log.exception("internal error while handling /v1/tokens")
                 answer = Response(500, error_body("internal_error", "keyd hit an internal error"))
@@ -398,7 +408,7 @@ class Connection(asyncio.Protocol):
             path=path,
             query=query,
             headers=self._headers,
-            body=self._body,
+            body=body,
             caller=caller,
         )
         try:
@@ -495,7 +505,12 @@ class Connection(asyncio.Protocol):
     def _body_limit(self) -> int:
         """The body limit for this request: the REST proxy's for its paths, else server.max_body."""
         server = self.server
-        if server.rest_max_body and self._url.startswith(b"/v1/rest/"):
+        if (
+            server.rest_max_body
+            and self._url.startswith(b"/v1/rest/")
+            and self.caller is not None
+            and server.rest_caller(self.caller)
+        ):
             return server.rest_max_body
         return server.max_body
 
@@ -643,8 +658,11 @@ class Server:
         self.first_byte_timeout = config.first_byte_timeout
         self.max_body = config.max_body
         self.max_body_digits = len(str(config.max_body))
-        # The REST proxy's body limit for /v1/rest/ (0: no proxy, server.max_body everywhere).
+        # The REST proxy's body limit for /v1/rest/ (0: no proxy, server.max_body everywhere), for
+        # callers ``rest_caller`` accepts (a grant with the type rest): anyone else keeps max_body,
+        # so a caller with no grant cannot make keyd hold a REST-sized body per connection.
         self.rest_max_body = 0
+        self.rest_caller: Callable[[Caller], bool] = lambda caller: False
         self._interval = min(
             1.0, config.request_timeout / 4, config.idle_timeout / 4, config.first_byte_timeout / 4
         )

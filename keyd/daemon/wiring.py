@@ -77,6 +77,7 @@ class Daemon:
             self.rest = rest.RestProxy(config, self.store, self.policy, self.audit)
             self.api.add_prefix(rest.PREFIX, self.rest.handle)
             self.server.rest_max_body = self.rest.max_body
+            self.server.rest_caller = self.rest.may_use
             self.metrics.registry.register(self.rest.collector())
         listen = config.metrics.listen
         self.metrics_tcp = TcpListener(listen, self.metrics.render) if listen else None

@@ -226,7 +226,8 @@ def rest_lines(grant: GrantConfig) -> list[str]:
 
 
 def rest_warnings(config: Config, many: int = MANY_MEMBERS) -> list[str]:
-    """REST grants worth a second look: writes under ``**``, and rest for every caller or a big group."""
+    """REST grants worth a second look: writes under ``**``, and rest for every caller, a unit alone
+    or a big group."""
     out: list[str] = []
     for grant in config.grants:
         if "rest" not in grant.types:
@@ -242,6 +243,12 @@ def rest_warnings(config: Config, many: int = MANY_MEMBERS) -> list[str]:
             out.append(
                 f"{where}: warning: allows the REST proxy to every caller that can open the socket; "
                 "add user, uid, group, gid or unit"
+            )
+        elif grant.user is None and grant.uid is None and grant.group is None and grant.gid is None:
+            out.append(
+                f"{where}: warning: allows the REST proxy to any user's process in unit "
+                f"{grant.unit or grant.user_unit!r}, whoever runs it: a unit name alone is no "
+                "identity; add user or uid"
             )
         elif grant.user is None and grant.uid is None and (grant.group is not None or grant.gid is not None):
             members = group_members(grant.group, grant.gid)

@@ -167,6 +167,12 @@ ATTACKS = [
     ("OPTIONS", "/v1/rest/default/users/alice", "method_not_allowed"),
     ("POST", "/v1/rest/default/conversations/c1/messages/../../users/x", "invalid_path"),
     ("GET", "/v1/rest/default/v1/tOtherApp/users/alice", "forbidden"),
+    # A second spelling of "/" or "..", for an upstream decoder that is lenient (overlong UTF-8)
+    # or normalises (NFKC: fullwidth solidus, two-dot leader).
+    ("GET", "/v1/rest/default/users/%C0%AE%C0%AE", "invalid_path"),
+    ("GET", "/v1/rest/default/users/a%C0%AFconversations", "invalid_path"),
+    ("GET", "/v1/rest/default/users/a%EF%BC%8Fconversations", "invalid_path"),
+    ("GET", "/v1/rest/default/users/%E2%80%A5", "invalid_path"),
 ]
 
 

@@ -561,7 +561,12 @@ def test_buckets_of_a_unit_grant_are_per_uid_and_unit() -> None:
         policy.authorize(caller(pid=7), APP, "user", None, "a")
     # The same uid outside the unit falls to grant[1] and its own bucket.
     policy.authorize(caller(unit="cron.service"), APP, "user", None, "a")
-    assert peers.rate_identity(grant, caller()) == (1000, "php-fpm.service", "")
+    assert peers.rate_identity(grant, caller()) == 1000
+    # Not the unit the grant leaves open: units of one uid's own manager share its bucket.
+    manager = GrantConfig(index=2, unit="user@1000.service", rate=1.0)
+    assert peers.rate_identity(manager, caller(user_unit="a.service")) == peers.rate_identity(
+        manager, caller(user_unit="b.service")
+    )
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,7 @@ GOOD = [
     b"/users/alice",
     b"/users/al%20ice",
     b"/users/%C3%A9",
+    b"/users/%EF%BC%91%E3%81%82",  # fullwidth 1 and a hiragana: NFKC changes them, nothing to refuse
     b"/conversations/a:b/messages",
     b"/users/a@b.c~_-",
 ]
@@ -179,6 +180,16 @@ BAD = [
     b"/a\x00",
     b"/a\xc3\xa9",
     b"/a?b",
+    # A second spelling under a lenient or normalising decoder upstream (review): overlong UTF-8
+    # "." and "/", invalid UTF-8, a UTF-16 surrogate, fullwidth solidus, one- and two-dot leaders.
+    b"/users/%C0%AE%C0%AE",
+    b"/users/a%C0%AFb",
+    b"/users/%FF",
+    b"/users/%ED%A0%80",
+    b"/users/a%EF%BC%8Fb",
+    b"/users/%EF%BC%BC",
+    b"/users/%E2%80%A4",
+    b"/users/%E2%80%A5",
 ]
 
 
@@ -517,6 +528,17 @@ def test_grants_report_lists_endpoints_and_warns_on_broad_rest_grants() -> None:
         },
         SOURCE,
     )
+    unit_alone = configuration.parse(
+        {
+            "apps": {"default": {"app_id": "t"}},
+            "grant": [{"unit": "sync.service", "types": ["rest"], "rest": ["PUT /users/*"]}],
+        },
+        SOURCE,
+    )
+    assert grants.rest_warnings(unit_alone) == [
+        f"{SOURCE}: grant[0]: warning: allows the REST proxy to any user's process in unit "
+        "'sync.service', whoever runs it: a unit name alone is no identity; add user or uid"
+    ]
     warnings = grants.rest_warnings(config)
     assert warnings == [
         f'{SOURCE}: grant[0]: warning: rest "DELETE /users/**" allows DELETE at any depth; '

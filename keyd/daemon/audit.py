@@ -15,7 +15,8 @@ prefix per second) and written with one ``write(2)`` after a short delay (``flus
 once 256 decisions are pending, never fsynced. A crash can lose the last fraction of a second of audit lines; that is the trade for
 signing at full speed. A failing write is logged (at most once a minute) and does not stop signing.
 
-Every issued token and verified webhook gets its own line. Refusals are bounded per caller: a
+Every issued token, verified webhook and proxied REST call gets its own line. Refusals (token and
+REST proxy alike) are bounded per caller: a
 caller without a grant must not be able to fill the disk with them. Per uid and error code, a burst
 of ``refusal_burst`` lines, then ``refusal_rate`` lines a second; the rest are counted and written
 as one ``refused_folded`` line per uid and code every ``refusal_summary_every``::
@@ -161,6 +162,17 @@ class AuditLog:
     ) -> None:
         """A refusal: its own line while the (uid, code) bucket allows, otherwise counted."""
         now = self._clock()
+        if self._refusal_allowed(caller, code, now):
+            self._pending.append(self._refused_line(now, caller, app, kind, sub, ttl, code))
+            if len(self._pending) >= FLUSH_RECORDS or self._loop is None:
+                self.flush()
+            elif not self._scheduled:
+                self._scheduled = True
+                self._loop.call_later(self._flush_interval, self.flush)
+
+    def _refusal_allowed(self, caller: Caller, code: str | None, now: float) -> bool:
+        """Take a line from the (uid, code) bucket: True when the refusal gets its own line; False
+        when it is folded into the next ``refused_folded`` summary (token and REST refusals alike)."""
         key = (caller.uid, code)
         state = self._refusals.get(key)
         if state is None:
@@ -176,13 +188,7 @@ class AuditLog:
         state.stamp = now
         if state.tokens >= 1.0:
             state.tokens -= 1.0
-            self._pending.append(self._refused_line(now, caller, app, kind, sub, ttl, code))
-            if len(self._pending) >= FLUSH_RECORDS or self._loop is None:
-                self.flush()
-            elif not self._scheduled:
-                self._scheduled = True
-                self._loop.call_later(self._flush_interval, self.flush)
-            return
+            return True
         if state.folded == 0:
             state.since = now
         state.folded += 1
@@ -190,6 +196,7 @@ class AuditLog:
         if self._loop is not None and not self._summary_scheduled:
             self._summary_scheduled = True
             self._loop.call_later(self._summary_every, self.summarise)
+        return False
 
     def _refused_line(
         self,
@@ -319,6 +326,8 @@ class AuditLog:
         or header value is ever passed here.
         """
         now = self._clock()
+        if outcome == "refused" and not self._refusal_allowed(caller, code, now):
+            return  # counted in the (uid, code) summary, as token refusals are
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + _MILLIS[int((now % 1) * 1000)]
         line = (
             f'{{"time":"{stamp}","outcome":{_json_str(outcome)},"code":{_opt(code)},"app":{_opt(app)},'

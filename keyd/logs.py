@@ -4,7 +4,8 @@ JSON lines have stable fields: ``time`` (RFC 3339, UTC, milliseconds), ``level``
 ``message``, and, when a record carries them (``extra={"app": ...}``): ``event`` (what happened, a
 fixed word such as ``loaded``, ``refresh``, ``rotation``, ``degraded``, ``unavailable``,
 ``recovered``, ``renewal``, ``relogin``), ``app``, ``key_version``, ``previous_version``, ``ttl``
-(seconds) and ``error`` (a keyd error message, which never holds a secret). ``exception`` holds only
+(seconds), ``error`` (a keyd error message, which never holds a secret), ``node`` (a Vault node's
+address), ``attempt`` and ``apps``. ``exception`` holds only
 the type name of an exception; tracebacks are never written. docs/operations.md lists the events.
 """
 
@@ -16,7 +17,9 @@ import sys
 from datetime import UTC, datetime
 from typing import TextIO
 
-EXTRA_FIELDS = ("event", "app", "key_version", "previous_version", "ttl", "error")
+# "node" (a Vault node's address: vault_node_failed, login), "attempt" (recovery_attempt) and "apps"
+# (the reload_failed summary) are passed by the code as well; a field missing here is silently dropped.
+EXTRA_FIELDS = ("event", "app", "key_version", "previous_version", "ttl", "error", "node", "attempt", "apps")
 
 
 class JsonFormatter(logging.Formatter):

@@ -10,6 +10,7 @@
 // The grant it needs (config.toml):
 //   [[grant]]
 //   unit = "talkjs-sync.service"
+//   user = "talkjs-sync"
 //   types = ["rest"]
 //   rest = ["PUT /users/*"]
 // The socket is $KEYD_SOCKET, or /run/keyd/keyd.sock; the app is $KEYD_APP, or "default".

@@ -195,3 +195,22 @@ def test_every_test_the_docs_name_exists() -> None:
                 if function and (current is None or not re.search(rf"def {function}\b", current.read_text())):
                     missing.append(where)
     assert missing == []
+
+
+# -- modules: docs/design.md "Modules" -------------------------------------------------------
+
+
+def test_every_module_is_in_the_design_table() -> None:
+    design = (ROOT / "docs" / "design.md").read_text()
+    named: set[str] = set()
+    for cells in _table_rows(design, "## Modules"):
+        named |= set(re.findall(r"`([\w/]+\.py)`", cells[0]))
+    package = ROOT / "keyd"
+    modules = {
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py") and "__pycache__" not in p.parts
+    }
+    assert {"cli.py", "daemon/server.py", "bench/rest.py"} <= modules
+    assert sorted(modules - named) == [], "modules missing from docs/design.md's table"
+    assert sorted(named - modules) == [], "in docs/design.md's table, no such module"

@@ -12,7 +12,7 @@ Both keep keep-alive connections open and reconnect once when keyd closed an idl
 ``ClientError`` subclasses carrying the HTTP status and the API's error code:
 
 - ``Unreachable``: no socket, permission denied, connection refused or reset, timeout (status 0);
-- ``InvalidRequest``: 4xx for a malformed or invalid request, an unknown app (400/404/405/413/415/422);
+- ``InvalidRequest``: any other 4xx: a malformed or invalid request, an unknown app (400/404/405/413/415/422, ...);
 - ``Forbidden``: 403, no grant allows this caller that request;
 - ``RateLimited``: 429, the caller's grant rate is used up;
 - ``WebhookRejected``: 401 from the webhook check (only if you call ``request`` yourself);
@@ -21,8 +21,9 @@ Both keep keep-alive connections open and reconnect once when keyd closed an idl
 
 ``rest(method, path, json=...)`` calls TalkJS's REST API through keyd's proxy (a grant with type
 ``rest`` must list the endpoint): it returns a ``RestResponse`` for whatever TalkJS answered, 4xx and
-5xx included, and raises the errors above for keyd's own refusals (403 ``forbidden``, 429
-``too_many_requests``, 502 ``upstream_error``, 504 ``upstream_timeout`` are ``Unavailable``).
+5xx included, and raises the errors above for keyd's own refusals (403 ``forbidden`` is ``Forbidden``,
+429 ``too_many_requests`` is ``RateLimited``, 502 ``upstream_error`` and 504 ``upstream_timeout`` are
+``Unavailable``).
 
 ``verify_webhook`` returns True for an authentic, fresh webhook and False for one keyd judges not
 authentic (wrong signature, stale or malformed timestamp, missing header): reject that request.

@@ -11,9 +11,14 @@ import io
 import json
 import logging
 import re
+import textwrap
+import tomllib
 from pathlib import Path
 
-from keyd import logs
+import pytest
+
+from keyd import config, logs
+from keyd.errors import ConfigError
 from tests.helpers import ROOT
 
 DAEMON = sorted((ROOT / "keyd" / "daemon").glob("*.py"))
@@ -214,3 +219,34 @@ def test_every_module_is_in_the_design_table() -> None:
     assert {"cli.py", "daemon/server.py", "bench/rest.py"} <= modules
     assert sorted(modules - named) == [], "modules missing from docs/design.md's table"
     assert sorted(named - modules) == [], "in docs/design.md's table, no such module"
+
+
+# -- TOML snippets in the docs ---------------------------------------------------------------
+
+
+def test_every_toml_snippet_in_the_docs_is_a_valid_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A snippet an operator copies must not hold an unknown key or a bad value (an app is added
+    when the snippet has none; names this host lacks, such as the group keyd-clients, are allowed)."""
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    docs = [ROOT / "README.md", ROOT / "examples" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    checked = 0
+    problems: list[str] = []
+    for doc in docs:
+        for match in re.finditer(r"```toml\n(.*?)```", doc.read_text(), re.DOTALL):
+            block = textwrap.dedent(match.group(1))
+            where = f"{doc.relative_to(ROOT)} (snippet at offset {match.start()})"
+            try:
+                data = tomllib.loads(block)
+            except tomllib.TOMLDecodeError as exc:
+                problems.append(f"{where}: not TOML: {exc}")
+                continue
+            data.setdefault("apps", {"default": {"app_id": "tXXXXXXX"}})
+            try:
+                config.parse(data, where)
+            except ConfigError as exc:
+                problems += [p for p in exc.problems if "on this host" not in p]
+            checked += 1
+    assert checked >= 5
+    assert problems == []

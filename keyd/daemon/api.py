@@ -1,4 +1,4 @@
-"""HTTP routes: parse, authorize, sign, shape errors. No sockets here (see server.py).
+"""HTTP routes: parse, authorize, sign, shape errors. No sockets here (see connection.py).
 
 Every error is ``{"error": {"code": "<snake_case>", "message": "<text>"}}`` with a 4xx/5xx status.
 Request validation happens entirely before anything is signed or recorded, so a bad request changes
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import json.scanner
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
+from urllib.parse import parse_qsl
 
 from keyd.config import Config
 from keyd.daemon import tokens
@@ -26,6 +28,7 @@ MAX_USER_ID = 256
 _perf_counter = time.perf_counter
 JSON = b"application/json"
 TOKENS_ENDPOINT = "/v1/tokens"
+TOKENS_PATH = b"/v1/tokens"
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x more, on every request
@@ -110,9 +113,22 @@ def _invalid(message: str) -> ApiError:
     return ApiError(422, "invalid_field", message)
 
 
-# The C scanner that json.loads ends up in, called directly: for the usual body, a bare JSON object,
-# this skips two regular-expression passes and three Python frames (0.8 -> 0.2 us per request).
-_scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in JSONDecoder.__init__, absent from typeshed
+def _c_scanner() -> Callable[[str, int], tuple[Any, int]] | None:
+    """The C scanner json.loads ends up in, or None where this Python has none to offer.
+
+    Called directly for the usual body, a bare JSON object, it skips two regular-expression passes
+    and three Python frames (0.8 -> 0.2 us per request). ``scan_once`` is set by
+    ``JSONDecoder.__init__`` (CPython's json.scanner), not a documented API: without it, or with the
+    pure-Python scanner (slower than json.loads itself), ``parse_json_object`` uses json.loads.
+    """
+    scanner = getattr(json.JSONDecoder(), "scan_once", None)
+    c_make_scanner = getattr(json.scanner, "c_make_scanner", None)
+    if scanner is None or c_make_scanner is None or not isinstance(scanner, c_make_scanner):
+        return None
+    return cast(Callable[[str, int], tuple[Any, int]], scanner)
+
+
+_scan_json = _c_scanner()
 
 
 def parse_json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]:
@@ -123,7 +139,7 @@ def parse_json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]
                 415, "unsupported_media_type", "send the request body as Content-Type: application/json"
             )
     try:
-        if body[:1] == b"{" and body[-1:] == b"}":
+        if _scan_json is not None and body[:1] == b"{" and body[-1:] == b"}":
             # Decoded exactly as json.loads(bytes) decodes UTF-8 ("surrogatepass" included).
             text = body.decode("utf-8", "surrogatepass")
             data, end = _scan_json(text, 0)
@@ -156,10 +172,11 @@ def valid_user_id(value: Any) -> str:
         ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029" for c in value
     ):
         raise _invalid("user_id must not contain control characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _invalid("user_id must be valid UTF-8 (no lone surrogates)") from None
+    if not value.isascii():  # ASCII is UTF-8 already; only other text can hold a lone surrogate
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _invalid("user_id must be valid UTF-8 (no lone surrogates)") from None
     return value
 
 
@@ -221,24 +238,54 @@ class Api:
         self._endpoints = {path: path.decode() for path in self._routes}
         # Path prefixes whose handler may answer later (the REST proxy): see add_prefix.
         self._prefixes: list[tuple[bytes, Callable[[Request], Response]]] = []
+        self._body_limits: list[tuple[bytes, int]] = []  # prefix -> its own body limit
 
     def add_route(self, path: bytes, method: bytes, handler: Callable[[Request], Response]) -> None:
         """Extension point for optional endpoints (metrics)."""
         self._routes.setdefault(path, {})[method] = handler
         self._endpoints[path] = path.decode()
 
-    def add_prefix(self, prefix: bytes, handler: Callable[[Request], Response]) -> None:
+    def add_prefix(self, prefix: bytes, handler: Callable[[Request], Response], max_body: int = 0) -> None:
         """Extension point: every method on paths under ``prefix``. The handler may answer with a
-        ``Deferred``; it records its own metrics."""
+        ``Deferred``; it records its own metrics. ``max_body``: its body limit, when not
+        server.max_body."""
         self._prefixes.append((prefix, handler))
+        if max_body:
+            self._body_limits.append((prefix, max_body))
+
+    def body_limit(self, target: bytes) -> int:
+        """The body limit of the prefix ``target`` is under, 0 for none (server.max_body applies).
+
+        The server asks only about a body over server.max_body, before reading it."""
+        for prefix, limit in self._body_limits:
+            if target.startswith(prefix):
+                return limit
+        return 0
 
     def add_health(self, name: str, section: Callable[[], Any]) -> None:
         """Extension point: a section the daemon adds to GET /v1/health (e.g. the Vault token's TTL)."""
         self._health_sections[name] = section
 
+    def dispatch(
+        self, caller: Caller, method: bytes, target: bytes, headers: Mapping[bytes, bytes], body: bytes
+    ) -> Response:
+        """Every request the server parsed; never raises for a bad request.
+
+        ``POST /v1/tokens`` goes straight to ``issue``: keyd's hot path (docs/benchmarks.md) builds no
+        Request and takes no route lookup. Everything else becomes a Request for ``handle``.
+        """
+        if target == TOKENS_PATH and method == b"POST":
+            return self.issue(caller, body, headers.get(b"content-type"))
+        path, query = target, {}
+        if b"?" in target:
+            path, raw_query = target.split(b"?", 1)
+            query = dict(parse_qsl(raw_query.decode("latin-1")))
+        return self.handle(Request(method, path, query, headers, body, caller))
+
     def handle(self, request: Request) -> Response:
-        if request.path == b"/v1/tokens" and request.method == b"POST":
-            return self.post_tokens(request)  # records its own metrics, as the server's direct call does
+        """One parsed request: route, run the handler, turn an ApiError into its answer."""
+        if request.path == TOKENS_PATH and request.method == b"POST":
+            return self.post_tokens(request)  # records its own metrics, as dispatch's direct call does
         started = _perf_counter()
         methods = self._routes.get(request.path)
         if methods is None:
@@ -300,15 +347,13 @@ class Api:
 
     def post_tokens(self, request: Request) -> Response:
         """POST /v1/tokens for ``handle``; ``issue`` does the work and records its own metrics."""
-        answer = self.issue(request.caller, request.body, request.content_type)
-        return answer if isinstance(answer, Response) else Response(200, answer)
+        return self.issue(request.caller, request.body, request.content_type)
 
-    def issue(self, caller: Caller, body: bytes, content_type: bytes | None) -> bytes | Response:
-        """``POST /v1/tokens``: the 200 body, or the error Response. Never raises ApiError.
+    def issue(self, caller: Caller, body: bytes, content_type: bytes | None) -> Response:
+        """``POST /v1/tokens``: the token, or the error. Never raises ApiError.
 
-        The server calls this directly, without the generic request, routing and response objects
-        ``handle`` uses: it is keyd's hot path (docs/benchmarks.md), hence one function and one
-        metrics call per token.
+        ``dispatch`` calls this directly, without the generic Request and routing ``handle`` uses: it
+        is keyd's hot path (docs/benchmarks.md), hence one function and one metrics call per token.
         """
         started = _perf_counter()
         try:
@@ -321,12 +366,7 @@ class Api:
             name = self._app(data.get("app"))
             app = self._apps[name]
             if kind == "user":
-                user_id = data.get("user_id")
-                # The usual id, printable ASCII of a valid length, passes valid_user_id's checks.
-                if user_id.__class__ is not str or not (
-                    0 < len(user_id) <= MAX_USER_ID and user_id.isascii() and user_id.isprintable()
-                ):
-                    user_id = valid_user_id(user_id)
+                user_id = valid_user_id(data.get("user_id"))
                 default, maximum = app.user_ttl, app.max_user_ttl
             else:
                 if "user_id" in data:
@@ -362,7 +402,7 @@ class Api:
             b"null" if version is None else b"%d" % version,
         )
         self._stats.issued(name, kind, _perf_counter() - started)
-        return answer
+        return Response(200, answer)
 
     def signatures(self, request: Request) -> Response:
         data = parse_json_object(request.body, request.content_type)

@@ -383,7 +383,7 @@ async def exchange(path: str, payload: bytes, max_body: int = 1024) -> bytes:
     """Serve the API on `path`, send raw bytes on one connection, return everything received."""
     server_config = configuration.ServerConfig(socket=path, socket_mode=0o600, max_body=max_body)
     api = make_api()
-    server = Server(server_config, api.handle, tokens=api.issue)  # wired as the daemon wires it
+    server = Server(server_config, api.dispatch, body_limit=api.body_limit)  # as the daemon wires it
     await server.start()
     try:
         reader, writer = await asyncio.open_unix_connection(path)

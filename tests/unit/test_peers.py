@@ -716,7 +716,7 @@ def test_a_hung_name_lookup_of_one_uid_does_not_delay_another_callers_answer() -
         path = os.path.join(workdir, "s.sock")
         server = Server(
             ServerConfig(socket=path, socket_mode=0o666),
-            lambda request: Response(200, b'{"user":"%s"}' % request.caller.user.encode()),
+            lambda caller, *_: Response(200, b'{"user":"%s"}' % caller.user.encode()),
             identities=Identities(lookup=lookup, wait=30.0, root="/"),
         )
         python = _python_for(slow_uid)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
 
 from keyd.config import ServerConfig
 from keyd.daemon import peers as peers_module
-from keyd.daemon.api import Request, Response
+from keyd.daemon.api import Response
 from keyd.daemon.peers import Caller, Identities
 from keyd.daemon.server import Connection, Server
 
@@ -60,10 +60,10 @@ class Clock:
         return self.now
 
 
-def echo(request: Request) -> Response:
-    """The handler: answers with the headers it was given."""
-    doc = {k.decode(): v.decode() for k, v in request.headers.items()}
-    return Response(200, json.dumps({"headers": doc, "body": request.body.decode()}).encode())
+def echo(caller: Caller, method: bytes, target: bytes, headers: Mapping[bytes, bytes], body: bytes) -> Response:
+    """The dispatch: answers with the headers it was given."""
+    doc = {k.decode(): v.decode() for k, v in headers.items()}
+    return Response(200, json.dumps({"headers": doc, "body": body.decode()}).encode())
 
 
 @pytest.fixture

@@ -19,16 +19,18 @@ from urllib.parse import parse_qsl
 
 from keyd.config import Config
 from keyd.daemon import tokens
+from keyd.daemon.decisions import Decision
 from keyd.daemon.keystore import KeySnapshot
 from keyd.daemon.oracle import Unsignable
 from keyd.daemon.peers import Caller, Policy
-from keyd.errors import ApiError
+from keyd.errors import ApiError, Forbidden, KeyUnavailable, RateLimited, Refusal
 
 MAX_USER_ID = 256
 _perf_counter = time.perf_counter
 JSON = b"application/json"
 TOKENS_ENDPOINT = "/v1/tokens"
 TOKENS_PATH = b"/v1/tokens"
+REFUSED = "refused"
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x more, on every request
@@ -61,20 +63,11 @@ class Keys(Protocol):
 class Audit(Protocol):
     """Receives one record per decision (issued or refused). Never given a token or key."""
 
-    def record(
-        self,
-        caller: Caller,
-        app: str | None,
-        kind: str | None,
-        sub: str | None,
-        ttl: int | None,
-        outcome: str,
-        code: str | None,
-    ) -> None: ...
+    def record(self, decision: Decision) -> None: ...
 
 
 class NoAudit:
-    def record(self, *args: object) -> None:
+    def record(self, decision: Decision) -> None:
         return None
 
 
@@ -83,8 +76,8 @@ class Stats(Protocol):
 
     def request(self, endpoint: str, status: int, seconds: float) -> None: ...
     def error(self, code: str) -> None: ...
-    def decision(self, app: str | None, kind: str | None, outcome: str) -> None: ...
-    def issued(self, app: str, kind: str, seconds: float) -> None: ...
+    def decision(self, decision: Decision) -> None: ...
+    def issued(self, decision: Decision, seconds: float) -> None: ...
 
 
 class NoStats:
@@ -94,10 +87,10 @@ class NoStats:
     def error(self, code: str) -> None:
         return None
 
-    def decision(self, app: str | None, kind: str | None, outcome: str) -> None:
+    def decision(self, decision: Decision) -> None:
         return None
 
-    def issued(self, app: str, kind: str, seconds: float) -> None:
+    def issued(self, decision: Decision, seconds: float) -> None:
         return None
 
 
@@ -107,6 +100,20 @@ def error_body(code: str, message: str) -> bytes:
 
 def error_response(exc: ApiError) -> Response:
     return Response(exc.status, error_body(exc.code, exc.message))
+
+
+# The one table from the domain's refusals (raised by the key store and the policy) to HTTP.
+REFUSALS: dict[type[Refusal], tuple[int, str]] = {
+    Forbidden: (403, "forbidden"),
+    RateLimited: (429, "rate_limited"),
+    KeyUnavailable: (503, "key_unavailable"),
+}
+
+
+def refusal_error(exc: Refusal) -> ApiError:
+    """The answer to a refusal: its status and code from REFUSALS, its own message."""
+    status, code = REFUSALS[type(exc)]
+    return ApiError(status, code, exc.message)
 
 
 def _invalid(message: str) -> ApiError:
@@ -330,18 +337,15 @@ class Api:
             raise ApiError(404, "unknown_app", f"no app named {name[:64]!r} is configured")
         return name
 
-    def _refuse(
-        self,
-        caller: Caller,
-        app: str | None,
-        kind: str | None,
-        sub: str | None,
-        ttl: int | None,
-        exc: ApiError,
-    ) -> ApiError:
-        self._audit.record(caller, app, kind, sub, ttl, "refused", exc.code)
-        self._stats.decision(app, kind, "refused")
-        return exc
+    def _refuse(self, exc: Refusal | ApiError, decision: Decision) -> ApiError:
+        """Record ``decision`` as refused with the error's code; the ApiError to answer with."""
+        error = exc if isinstance(exc, ApiError) else refusal_error(exc)
+        self._decided(decision._replace(outcome="refused", code=error.code))
+        return error
+
+    def _decided(self, decision: Decision) -> None:
+        self._audit.record(decision)
+        self._stats.decision(decision)
 
     # -- routes ----------------------------------------------------------------------------
 
@@ -381,8 +385,8 @@ class Api:
                 if not explicit and grant.max_ttl is not None and ttl > grant.max_ttl:
                     ttl = int(grant.max_ttl)  # the caller's own default is its grant's maximum
                 snapshot = self._keys.signing(name)
-            except ApiError as exc:
-                raise self._refuse(caller, name, kind, user_id, ttl, exc) from None
+            except Refusal as exc:
+                raise self._refuse(exc, Decision(caller, name, kind, user_id, ttl, REFUSED, None)) from None
         except ApiError as exc:
             self._stats.error(exc.code)
             response = error_response(exc)
@@ -393,7 +397,8 @@ class Api:
             token = tokens.user_token(snapshot.signing, app.app_id, user_id, iat, ttl)
         else:
             token = tokens.app_token(snapshot.signing, app.app_id, iat, ttl)
-        self._audit.record(caller, name, kind, user_id, ttl, "issued", None)
+        decision = Decision(caller, name, kind, user_id, ttl, "issued", None)
+        self._audit.record(decision)
         version = snapshot.version
         answer = b'{"token":"%b%b%d,"key_version":%b}' % (
             token,
@@ -401,7 +406,7 @@ class Api:
             iat + ttl,
             b"null" if version is None else b"%d" % version,
         )
-        self._stats.issued(name, kind, _perf_counter() - started)
+        self._stats.issued(decision, _perf_counter() - started)
         return Response(200, answer)
 
     def signatures(self, request: Request) -> Response:
@@ -415,15 +420,18 @@ class Api:
         try:
             self._policy.authorize(request.caller, self._apps[name], "signature", None, user_id)
             snapshot = self._keys.signing(name)
-        except ApiError as exc:
-            raise self._refuse(request.caller, name, "signature", user_id, None, exc) from None
+        except Refusal as exc:
+            raise self._refuse(
+                exc, Decision(request.caller, name, "signature", user_id, None, REFUSED, None)
+            ) from None
         try:
             sig = tokens.signature(snapshot.signing, user_id, uppercase)
         except Unsignable as exc:
             why = _invalid(f"keyd does not sign this user_id: {exc}")
-            raise self._refuse(request.caller, name, "signature", user_id, None, why) from None
-        self._audit.record(request.caller, name, "signature", user_id, None, "issued", None)
-        self._stats.decision(name, "signature", "issued")
+            raise self._refuse(
+                why, Decision(request.caller, name, "signature", user_id, None, REFUSED, None)
+            ) from None
+        self._decided(Decision(request.caller, name, "signature", user_id, None, "issued", None))
         return Response(
             200,
             b'{"signature":"%s","app":%s,"key_version":%s}'
@@ -447,8 +455,10 @@ class Api:
         try:
             self._policy.authorize(request.caller, app, "webhook", None, None)
             snapshot = self._keys.signing(name)
-        except ApiError as exc:
-            raise self._refuse(request.caller, name, "webhook", None, None, exc) from None
+        except Refusal as exc:
+            raise self._refuse(
+                exc, Decision(request.caller, name, "webhook", None, None, REFUSED, None)
+            ) from None
         if stamp > 1e11:
             stamp /= 1000.0  # milliseconds
         rejection = None
@@ -459,9 +469,10 @@ class Api:
                 401, "stale_timestamp", "the webhook timestamp is outside the allowed window"
             )
         if rejection is not None:
-            raise self._refuse(request.caller, name, "webhook", None, None, rejection)
-        self._audit.record(request.caller, name, "webhook", None, None, "verified", None)
-        self._stats.decision(name, "webhook", "verified")
+            raise self._refuse(
+                rejection, Decision(request.caller, name, "webhook", None, None, REFUSED, None)
+            )
+        self._decided(Decision(request.caller, name, "webhook", None, None, "verified", None))
         return Response(200, b'{"valid":true,"app":%s}' % self._app_json[name][0].encode())
 
     def health(self, request: Request) -> Response:

@@ -20,15 +20,14 @@ import logging
 from collections import deque
 from collections.abc import Mapping
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import httptools
 
+from keyd.config import ServerConfig
 from keyd.daemon.api import Deferred, Response, error_body
-
-if TYPE_CHECKING:
-    from keyd.daemon.peers import Caller
-    from keyd.daemon.server import Server
+from keyd.daemon.outbox import Outbox
+from keyd.daemon.peers import Caller, Identities
 
 log = logging.getLogger("keyd.server")
 
@@ -79,6 +78,29 @@ TOO_MANY_FOR_UID = error_answer(
 SHUTTING_DOWN = error_answer(503, "shutting_down", "keyd is shutting down")
 
 
+class Host(Protocol):
+    """What a connection uses of the server that accepted it (keyd.daemon.server.Server)."""
+
+    config: ServerConfig
+    identities: Identities
+    dispatch: Dispatch
+    outbox: Outbox
+    connections: set[Connection]
+    closing: bool  # answers carry "Connection: close"
+    stopped: bool  # new connections are turned away
+    refused_connections: int
+    request_timeout: float
+    idle_timeout: float
+    first_byte_timeout: float
+    max_body: int
+
+    def now(self) -> float: ...
+    def body_limit(self, target: bytes) -> int: ...
+    def admit(self, conn: Connection, uid: int) -> bool: ...
+    def release(self, conn: Connection) -> None: ...
+    def count_rejection(self, code: str) -> None: ...
+
+
 class _Stop(Exception):
     """Raised by a parser callback after the request was answered: stop parsing this connection.
 
@@ -120,7 +142,7 @@ class Connection(asyncio.Protocol):
         "uid",
     )
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         self.server = server
         self.transport: Any = None
         self.parser: Any = None  # None once nothing more is read from this connection

@@ -32,6 +32,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
 from keyd.daemon.api import TOKENS_ENDPOINT, Request, Response
+from keyd.daemon.decisions import Decision
 
 log = logging.getLogger("keyd.metrics")
 
@@ -98,12 +99,13 @@ class RequestStats:
         errors = self.errors
         errors[code] = errors.get(code, 0) + 1
 
-    def issued(self, app: str, kind: str, seconds: float) -> None:
+    def issued(self, decision: Decision, seconds: float) -> None:
         """A token issued by POST /v1/tokens: ``request`` and ``decision`` in one call (the hot path)."""
+        app = decision.app or ""
         counts = self._issued.get(app)
         if counts is None:
             counts = self._issued[app] = {"user": 0, "app": 0}
-        counts[kind] += 1
+        counts[decision.kind or "user"] += 1
         buckets = self._tokens_latency
         buckets[bisect_left(self._bounds, seconds)] += 1
         buckets[-1] += seconds
@@ -126,9 +128,9 @@ class RequestStats:
                     counts[key] = counts.get(key, 0) + n
         return counts
 
-    def decision(self, app: str | None, kind: str | None, outcome: str) -> None:
+    def decision(self, decision: Decision) -> None:
         """One decision after validation (the same ones the audit log records)."""
-        key = (app or "", kind or "", outcome)
+        key = (decision.app or "", decision.kind or "", decision.outcome)
         decisions = self.decisions
         decisions[key] = decisions.get(key, 0) + 1
 

@@ -15,10 +15,10 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
 
 from keyd.config import ServerConfig
 from keyd.daemon.connection import Connection, Dispatch
+from keyd.daemon.outbox import Outbox
 from keyd.daemon.peers import Identities
 from keyd.daemon.socketfile import bind_socket, remove_socket_file
 
@@ -30,41 +30,6 @@ CLOSE_GRACE = 1.0  # shutdown: how long idle connections have to end after their
 # On shutdown: how long requests already sent (or arriving) are still read and answered with
 # "Connection: close" before idle connections get an EOF (Server.shutdown).
 DRAIN_SECONDS = 0.1
-
-
-def _call_now(callback: Callable[[], None]) -> None:
-    """Outbox.call_soon without an event loop: answers are written at once."""
-    callback()
-
-
-class Outbox:
-    """Answers queued for writing, written back to back once per event-loop pass.
-
-    Answers to many connections go out together instead of one between every two parses: a client
-    woken once per burst rather than once per answer costs both sides less (measured in
-    docs/benchmarks.md). Whatever closes a connection flushes first, so order holds.
-    """
-
-    __slots__ = ("_queue", "call_soon")
-
-    def __init__(self) -> None:
-        self._queue: list[tuple[Any, bytes]] = []
-        self.call_soon: Callable[[Callable[[], None]], object] = _call_now
-
-    def put(self, transport: Any, data: bytes) -> None:
-        queue = self._queue
-        queue.append((transport, data))
-        if len(queue) == 1:
-            self.call_soon(self.flush)
-
-    def flush(self) -> None:
-        """Write every queued answer, in the order queued."""
-        queue, self._queue = self._queue, []
-        for transport, data in queue:
-            try:  # noqa: SIM105 - contextlib.suppress costs more, once per answer
-                transport.write(data)
-            except RuntimeError:  # uvloop: the connection was lost since; its answer has no reader
-                pass
 
 
 class Server:

@@ -24,7 +24,7 @@ from keyd.daemon.api import MAX_USER_ID, Api, Request, Response, valid_user_id
 from keyd.daemon.keystore import KeySnapshot, SecretKey
 from keyd.daemon.peers import Caller, Policy
 from keyd.daemon.server import Server
-from keyd.errors import ApiError
+from keyd.errors import ApiError, KeyUnavailable
 
 KEY = "sk_test_api_api_api_api_api_api_api_api"
 NOW = 1_700_000_000  # a fixed clock in the past; tokens are decoded without the exp check
@@ -52,7 +52,7 @@ class FakeKeys:
     def signing(self, app: str) -> KeySnapshot:
         self.signing_calls += 1
         if self.unavailable:
-            raise ApiError(503, "key_unavailable", f"the key for app {app!r} is not loaded yet")
+            raise KeyUnavailable(f"the key for app {app!r} is not loaded yet")
         secret = SecretKey.from_str(KEY)
         return KeySnapshot(
             app=app, signing=secret, webhook=secret, version=self.version, kv_version=2, loaded_at=0
@@ -141,7 +141,7 @@ def test_user_ids_that_need_escaping_round_trip(user_id: str) -> None:
     | st.text(st.characters(max_codepoint=127), max_size=MAX_USER_ID + 2)
 )
 def test_any_user_id_gets_the_pyjwt_token_or_the_validators_error(user_id: str) -> None:
-    # Api.issue lets printable ASCII ids skip valid_user_id; every id must end as that validator says.
+    # Every id must end as valid_user_id, the one user-id rule, says.
     try:
         valid_user_id(user_id)
     except ApiError as exc:

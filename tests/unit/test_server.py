@@ -60,7 +60,9 @@ class Clock:
         return self.now
 
 
-def echo(caller: Caller, method: bytes, target: bytes, headers: Mapping[bytes, bytes], body: bytes) -> Response:
+def echo(
+    caller: Caller, method: bytes, target: bytes, headers: Mapping[bytes, bytes], body: bytes
+) -> Response:
     """The dispatch: answers with the headers it was given."""
     doc = {k.decode(): v.decode() for k, v in headers.items()}
     return Response(200, json.dumps({"headers": doc, "body": body.decode()}).encode())

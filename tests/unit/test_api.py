@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from keyd import config as configuration
 from keyd.config import Config, GrantConfig
+from keyd.daemon import api as api_module
 from keyd.daemon.api import MAX_USER_ID, Api, Request, Response, valid_user_id
 from keyd.daemon.keystore import KeySnapshot, SecretKey
 from keyd.daemon.peers import Caller, Policy
@@ -470,3 +471,45 @@ def test_head_is_answered_like_get_without_a_body(socket_path: str) -> None:
     got = responses(rest)
     assert [status for status, _, _ in got] == [200, 404]
     assert len(got[0][2]) == length  # the same Content-Length as the body GET gets
+
+
+# -- the C JSON scanner and its fallback ---------------------------------------------------------
+
+
+JSON_BODIES = [
+    b'{"user_id": "a"}',
+    b' {"user_id": "a"} ',
+    b'{"user_id": "a"} x',
+    b'{"user_id": "\\ud800"}',
+    b'{"a": 1}{"b": 2}',
+    b"{",
+    b"[1]",
+    b"\xef\xbb\xbf{}",
+    b'{"n": NaN}',
+]
+
+
+def _outcome(body: bytes) -> object:
+    try:
+        return api_module.parse_json_object(body, None)
+    except ApiError as exc:
+        return (exc.status, exc.code)
+
+
+def test_without_the_c_scanner_json_loads_decides_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    with_scanner = [_outcome(body) for body in JSON_BODIES]
+    assert api_module._scan_json is not None, "CPython's C scanner is used where it exists"
+    monkeypatch.setattr(api_module, "_scan_json", None)
+    assert [_outcome(body) for body in JSON_BODIES] == with_scanner
+    assert with_scanner[0] == {"user_id": "a"} and with_scanner[2] == (400, "malformed_json")
+
+
+def test_the_scanner_hook_falls_back_when_this_python_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    class PlainDecoder:  # a json module without the private scan_once attribute
+        pass
+
+    monkeypatch.setattr(api_module.json, "JSONDecoder", PlainDecoder)
+    assert api_module._c_scanner() is None
+    monkeypatch.undo()
+    monkeypatch.setattr(api_module.json.scanner, "c_make_scanner", None)  # no C accelerator at all
+    assert api_module._c_scanner() is None

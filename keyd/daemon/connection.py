@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any, Protocol
 
@@ -40,12 +40,9 @@ _STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s i
 _CLOSE_HEADER = b"Connection: close\r\n"
 
 
-class Dispatch(Protocol):
-    """Where a parsed request goes (``Api.dispatch``); it never raises for a bad request."""
-
-    def __call__(
-        self, caller: Caller, method: bytes, target: bytes, headers: Mapping[bytes, bytes], body: bytes
-    ) -> Response: ...
+# Where a parsed request goes (Api.dispatch: caller, method, target, headers, body); it never
+# raises for a bad request.
+Dispatch = Callable[[Caller, bytes, bytes, Mapping[bytes, bytes], bytes], Response]
 
 
 def encode(response: Response, keep_alive: bool, with_body: bool = True) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import json.scanner
 import os
 import tempfile
 from collections.abc import Iterator
@@ -508,8 +509,8 @@ def test_the_scanner_hook_falls_back_when_this_python_has_none(monkeypatch: pyte
     class PlainDecoder:  # a json module without the private scan_once attribute
         pass
 
-    monkeypatch.setattr(api_module.json, "JSONDecoder", PlainDecoder)
+    monkeypatch.setattr(json, "JSONDecoder", PlainDecoder)
     assert api_module._c_scanner() is None
     monkeypatch.undo()
-    monkeypatch.setattr(api_module.json.scanner, "c_make_scanner", None)  # no C accelerator at all
+    monkeypatch.setattr(json.scanner, "c_make_scanner", None)  # no C accelerator at all
     assert api_module._c_scanner() is None

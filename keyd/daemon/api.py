@@ -488,7 +488,7 @@ def _version(snapshot: KeySnapshot) -> str:
 
 @dataclass(slots=True)
 class Request:
-    """One parsed HTTP request, as server.py hands it to the API."""
+    """One parsed HTTP request, as Api.dispatch builds it for Api.handle."""
 
     method: bytes
     path: bytes

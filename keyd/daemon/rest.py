@@ -9,7 +9,7 @@ is not returned, logged, audited or put in an error.
 
 Everything up to the upstream call runs synchronously in ``handle``, so refusals are answered in
 the same loop pass as a token request. The upstream call is a task on the same loop; ``handle``
-returns it and the connection writes its answer when it is done (server.py keeps answer order).
+returns it and the connection writes its answer when it is done (connection.py keeps answer order).
 """
 
 from __future__ import annotations

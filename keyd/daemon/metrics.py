@@ -407,7 +407,7 @@ class TcpListener:
         sock = socket.create_server((self.host, self.port), family=family, backlog=64)
         sock.setblocking(False)
         self.port = int(sock.getsockname()[1])
-        self._server = Server(LISTENER_CONFIG, self.dispatch, identities=_TcpPeers())
+        self._server = Server(LISTENER_CONFIG, self.dispatch, identities=_TcpPeers(root="/"))
         await self._server.start(sock)
         log.info("serving metrics on http://%s:%d/metrics", self.host, self.port)
 

@@ -17,16 +17,13 @@ import time
 from collections.abc import Callable
 
 from keyd.config import ServerConfig
-from keyd.daemon.connection import Connection, Dispatch
+from keyd.daemon.connection import CLOSE_GRACE, Connection, Dispatch
 from keyd.daemon.outbox import Outbox
 from keyd.daemon.peers import Identities
 from keyd.daemon.socketfile import bind_socket, remove_socket_file
 
-__all__ = ["Connection", "Outbox", "Server", "bind_socket"]
-
 log = logging.getLogger("keyd.server")
 
-CLOSE_GRACE = 1.0  # shutdown: how long idle connections have to end after their EOF
 # On shutdown: how long requests already sent (or arriving) are still read and answered with
 # "Connection: close" before idle connections get an EOF (Server.shutdown).
 DRAIN_SECONDS = 0.1

@@ -16,8 +16,9 @@ import pytest
 from keyd.config import ServerConfig
 from keyd.daemon import peers as peers_module
 from keyd.daemon.api import Response, deferred
+from keyd.daemon.connection import Connection
 from keyd.daemon.peers import Caller, Identities
-from keyd.daemon.server import Connection, Server
+from keyd.daemon.server import Server
 
 
 class FakeTransport:

@@ -72,6 +72,27 @@ class ApiError(KeydError):
         self.message = message
 
 
+class Refusal(KeydError):
+    """A request keyd decided not to serve (domain words; only the API maps it to a status and
+    code, api.REFUSALS). ``message`` is safe to show the caller: no key, no token."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Forbidden(Refusal):
+    """No grant allows this caller what it asked for."""
+
+
+class RateLimited(Refusal):
+    """The caller's grant has a rate and its bucket is empty: slow down."""
+
+
+class KeyUnavailable(Refusal):
+    """The app's key is not loaded yet, or could not be refreshed for longer than max_stale."""
+
+
 class ClientError(KeydError):
     """Raised by keyd.client when keyd answers with an error or cannot be reached."""
 

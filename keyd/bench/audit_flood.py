@@ -24,8 +24,8 @@ from typing import Any
 
 from keyd import config as configuration
 from keyd.bench.inprocess import StandInTransport
+from keyd.daemon.connection import Connection
 from keyd.daemon.keystore import KeySnapshot, SecretKey
-from keyd.daemon.server import Connection
 from keyd.daemon.wiring import Daemon
 
 TARGET_BYTES = 2 * 1024 * 1024

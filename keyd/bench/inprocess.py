@@ -29,8 +29,8 @@ from keyd.bench.options import Options
 from keyd.bench.reference import ReferenceConnection
 from keyd.bench.report import machine
 from keyd.bench.workload import APP_ID, keyd_requests
+from keyd.daemon.connection import Connection
 from keyd.daemon.keystore import KeySnapshot, SecretKey
-from keyd.daemon.server import Connection
 from keyd.daemon.wiring import Daemon
 
 DEFAULT_REQUESTS = 100_000

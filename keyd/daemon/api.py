@@ -1,4 +1,4 @@
-"""HTTP routes: parse, authorize, sign, shape errors. No sockets here (see server.py).
+"""HTTP routes: parse, authorize, sign, shape errors. No sockets here (see connection.py).
 
 Every error is ``{"error": {"code": "<snake_case>", "message": "<text>"}}`` with a 4xx/5xx status.
 Request validation happens entirely before anything is signed or recorded, so a bad request changes
@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import json.scanner
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
+from urllib.parse import parse_qsl
 
 from keyd.config import Config
 from keyd.daemon import tokens
+from keyd.daemon.decisions import Decision
 from keyd.daemon.keystore import KeySnapshot
 from keyd.daemon.oracle import Unsignable
 from keyd.daemon.peers import Caller, Policy
-from keyd.errors import ApiError
+from keyd.errors import ApiError, Forbidden, KeyUnavailable, RateLimited, Refusal
 
 MAX_USER_ID = 256
 _perf_counter = time.perf_counter
 JSON = b"application/json"
 TOKENS_ENDPOINT = "/v1/tokens"
+TOKENS_PATH = b"/v1/tokens"
+REFUSED = "refused"
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x more, on every request
@@ -58,20 +63,11 @@ class Keys(Protocol):
 class Audit(Protocol):
     """Receives one record per decision (issued or refused). Never given a token or key."""
 
-    def record(
-        self,
-        caller: Caller,
-        app: str | None,
-        kind: str | None,
-        sub: str | None,
-        ttl: int | None,
-        outcome: str,
-        code: str | None,
-    ) -> None: ...
+    def record(self, decision: Decision) -> None: ...
 
 
 class NoAudit:
-    def record(self, *args: object) -> None:
+    def record(self, decision: Decision) -> None:
         return None
 
 
@@ -80,8 +76,8 @@ class Stats(Protocol):
 
     def request(self, endpoint: str, status: int, seconds: float) -> None: ...
     def error(self, code: str) -> None: ...
-    def decision(self, app: str | None, kind: str | None, outcome: str) -> None: ...
-    def issued(self, app: str, kind: str, seconds: float) -> None: ...
+    def decision(self, decision: Decision) -> None: ...
+    def issued(self, decision: Decision, seconds: float) -> None: ...
 
 
 class NoStats:
@@ -91,10 +87,10 @@ class NoStats:
     def error(self, code: str) -> None:
         return None
 
-    def decision(self, app: str | None, kind: str | None, outcome: str) -> None:
+    def decision(self, decision: Decision) -> None:
         return None
 
-    def issued(self, app: str, kind: str, seconds: float) -> None:
+    def issued(self, decision: Decision, seconds: float) -> None:
         return None
 
 
@@ -106,13 +102,40 @@ def error_response(exc: ApiError) -> Response:
     return Response(exc.status, error_body(exc.code, exc.message))
 
 
+# The one table from the domain's refusals (raised by the key store and the policy) to HTTP.
+REFUSALS: dict[type[Refusal], tuple[int, str]] = {
+    Forbidden: (403, "forbidden"),
+    RateLimited: (429, "rate_limited"),
+    KeyUnavailable: (503, "key_unavailable"),
+}
+
+
+def refusal_error(exc: Refusal) -> ApiError:
+    """The answer to a refusal: its status and code from REFUSALS, its own message."""
+    status, code = REFUSALS[type(exc)]
+    return ApiError(status, code, exc.message)
+
+
 def _invalid(message: str) -> ApiError:
     return ApiError(422, "invalid_field", message)
 
 
-# The C scanner that json.loads ends up in, called directly: for the usual body, a bare JSON object,
-# this skips two regular-expression passes and three Python frames (0.8 -> 0.2 us per request).
-_scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in JSONDecoder.__init__, absent from typeshed
+def _c_scanner() -> Callable[[str, int], tuple[Any, int]] | None:
+    """The C scanner json.loads ends up in, or None where this Python has none to offer.
+
+    Called directly for the usual body, a bare JSON object, it skips two regular-expression passes
+    and three Python frames (0.8 -> 0.2 us per request). ``scan_once`` is set by
+    ``JSONDecoder.__init__`` (CPython's json.scanner), not a documented API: without it, or with the
+    pure-Python scanner (slower than json.loads itself), ``parse_json_object`` uses json.loads.
+    """
+    scanner = getattr(json.JSONDecoder(), "scan_once", None)
+    c_make_scanner = getattr(json.scanner, "c_make_scanner", None)
+    if scanner is None or c_make_scanner is None or not isinstance(scanner, c_make_scanner):
+        return None
+    return cast(Callable[[str, int], tuple[Any, int]], scanner)
+
+
+_scan_json = _c_scanner()
 
 
 def parse_json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]:
@@ -123,7 +146,7 @@ def parse_json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]
                 415, "unsupported_media_type", "send the request body as Content-Type: application/json"
             )
     try:
-        if body[:1] == b"{" and body[-1:] == b"}":
+        if _scan_json is not None and body[:1] == b"{" and body[-1:] == b"}":
             # Decoded exactly as json.loads(bytes) decodes UTF-8 ("surrogatepass" included).
             text = body.decode("utf-8", "surrogatepass")
             data, end = _scan_json(text, 0)
@@ -156,10 +179,11 @@ def valid_user_id(value: Any) -> str:
         ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u2028\u2029" for c in value
     ):
         raise _invalid("user_id must not contain control characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _invalid("user_id must be valid UTF-8 (no lone surrogates)") from None
+    if not value.isascii():  # ASCII is UTF-8 already; only other text can hold a lone surrogate
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _invalid("user_id must be valid UTF-8 (no lone surrogates)") from None
     return value
 
 
@@ -221,24 +245,62 @@ class Api:
         self._endpoints = {path: path.decode() for path in self._routes}
         # Path prefixes whose handler may answer later (the REST proxy): see add_prefix.
         self._prefixes: list[tuple[bytes, Callable[[Request], Response]]] = []
+        # prefix -> its own body limit, and which callers it applies to
+        self._body_limits: list[tuple[bytes, int, Callable[[Caller], bool]]] = []
 
     def add_route(self, path: bytes, method: bytes, handler: Callable[[Request], Response]) -> None:
         """Extension point for optional endpoints (metrics)."""
         self._routes.setdefault(path, {})[method] = handler
         self._endpoints[path] = path.decode()
 
-    def add_prefix(self, prefix: bytes, handler: Callable[[Request], Response]) -> None:
+    def add_prefix(
+        self,
+        prefix: bytes,
+        handler: Callable[[Request], Response],
+        max_body: int = 0,
+        may_send_more: Callable[[Caller], bool] = lambda caller: True,
+    ) -> None:
         """Extension point: every method on paths under ``prefix``. The handler may answer with a
-        ``Deferred``; it records its own metrics."""
+        ``Deferred``; it records its own metrics. ``max_body``: its body limit, when not
+        server.max_body, for the callers ``may_send_more`` accepts (the REST proxy: a grant with the
+        type rest); anyone else keeps server.max_body, so a caller with no grant cannot make keyd
+        hold a large body per connection."""
         self._prefixes.append((prefix, handler))
+        if max_body:
+            self._body_limits.append((prefix, max_body, may_send_more))
+
+    def body_limit(self, target: bytes, caller: Caller | None) -> int:
+        """The body limit of the prefix ``target`` is under for ``caller``, 0 for none
+        (server.max_body applies). The server asks only about a body over server.max_body."""
+        for prefix, limit, may_send_more in self._body_limits:
+            if target.startswith(prefix):
+                return limit if caller is not None and may_send_more(caller) else 0
+        return 0
 
     def add_health(self, name: str, section: Callable[[], Any]) -> None:
         """Extension point: a section the daemon adds to GET /v1/health (e.g. the Vault token's TTL)."""
         self._health_sections[name] = section
 
+    def dispatch(
+        self, caller: Caller, method: bytes, target: bytes, headers: Mapping[bytes, bytes], body: bytes
+    ) -> Response:
+        """Every request the server parsed; never raises for a bad request.
+
+        ``POST /v1/tokens`` goes straight to ``issue``: keyd's hot path (docs/benchmarks.md) builds no
+        Request and takes no route lookup. Everything else becomes a Request for ``handle``.
+        """
+        if target == TOKENS_PATH and method == b"POST":
+            return self.issue(caller, body, headers.get(b"content-type"))
+        path, query = target, {}
+        if b"?" in target:
+            path, raw_query = target.split(b"?", 1)
+            query = dict(parse_qsl(raw_query.decode("latin-1")))
+        return self.handle(Request(method, path, query, headers, body, caller))
+
     def handle(self, request: Request) -> Response:
-        if request.path == b"/v1/tokens" and request.method == b"POST":
-            return self.post_tokens(request)  # records its own metrics, as the server's direct call does
+        """One parsed request: route, run the handler, turn an ApiError into its answer."""
+        if request.path == TOKENS_PATH and request.method == b"POST":
+            return self.post_tokens(request)  # records its own metrics, as dispatch's direct call does
         started = _perf_counter()
         methods = self._routes.get(request.path)
         if methods is None:
@@ -283,32 +345,27 @@ class Api:
             raise ApiError(404, "unknown_app", f"no app named {name[:64]!r} is configured")
         return name
 
-    def _refuse(
-        self,
-        caller: Caller,
-        app: str | None,
-        kind: str | None,
-        sub: str | None,
-        ttl: int | None,
-        exc: ApiError,
-    ) -> ApiError:
-        self._audit.record(caller, app, kind, sub, ttl, "refused", exc.code)
-        self._stats.decision(app, kind, "refused")
-        return exc
+    def _refuse(self, exc: Refusal | ApiError, decision: Decision) -> ApiError:
+        """Record ``decision`` as refused with the error's code; the ApiError to answer with."""
+        error = exc if isinstance(exc, ApiError) else refusal_error(exc)
+        self._decided(decision._replace(outcome="refused", code=error.code))
+        return error
+
+    def _decided(self, decision: Decision) -> None:
+        self._audit.record(decision)
+        self._stats.decision(decision)
 
     # -- routes ----------------------------------------------------------------------------
 
     def post_tokens(self, request: Request) -> Response:
         """POST /v1/tokens for ``handle``; ``issue`` does the work and records its own metrics."""
-        answer = self.issue(request.caller, request.body, request.content_type)
-        return answer if isinstance(answer, Response) else Response(200, answer)
+        return self.issue(request.caller, request.body, request.content_type)
 
-    def issue(self, caller: Caller, body: bytes, content_type: bytes | None) -> bytes | Response:
-        """``POST /v1/tokens``: the 200 body, or the error Response. Never raises ApiError.
+    def issue(self, caller: Caller, body: bytes, content_type: bytes | None) -> Response:
+        """``POST /v1/tokens``: the token, or the error. Never raises ApiError.
 
-        The server calls this directly, without the generic request, routing and response objects
-        ``handle`` uses: it is keyd's hot path (docs/benchmarks.md), hence one function and one
-        metrics call per token.
+        ``dispatch`` calls this directly, without the generic Request and routing ``handle`` uses: it
+        is keyd's hot path (docs/benchmarks.md), hence one function and one metrics call per token.
         """
         started = _perf_counter()
         try:
@@ -321,12 +378,7 @@ class Api:
             name = self._app(data.get("app"))
             app = self._apps[name]
             if kind == "user":
-                user_id = data.get("user_id")
-                # The usual id, printable ASCII of a valid length, passes valid_user_id's checks.
-                if user_id.__class__ is not str or not (
-                    0 < len(user_id) <= MAX_USER_ID and user_id.isascii() and user_id.isprintable()
-                ):
-                    user_id = valid_user_id(user_id)
+                user_id = valid_user_id(data.get("user_id"))
                 default, maximum = app.user_ttl, app.max_user_ttl
             else:
                 if "user_id" in data:
@@ -341,8 +393,8 @@ class Api:
                 if not explicit and grant.max_ttl is not None and ttl > grant.max_ttl:
                     ttl = int(grant.max_ttl)  # the caller's own default is its grant's maximum
                 snapshot = self._keys.signing(name)
-            except ApiError as exc:
-                raise self._refuse(caller, name, kind, user_id, ttl, exc) from None
+            except Refusal as exc:
+                raise self._refuse(exc, Decision(caller, name, kind, user_id, ttl, REFUSED, None)) from None
         except ApiError as exc:
             self._stats.error(exc.code)
             response = error_response(exc)
@@ -353,7 +405,8 @@ class Api:
             token = tokens.user_token(snapshot.signing, app.app_id, user_id, iat, ttl)
         else:
             token = tokens.app_token(snapshot.signing, app.app_id, iat, ttl)
-        self._audit.record(caller, name, kind, user_id, ttl, "issued", None)
+        decision = Decision(caller, name, kind, user_id, ttl, "issued", None)
+        self._audit.record(decision)
         version = snapshot.version
         answer = b'{"token":"%b%b%d,"key_version":%b}' % (
             token,
@@ -361,8 +414,8 @@ class Api:
             iat + ttl,
             b"null" if version is None else b"%d" % version,
         )
-        self._stats.issued(name, kind, _perf_counter() - started)
-        return answer
+        self._stats.issued(decision, _perf_counter() - started)
+        return Response(200, answer)
 
     def signatures(self, request: Request) -> Response:
         data = parse_json_object(request.body, request.content_type)
@@ -375,15 +428,18 @@ class Api:
         try:
             self._policy.authorize(request.caller, self._apps[name], "signature", None, user_id)
             snapshot = self._keys.signing(name)
-        except ApiError as exc:
-            raise self._refuse(request.caller, name, "signature", user_id, None, exc) from None
+        except Refusal as exc:
+            raise self._refuse(
+                exc, Decision(request.caller, name, "signature", user_id, None, REFUSED, None)
+            ) from None
         try:
             sig = tokens.signature(snapshot.signing, user_id, uppercase)
         except Unsignable as exc:
             why = _invalid(f"keyd does not sign this user_id: {exc}")
-            raise self._refuse(request.caller, name, "signature", user_id, None, why) from None
-        self._audit.record(request.caller, name, "signature", user_id, None, "issued", None)
-        self._stats.decision(name, "signature", "issued")
+            raise self._refuse(
+                why, Decision(request.caller, name, "signature", user_id, None, REFUSED, None)
+            ) from None
+        self._decided(Decision(request.caller, name, "signature", user_id, None, "issued", None))
         return Response(
             200,
             b'{"signature":"%s","app":%s,"key_version":%s}'
@@ -407,8 +463,10 @@ class Api:
         try:
             self._policy.authorize(request.caller, app, "webhook", None, None)
             snapshot = self._keys.signing(name)
-        except ApiError as exc:
-            raise self._refuse(request.caller, name, "webhook", None, None, exc) from None
+        except Refusal as exc:
+            raise self._refuse(
+                exc, Decision(request.caller, name, "webhook", None, None, REFUSED, None)
+            ) from None
         if stamp > 1e11:
             stamp /= 1000.0  # milliseconds
         rejection = None
@@ -419,9 +477,10 @@ class Api:
                 401, "stale_timestamp", "the webhook timestamp is outside the allowed window"
             )
         if rejection is not None:
-            raise self._refuse(request.caller, name, "webhook", None, None, rejection)
-        self._audit.record(request.caller, name, "webhook", None, None, "verified", None)
-        self._stats.decision(name, "webhook", "verified")
+            raise self._refuse(
+                rejection, Decision(request.caller, name, "webhook", None, None, REFUSED, None)
+            )
+        self._decided(Decision(request.caller, name, "webhook", None, None, "verified", None))
         return Response(200, b'{"valid":true,"app":%s}' % self._app_json[name][0].encode())
 
     def health(self, request: Request) -> Response:
@@ -437,7 +496,7 @@ def _version(snapshot: KeySnapshot) -> str:
 
 @dataclass(slots=True)
 class Request:
-    """One parsed HTTP request, as server.py hands it to the API."""
+    """One parsed HTTP request, as Api.dispatch builds it for Api.handle."""
 
     method: bytes
     path: bytes

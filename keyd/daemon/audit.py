@@ -40,6 +40,7 @@ from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as _json_str
 
 from keyd.config import AuditConfig
+from keyd.daemon.decisions import Decision
 from keyd.daemon.peers import Caller
 from keyd.daemon.safefiles import open_audit_file
 from keyd.errors import StartupError
@@ -56,8 +57,8 @@ _MAX_NAME = 256  # characters of a user or unit name (systemd's own limit for un
 _MAX_REFUSAL_KEYS = 4096  # (uid, code) pairs tracked at once; beyond, idle ones are forgotten
 
 
-# (time, caller, app, type, sub, ttl, outcome, code): one decision, formatted at flush time.
-_Record = tuple[float, Caller, str | None, str | None, str | None, int | None, str, str | None]
+# (time, decision): one decision, formatted at flush time.
+_Record = tuple[float, Decision]
 
 
 def _opt(value: str | None) -> str:
@@ -125,45 +126,29 @@ class AuditLog:
 
     # -- the hot path ------------------------------------------------------------------------
 
-    def record(
-        self,
-        caller: Caller,
-        app: str | None,
-        kind: str | None,
-        sub: str | None,
-        ttl: int | None,
-        outcome: str,
-        code: str | None,
-    ) -> None:
+    def record(self, decision: Decision) -> None:
         """Append one decision. Never raises for a write problem (see the module docstring).
 
         Only the raw fields are kept here; lines are formatted in ``flush``, many at a time. Measured
         in keyd's request path (docs/benchmarks.md) formatting each line as it was recorded cost
         more than signing the token, because it interleaved with everything else a request does.
         """
-        if outcome == "refused":
-            self._refused(caller, app, kind, sub, ttl, code)
+        if decision.outcome == "refused":
+            self._refused(decision)
             return
-        self._pending.append((self._clock(), caller, app, kind, sub, ttl, outcome, code))
+        self._pending.append((self._clock(), decision))
         if len(self._pending) >= FLUSH_RECORDS or self._loop is None:
             self.flush()
         elif not self._scheduled:
             self._scheduled = True
             self._loop.call_later(self._flush_interval, self.flush)
 
-    def _refused(
-        self,
-        caller: Caller,
-        app: str | None,
-        kind: str | None,
-        sub: str | None,
-        ttl: int | None,
-        code: str | None,
-    ) -> None:
+    def _refused(self, decision: Decision) -> None:
         """A refusal: its own line while the (uid, code) bucket allows, otherwise counted."""
+        caller, code = decision.caller, decision.code
         now = self._clock()
         if self._refusal_allowed(caller, code, now):
-            self._pending.append(self._refused_line(now, caller, app, kind, sub, ttl, code))
+            self._pending.append(self._refused_line(now, decision))
             if len(self._pending) >= FLUSH_RECORDS or self._loop is None:
                 self.flush()
             elif not self._scheduled:
@@ -198,17 +183,9 @@ class AuditLog:
             self._loop.call_later(self._summary_every, self.summarise)
         return False
 
-    def _refused_line(
-        self,
-        now: float,
-        caller: Caller,
-        app: str | None,
-        kind: str | None,
-        sub: str | None,
-        ttl: int | None,
-        code: str | None,
-    ) -> str:
+    def _refused_line(self, now: float, decision: Decision) -> str:
         """A refusal's line, formatted now (refusal lines are few): the user id is cut short."""
+        caller, app, kind, sub, ttl, _, code = decision
         middle = self._middles.get((caller, "refused", code, app, kind, ttl)) or self._middle(
             (caller, "refused", code, app, kind, ttl)
         )
@@ -262,29 +239,30 @@ class AuditLog:
         # Everything but the time and the subject repeats from line to line (few callers, apps,
         # types, outcomes and ttls): that part is encoded once, cached, and reused as long as
         # consecutive records share it.
-        last: _Record | None = None
+        last: Decision | None = None
         middle = ""
         for record in records:
             if isinstance(record, str):  # a refusal or summary line, formatted when recorded
                 append(record)
                 continue
-            now, caller, app, kind, sub, ttl, outcome, code = record
+            now, decision = record
+            caller, app, kind, sub, ttl, outcome, code = decision
             second = int(now)
             if second != current:
                 current = second
                 prefix = time.strftime('{"time":"%Y-%m-%dT%H:%M:%S', time.gmtime(second))
             if (
                 last is None
-                or caller is not last[1]
-                or app != last[2]
-                or kind != last[3]
-                or ttl != last[5]
-                or outcome != last[6]
-                or code != last[7]
+                or caller is not last.caller
+                or app != last.app
+                or kind != last.kind
+                or ttl != last.ttl
+                or outcome != last.outcome
+                or code != last.code
             ):
                 key = (caller, outcome, code, app, kind, ttl)
                 middle = self._middles.get(key) or self._middle(key)
-                last = record
+                last = decision
             stamp = millis[int((now - second) * 1000)]
             if sub is None:
                 append(f'{prefix}{stamp}{middle}"sub":null}}\n')

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from keyd.errors import ApiError
+from keyd.errors import KeyUnavailable
 
 log = logging.getLogger("keyd.keystore")
 
@@ -145,9 +145,6 @@ class AppState:
     expires_at: float = 0.0
 
 
-_KEY_UNAVAILABLE = "key_unavailable"
-
-
 class KeyStore:
     """Current key per app, staleness, and the health picture built from them."""
 
@@ -157,16 +154,14 @@ class KeyStore:
         self._states: dict[str, AppState] = {name: AppState() for name in apps}
 
     def signing(self, app: str) -> KeySnapshot:
-        """The snapshot to sign with, or ApiError 503 when there is none or it is past max_stale."""
+        """The snapshot to sign with; KeyUnavailable when there is none or it is past max_stale."""
         state = self._states[app]
         snapshot = state.snapshot
         if snapshot is None:
-            raise ApiError(503, _KEY_UNAVAILABLE, f"the key for app {app!r} is not loaded yet")
+            raise KeyUnavailable(f"the key for app {app!r} is not loaded yet")
         if self._clock() > state.expires_at:
-            raise ApiError(
-                503,
-                _KEY_UNAVAILABLE,
-                f"the key for app {app!r} could not be refreshed for longer than refresh.max_stale",
+            raise KeyUnavailable(
+                f"the key for app {app!r} could not be refreshed for longer than refresh.max_stale"
             )
         return snapshot
 

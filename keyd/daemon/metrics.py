@@ -13,9 +13,8 @@ names of known endpoints.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
+import socket
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,11 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
+from keyd.config import ServerConfig
 from keyd.daemon.api import TOKENS_ENDPOINT, Request, Response
+from keyd.daemon.decisions import Decision
+from keyd.daemon.peers import Caller, Identities
+from keyd.daemon.server import Server
 
 log = logging.getLogger("keyd.metrics")
 
@@ -98,12 +101,13 @@ class RequestStats:
         errors = self.errors
         errors[code] = errors.get(code, 0) + 1
 
-    def issued(self, app: str, kind: str, seconds: float) -> None:
+    def issued(self, decision: Decision, seconds: float) -> None:
         """A token issued by POST /v1/tokens: ``request`` and ``decision`` in one call (the hot path)."""
+        app = decision.app or ""
         counts = self._issued.get(app)
         if counts is None:
             counts = self._issued[app] = {"user": 0, "app": 0}
-        counts[kind] += 1
+        counts[decision.kind or "user"] += 1
         buckets = self._tokens_latency
         buckets[bisect_left(self._bounds, seconds)] += 1
         buckets[-1] += seconds
@@ -126,9 +130,9 @@ class RequestStats:
                     counts[key] = counts.get(key, 0) + n
         return counts
 
-    def decision(self, app: str | None, kind: str | None, outcome: str) -> None:
+    def decision(self, decision: Decision) -> None:
         """One decision after validation (the same ones the audit log records)."""
-        key = (app or "", kind or "", outcome)
+        key = (decision.app or "", decision.kind or "", decision.outcome)
         decisions = self.decisions
         decisions[key] = decisions.get(key, 0) + 1
 
@@ -411,19 +415,26 @@ class Metrics:
 
 # -- the optional loopback TCP listener ---------------------------------------------------------
 
-_MAX_HEAD = 8192
-_READ_TIMEOUT = 5.0
+_TEXT = b"text/plain; charset=utf-8"
+# The TCP listener's own limits: a scraper or two, nothing that sends a body.
+LISTENER_CONFIG = ServerConfig(
+    max_body=1024,
+    request_timeout=5.0,
+    first_byte_timeout=5.0,
+    idle_timeout=60.0,
+    max_connections=64,
+    max_connections_per_uid=64,
+    shutdown_timeout=1.0,
+)
+# TCP carries no peer credentials: every scraper is this one anonymous caller (it is never audited).
+_TCP_PEER = Caller(pid=0, uid=-1, gid=-1, user="", groups=frozenset(), gids=frozenset(), unit="")
 
 
-def _http(status: str, body: bytes, content_type: bytes = b"text/plain; charset=utf-8") -> bytes:
-    return (
-        b"HTTP/1.1 "
-        + status.encode()
-        + b"\r\nContent-Type: "
-        + content_type
-        + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
-        + body
-    )
+class _TcpPeers(Identities):
+    """Identities for TCP connections: all the same anonymous caller, nothing to look up."""
+
+    def identify(self, sock: socket.socket) -> tuple[Caller, bool]:
+        return _TCP_PEER, True
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -435,52 +446,37 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class TcpListener:
     """GET /metrics over loopback TCP for a Prometheus that cannot reach the Unix socket.
 
-    One request per connection; anything but ``GET /metrics`` gets 404 or 405. Runs on the daemon's
-    event loop, so it reads the same counters without locks.
+    Served by the socket's own connection class (keyd.daemon.connection, through a second
+    ``Server``): the same parser, limits, deadlines and shutdown, with ``dispatch`` below in place
+    of the API: ``GET``/``HEAD /metrics`` and nothing else (404, 405). Runs on the daemon's event
+    loop, so it reads the same counters without locks.
     """
 
     def __init__(self, listen: str, render: Callable[[], bytes]) -> None:
         self.host, self.port = parse_listen(listen)
         self._render = render
-        self._server: asyncio.AbstractServer | None = None
+        self._server: Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
-        sockets = self._server.sockets or ()
-        if sockets:
-            self.port = int(sockets[0].getsockname()[1])
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.create_server((self.host, self.port), family=family, backlog=64)
+        sock.setblocking(False)
+        self.port = int(sock.getsockname()[1])
+        self._server = Server(LISTENER_CONFIG, self.dispatch, identities=_TcpPeers(root="/"))
+        await self._server.start(sock)
         log.info("serving metrics on http://%s:%d/metrics", self.host, self.port)
 
     async def close(self) -> None:
         if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
-            self._server = None
+            server, self._server = self._server, None
+            await server.shutdown()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT)
-            writer.write(self.answer(head))
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    def answer(self, head: bytes) -> bytes:
-        """The whole response to one request head."""
-        if len(head) > _MAX_HEAD:
-            return _http("431 Request Header Fields Too Large", b"request head too large\n")
-        parts = head.split(b"\r\n", 1)[0].split(b" ")
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            return _http("400 Bad Request", b"bad request\n")
-        method, target = parts[0], parts[1].split(b"?", 1)[0]
-        if target != b"/metrics":
-            return _http("404 Not Found", b"only /metrics is served here\n")
+    def dispatch(
+        self, caller: Caller, method: bytes, target: bytes, headers: Mapping[bytes, bytes], body: bytes
+    ) -> Response:
+        """The whole answer to one request on the TCP listener."""
+        if target.split(b"?", 1)[0] != b"/metrics":
+            return Response(404, b"only /metrics is served here\n", _TEXT)
         if method not in (b"GET", b"HEAD"):
-            return _http("405 Method Not Allowed", b"use GET\n")
-        answer = _http("200 OK", self._render(), CONTENT_TYPE)
-        return answer if method == b"GET" else answer.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+            return Response(405, b"use GET\n", _TEXT, headers=((b"Allow", b"GET, HEAD"),))
+        return Response(200, self._render(), CONTENT_TYPE)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from keyd.config import AppConfig, GrantConfig
-from keyd.errors import ApiError
+from keyd.errors import Forbidden, RateLimited
 
 log = logging.getLogger("keyd.peers")
 T = TypeVar("T")
@@ -713,6 +713,7 @@ class Policy:
             self.install(compiled)
 
     def grant_for(self, caller: Caller) -> GrantConfig | None:
+        """The first grant whose selectors match the caller, or None."""
         for grant, selectors in self._compiled:
             if selectors.matches(caller):
                 return grant
@@ -721,46 +722,35 @@ class Policy:
     def authorize(
         self, caller: Caller, app: AppConfig, kind: str, ttl: float | None, user_id: str | None
     ) -> GrantConfig:
-        """The grant that allows this request, or ApiError 403 naming what was refused.
+        """The grant that allows this request, or Forbidden naming what was refused.
 
         Every request decided under a grant with a ``rate`` takes a token from the caller's bucket
-        (its uid, per grant), refused ones included (so a flood of
-        forbidden requests cannot flood the audit log either); an empty bucket is ApiError 429
-        ``rate_limited``.
+        (its uid, per grant), refused ones included (so a flood of forbidden requests cannot flood
+        the audit log either); an empty bucket is RateLimited.
         """
-        grant = None
-        for candidate, selectors in self._compiled:  # grant_for, inlined: this runs for every request
-            if selectors.matches(caller):
-                grant = candidate
-                break
+        grant = self.grant_for(caller)
         if (
             grant is not None
             and grant.rate is not None
             and not self._limiter.allow(rate_identity(grant, caller), grant)
         ):
-            raise ApiError(
-                429, "rate_limited", f"this caller is limited to {format_rate(grant.rate)}; slow down"
-            )
+            raise RateLimited(f"this caller is limited to {format_rate(grant.rate)}; slow down")
         if grant is None or kind not in grant.types:
-            raise ApiError(
-                403,
-                "forbidden",
+            raise Forbidden(
                 f"this caller may not request {kind} tokens"
                 if kind in ("user", "app")
                 else f"this caller may not use {kind}",
             )
         if "*" not in grant.apps and app.name not in grant.apps:
-            raise ApiError(403, "forbidden", f"this caller may not use app {app.name!r}")
+            raise Forbidden(f"this caller may not use app {app.name!r}")
         if ttl is not None and grant.max_ttl is not None and ttl > grant.max_ttl:
-            raise ApiError(
-                403, "forbidden", f"ttl {int(ttl)} exceeds this caller's maximum of {int(grant.max_ttl)}s"
-            )
+            raise Forbidden(f"ttl {int(ttl)} exceeds this caller's maximum of {int(grant.max_ttl)}s")
         if (
             user_id is not None
             and grant.user_id_pattern is not None
             and not grant.user_id_pattern.fullmatch(user_id)
         ):
-            raise ApiError(403, "forbidden", "this caller may not request tokens for that user_id")
+            raise Forbidden("this caller may not request tokens for that user_id")
         return grant
 
 

@@ -9,7 +9,7 @@ is not returned, logged, audited or put in an error.
 
 Everything up to the upstream call runs synchronously in ``handle``, so refusals are answered in
 the same loop pass as a token request. The upstream call is a task on the same loop; ``handle``
-returns it and the connection writes its answer when it is done (server.py keeps answer order).
+returns it and the connection writes its answer when it is done (connection.py keeps answer order).
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 from keyd.config import REST_METHODS, AppConfig, Config, RestRule
 from keyd.daemon import tokens
-from keyd.daemon.api import Keys, Request, Response, deferred, error_body, error_response
+from keyd.daemon.api import Keys, Request, Response, deferred, error_body, error_response, refusal_error
 from keyd.daemon.peers import Caller, Policy
 from keyd.daemon.upstream import Pool, UpstreamError, UpstreamResponse, UpstreamTimeout
-from keyd.errors import ApiError
+from keyd.errors import ApiError, KeyUnavailable, Refusal
 
 log = logging.getLogger("keyd.rest")
 
@@ -340,7 +340,8 @@ class RestProxy:
                     f"this caller already has {app.rest.max_concurrent} REST requests in flight",
                 )
             self._keys.signing(app.name)  # 503 key_unavailable now rather than after a wait
-        except ApiError as exc:
+        except (ApiError, Refusal) as caught:
+            exc = caught if isinstance(caught, ApiError) else refusal_error(caught)
             response = error_response(exc)
             if exc.status == 405:
                 response.headers = ((b"Allow", _ALLOW),)
@@ -402,9 +403,10 @@ class RestProxy:
         except UpstreamError as exc:
             code = "upstream_error"
             response = Response(502, error_body(code, exc.reason))
-        except ApiError as exc:  # the key became unavailable between attempts
-            code = exc.code
-            response = error_response(exc)
+        except KeyUnavailable as exc:  # the key became unavailable between attempts
+            error = refusal_error(exc)
+            code = error.code
+            response = error_response(error)
         except asyncio.CancelledError:  # the caller went away; nothing to answer
             code = "cancelled"
             raise

@@ -47,7 +47,7 @@ class Daemon:
         self.audit = audit or AuditLog(config.audit)
         self.stats = RequestStats()
         self.api = Api(config, self.store, self.policy, self.audit, stats=self.stats)
-        self.server = Server(config.server, self.api.handle, tokens=self.api.issue)
+        self.server = Server(config.server, self.api.dispatch, body_limit=self.api.body_limit)
         self.notifier = systemd.Notifier()
         self.refresher = Refresher(
             dict(config.apps),
@@ -75,9 +75,9 @@ class Daemon:
             from keyd.daemon import rest  # noqa: PLC0415
 
             self.rest = rest.RestProxy(config, self.store, self.policy, self.audit)
-            self.api.add_prefix(rest.PREFIX, self.rest.handle)
-            self.server.rest_max_body = self.rest.max_body
-            self.server.rest_caller = self.rest.may_use
+            self.api.add_prefix(
+                rest.PREFIX, self.rest.handle, max_body=self.rest.max_body, may_send_more=self.rest.may_use
+            )
             self.metrics.registry.register(self.rest.collector())
         listen = config.metrics.listen
         self.metrics_tcp = TcpListener(listen, self.metrics.render) if listen else None

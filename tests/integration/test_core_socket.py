@@ -130,8 +130,8 @@ def test_keep_alive_serves_many_requests_on_one_connection(keyd: KeydProcess, ke
 
 
 def test_tokens_over_the_socket_are_pyjwts_byte_for_byte(keyd: KeydProcess, key: str) -> None:
-    # Random ids (ASCII, which Api.issue checks inline, and any other text) through the server's
-    # direct POST /v1/tokens path; each token must be exactly what PyJWT encodes from its claims.
+    # Random ids (ASCII and any other text) through Api.dispatch's direct POST /v1/tokens path;
+    # each token must be exactly what PyJWT encodes from its claims.
     rng = random.Random(6)
     alphabet = [chr(c) for c in range(0x20, 0x7F)] + ["é", "ユ", "\U0001f600", "\u00a0", "\\"]
     raw = Raw(keyd.socket)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import json.scanner
 import os
 import tempfile
 from collections.abc import Iterator
@@ -20,11 +21,12 @@ from hypothesis import strategies as st
 
 from keyd import config as configuration
 from keyd.config import Config, GrantConfig
+from keyd.daemon import api as api_module
 from keyd.daemon.api import MAX_USER_ID, Api, Request, Response, valid_user_id
 from keyd.daemon.keystore import KeySnapshot, SecretKey
 from keyd.daemon.peers import Caller, Policy
 from keyd.daemon.server import Server
-from keyd.errors import ApiError
+from keyd.errors import ApiError, KeyUnavailable
 
 KEY = "sk_test_api_api_api_api_api_api_api_api"
 NOW = 1_700_000_000  # a fixed clock in the past; tokens are decoded without the exp check
@@ -52,7 +54,7 @@ class FakeKeys:
     def signing(self, app: str) -> KeySnapshot:
         self.signing_calls += 1
         if self.unavailable:
-            raise ApiError(503, "key_unavailable", f"the key for app {app!r} is not loaded yet")
+            raise KeyUnavailable(f"the key for app {app!r} is not loaded yet")
         secret = SecretKey.from_str(KEY)
         return KeySnapshot(
             app=app, signing=secret, webhook=secret, version=self.version, kv_version=2, loaded_at=0
@@ -141,7 +143,7 @@ def test_user_ids_that_need_escaping_round_trip(user_id: str) -> None:
     | st.text(st.characters(max_codepoint=127), max_size=MAX_USER_ID + 2)
 )
 def test_any_user_id_gets_the_pyjwt_token_or_the_validators_error(user_id: str) -> None:
-    # Api.issue lets printable ASCII ids skip valid_user_id; every id must end as that validator says.
+    # Every id must end as valid_user_id, the one user-id rule, says.
     try:
         valid_user_id(user_id)
     except ApiError as exc:
@@ -383,7 +385,7 @@ async def exchange(path: str, payload: bytes, max_body: int = 1024) -> bytes:
     """Serve the API on `path`, send raw bytes on one connection, return everything received."""
     server_config = configuration.ServerConfig(socket=path, socket_mode=0o600, max_body=max_body)
     api = make_api()
-    server = Server(server_config, api.handle, tokens=api.issue)  # wired as the daemon wires it
+    server = Server(server_config, api.dispatch, body_limit=api.body_limit)  # as the daemon wires it
     await server.start()
     try:
         reader, writer = await asyncio.open_unix_connection(path)
@@ -470,3 +472,45 @@ def test_head_is_answered_like_get_without_a_body(socket_path: str) -> None:
     got = responses(rest)
     assert [status for status, _, _ in got] == [200, 404]
     assert len(got[0][2]) == length  # the same Content-Length as the body GET gets
+
+
+# -- the C JSON scanner and its fallback ---------------------------------------------------------
+
+
+JSON_BODIES = [
+    b'{"user_id": "a"}',
+    b' {"user_id": "a"} ',
+    b'{"user_id": "a"} x',
+    b'{"user_id": "\\ud800"}',
+    b'{"a": 1}{"b": 2}',
+    b"{",
+    b"[1]",
+    b"\xef\xbb\xbf{}",
+    b'{"n": NaN}',
+]
+
+
+def _outcome(body: bytes) -> object:
+    try:
+        return api_module.parse_json_object(body, None)
+    except ApiError as exc:
+        return (exc.status, exc.code)
+
+
+def test_without_the_c_scanner_json_loads_decides_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    with_scanner = [_outcome(body) for body in JSON_BODIES]
+    assert api_module._scan_json is not None, "CPython's C scanner is used where it exists"
+    monkeypatch.setattr(api_module, "_scan_json", None)
+    assert [_outcome(body) for body in JSON_BODIES] == with_scanner
+    assert with_scanner[0] == {"user_id": "a"} and with_scanner[2] == (400, "malformed_json")
+
+
+def test_the_scanner_hook_falls_back_when_this_python_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    class PlainDecoder:  # a json module without the private scan_once attribute
+        pass
+
+    monkeypatch.setattr(json, "JSONDecoder", PlainDecoder)
+    assert api_module._c_scanner() is None
+    monkeypatch.undo()
+    monkeypatch.setattr(json.scanner, "c_make_scanner", None)  # no C accelerator at all
+    assert api_module._c_scanner() is None

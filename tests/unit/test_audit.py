@@ -16,6 +16,7 @@ import pytest
 from keyd.config import AppConfig, AuditConfig, Config, GrantConfig, RefreshConfig, ServerConfig, VaultConfig
 from keyd.daemon.api import Api, Request
 from keyd.daemon.audit import AuditLog
+from keyd.daemon.decisions import Decision
 from keyd.daemon.keystore import KeySnapshot, SecretKey
 from keyd.daemon.peers import Caller, Policy
 from keyd.errors import StartupError
@@ -39,8 +40,8 @@ def lines(path: Path) -> list[dict[str, Any]]:
 def test_one_json_line_per_record_with_every_field(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     audit = AuditLog(AuditConfig(file=str(path)), clock=lambda: 1_700_000_000.25)
-    audit.record(CALLER, "default", "user", "alice\n", 3600, "issued", None)
-    audit.record(CALLER, None, None, None, None, "refused", "forbidden")
+    audit.record(Decision(CALLER, "default", "user", "alice\n", 3600, "issued", None))
+    audit.record(Decision(CALLER, None, None, None, None, "refused", "forbidden"))
     first, second = lines(path)
     assert first == {
         "time": "2023-11-14T22:13:20.250Z",
@@ -63,7 +64,7 @@ def test_one_json_line_per_record_with_every_field(tmp_path: Path) -> None:
 def test_hash_user_ids_replaces_sub_with_its_sha256(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     audit = AuditLog(AuditConfig(file=str(path), hash_user_ids=True))
-    audit.record(CALLER, "default", "user", "alice", 60, "issued", None)
+    audit.record(Decision(CALLER, "default", "user", "alice", 60, "issued", None))
     (doc,) = lines(path)
     assert "sub" not in doc
     assert doc["sub_sha256"] == hashlib.sha256(b"alice").hexdigest()
@@ -76,9 +77,9 @@ def test_file_is_created_0600_and_appended_to(tmp_path: Path) -> None:
     os.chmod(path, 0o600)
     old_umask = os.umask(0)
     try:
-        AuditLog(AuditConfig(file=str(path))).record(CALLER, "a", "user", "b", 1, "issued", None)
+        AuditLog(AuditConfig(file=str(path))).record(Decision(CALLER, "a", "user", "b", 1, "issued", None))
         fresh = tmp_path / "fresh.log"
-        AuditLog(AuditConfig(file=str(fresh))).record(CALLER, "a", "user", "b", 1, "issued", None)
+        AuditLog(AuditConfig(file=str(fresh))).record(Decision(CALLER, "a", "user", "b", 1, "issued", None))
     finally:
         os.umask(old_umask)
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
@@ -105,12 +106,12 @@ def test_with_a_loop_lines_are_buffered_and_flushed_by_one_timer(tmp_path: Path)
     loop = FakeLoop()
     audit.attach(loop)  # type: ignore[arg-type]
     for i in range(100):
-        audit.record(CALLER, "default", "user", f"u{i}", 60, "issued", None)
+        audit.record(Decision(CALLER, "default", "user", f"u{i}", 60, "issued", None))
     assert path.read_text() == ""
     assert len(loop.timers) == 1 and loop.timers[0][0] == 0.2
     loop.timers[0][1]()
     assert [d["sub"] for d in lines(path)] == [f"u{i}" for i in range(100)]
-    audit.record(CALLER, "default", "user", "next", 60, "issued", None)
+    audit.record(Decision(CALLER, "default", "user", "next", 60, "issued", None))
     assert len(loop.timers) == 2, "a new burst schedules a new flush"
     audit.close()
     assert lines(path)[-1]["sub"] == "next"
@@ -121,7 +122,7 @@ def test_a_big_burst_is_written_without_waiting_for_the_timer(tmp_path: Path) ->
     audit = AuditLog(AuditConfig(file=str(path)))
     audit.attach(FakeLoop())  # type: ignore[arg-type]
     for _ in range(2000):
-        audit.record(CALLER, "default", "user", "x" * 64, 60, "issued", None)
+        audit.record(Decision(CALLER, "default", "user", "x" * 64, 60, "issued", None))
     assert len(lines(path)) >= 1000
 
 
@@ -129,10 +130,10 @@ def test_reopen_after_rotation_writes_to_a_new_file(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     audit = AuditLog(AuditConfig(file=str(path)))
     audit.attach(FakeLoop())  # type: ignore[arg-type]
-    audit.record(CALLER, "default", "user", "before", 60, "issued", None)
+    audit.record(Decision(CALLER, "default", "user", "before", 60, "issued", None))
     path.rename(tmp_path / "audit.log.1")
     audit.reopen()  # flushes "before" into the rotated file first
-    audit.record(CALLER, "default", "user", "after", 60, "issued", None)
+    audit.record(Decision(CALLER, "default", "user", "after", 60, "issued", None))
     audit.flush()
     assert [d["sub"] for d in lines(tmp_path / "audit.log.1")] == ["before"]
     assert [d["sub"] for d in lines(path)] == ["after"]
@@ -147,14 +148,14 @@ def test_write_errors_are_logged_once_and_do_not_raise(
     audit._fd = os.open("/dev/full", os.O_WRONLY) if os.path.exists("/dev/full") else 10_000
     with caplog.at_level(logging.ERROR, logger="keyd.audit"):
         for _ in range(3):
-            audit.record(CALLER, "default", "user", "alice", 60, "issued", None)
+            audit.record(Decision(CALLER, "default", "user", "alice", 60, "issued", None))
     errors = [r for r in caplog.records if r.name == "keyd.audit"]
     assert len(errors) == 1
     assert "alice" not in errors[0].getMessage()
 
 
 def test_stderr_is_the_default_sink(capfd: pytest.CaptureFixture[str]) -> None:
-    AuditLog(AuditConfig()).record(CALLER, "default", "app", None, 30, "issued", None)
+    AuditLog(AuditConfig()).record(Decision(CALLER, "default", "app", None, 30, "issued", None))
     err = capfd.readouterr().err.strip().splitlines()
     assert json.loads(err[-1])["type"] == "app"
 

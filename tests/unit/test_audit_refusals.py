@@ -15,6 +15,7 @@ import pytest
 from keyd.config import AuditConfig
 from keyd.daemon import audit as audit_module
 from keyd.daemon.audit import MAX_REFUSED_SUB, AuditLog
+from keyd.daemon.decisions import Decision
 from keyd.daemon.peers import Caller
 from keyd.errors import StartupError
 
@@ -46,8 +47,8 @@ def make(tmp_path: Path, **options: Any) -> tuple[AuditLog, Clock, Path]:
 def test_a_burst_then_folded_with_a_count(tmp_path: Path) -> None:
     audit, clock, path = make(tmp_path, refusal_burst=5, refusal_rate=1.0)
     for i in range(1000):
-        audit.record(MALLORY, "default", "user", f"id-{i}", 3600, "refused", "forbidden")
-    audit.record(ALICE, "default", "user", "alice", 3600, "issued", None)
+        audit.record(Decision(MALLORY, "default", "user", f"id-{i}", 3600, "refused", "forbidden"))
+    audit.record(Decision(ALICE, "default", "user", "alice", 3600, "issued", None))
     clock.now += 0.5
     audit.summarise()
     got = read(path)
@@ -66,10 +67,10 @@ def test_a_burst_then_folded_with_a_count(tmp_path: Path) -> None:
 def test_the_bucket_refills_at_the_rate(tmp_path: Path) -> None:
     audit, clock, path = make(tmp_path, refusal_burst=2, refusal_rate=1.0)
     for _ in range(5):
-        audit.record(MALLORY, "default", "user", "a", None, "refused", "forbidden")
+        audit.record(Decision(MALLORY, "default", "user", "a", None, "refused", "forbidden"))
     clock.now += 3.0  # three tokens back, capped at the burst of two
     for _ in range(5):
-        audit.record(MALLORY, "default", "user", "b", None, "refused", "forbidden")
+        audit.record(Decision(MALLORY, "default", "user", "b", None, "refused", "forbidden"))
     audit.close()
     got = read(path)
     assert [line["sub"] for line in got if line["outcome"] == "refused"] == ["a", "a", "b", "b"]
@@ -79,8 +80,8 @@ def test_the_bucket_refills_at_the_rate(tmp_path: Path) -> None:
 def test_every_issued_token_has_its_line(tmp_path: Path) -> None:
     audit, _, path = make(tmp_path, refusal_burst=1)
     for i in range(3000):
-        audit.record(MALLORY, "default", "user", f"u{i}", 60, "issued", None)
-        audit.record(MALLORY, "default", "user", f"r{i}", 60, "refused", "rate_limited")
+        audit.record(Decision(MALLORY, "default", "user", f"u{i}", 60, "issued", None))
+        audit.record(Decision(MALLORY, "default", "user", f"r{i}", 60, "refused", "rate_limited"))
     audit.close()
     got = read(path)
     assert [line["sub"] for line in got if line["outcome"] == "issued"] == [f"u{i}" for i in range(3000)]
@@ -90,9 +91,9 @@ def test_every_issued_token_has_its_line(tmp_path: Path) -> None:
 def test_callers_and_codes_are_counted_apart(tmp_path: Path) -> None:
     audit, _, path = make(tmp_path, refusal_burst=1)
     for _ in range(10):
-        audit.record(MALLORY, "default", "user", "m", None, "refused", "forbidden")
-        audit.record(MALLORY, "default", "user", "m", None, "refused", "rate_limited")
-        audit.record(ALICE, "default", "user", "a", None, "refused", "forbidden")
+        audit.record(Decision(MALLORY, "default", "user", "m", None, "refused", "forbidden"))
+        audit.record(Decision(MALLORY, "default", "user", "m", None, "refused", "rate_limited"))
+        audit.record(Decision(ALICE, "default", "user", "a", None, "refused", "forbidden"))
     audit.close()
     summaries = {(line["uid"], line["code"]): line["folded"] for line in read(path) if "folded" in line}
     assert summaries == {(1001, "forbidden"): 9, (1001, "rate_limited"): 9, (1002, "forbidden"): 9}
@@ -101,8 +102,8 @@ def test_callers_and_codes_are_counted_apart(tmp_path: Path) -> None:
 def test_a_refused_user_id_and_long_names_are_cut(tmp_path: Path) -> None:
     audit, _, path = make(tmp_path)
     long_id = "\u2603" * 256  # 256 characters, six bytes each once escaped
-    audit.record(MALLORY, "default", "user", long_id, None, "refused", "forbidden")
-    audit.record(MALLORY, "default", "user", long_id, None, "issued", None)
+    audit.record(Decision(MALLORY, "default", "user", long_id, None, "refused", "forbidden"))
+    audit.record(Decision(MALLORY, "default", "user", long_id, None, "issued", None))
     audit.close()
     refused, issued = read(path)
     assert refused["sub"] == long_id[:MAX_REFUSED_SUB]
@@ -114,7 +115,7 @@ def test_a_refused_user_id_and_long_names_are_cut(tmp_path: Path) -> None:
 
 def test_hashed_refusals_hash_the_whole_id(tmp_path: Path) -> None:
     audit, _, path = make(tmp_path, hash_user_ids=True)
-    audit.record(MALLORY, "default", "user", "z" * 200, None, "refused", "forbidden")
+    audit.record(Decision(MALLORY, "default", "user", "z" * 200, None, "refused", "forbidden"))
     audit.close()
     (line,) = read(path)
     assert line["sub_sha256"] == hashlib.sha256(b"z" * 200).hexdigest()
@@ -125,7 +126,7 @@ def test_a_flood_of_20000_refusals_stays_small(tmp_path: Path) -> None:
     audit, clock, path = make(tmp_path)
     for i in range(20_000):
         clock.now += 0.0002  # 5,000 a second for four seconds
-        audit.record(MALLORY, "default", "user", "A" * 256 + str(i), None, "refused", "forbidden")
+        audit.record(Decision(MALLORY, "default", "user", "A" * 256 + str(i), None, "refused", "forbidden"))
     audit.close()
     assert path.stat().st_size < 64 * 1024
     assert (
@@ -158,13 +159,13 @@ def test_the_audit_file_must_be_a_regular_file(tmp_path: Path) -> None:
 
 def test_reopen_refuses_a_symlink_and_keeps_the_old_file(tmp_path: Path) -> None:
     audit, _, path = make(tmp_path)
-    audit.record(ALICE, "default", "user", "one", None, "issued", None)
+    audit.record(Decision(ALICE, "default", "user", "one", None, "issued", None))
     target = tmp_path / "other"
     target.write_text("")
     path.rename(tmp_path / "audit.log.1")
     path.symlink_to(target)
     audit.reopen()
-    audit.record(ALICE, "default", "user", "two", None, "issued", None)
+    audit.record(Decision(ALICE, "default", "user", "two", None, "issued", None))
     audit.close()
     assert target.read_text() == ""
     assert [line["sub"] for line in read(tmp_path / "audit.log.1")] == ["one", "two"]
@@ -176,7 +177,7 @@ def test_the_table_of_callers_is_bounded(tmp_path: Path, monkeypatch: pytest.Mon
     for uid in range(10):
         caller = dataclasses.replace(MALLORY, uid=2000 + uid)
         for _ in range(3):
-            audit.record(caller, "default", "user", "m", None, "refused", "forbidden")
+            audit.record(Decision(caller, "default", "user", "m", None, "refused", "forbidden"))
     assert len(audit._refusals) <= 4  # three callers and the shared bucket
     audit.close()
     lines = read(path)

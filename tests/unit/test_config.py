@@ -630,6 +630,8 @@ def test_identity_cache_is_a_duration() -> None:
     assert config.parse(data, SOURCE).server.identity_cache == 5.0
     data["server"] = {"identity_cache": "soon"}
     assert one_problem(data).startswith(f"{SOURCE}: server.identity_cache: ")
+
+
 def test_per_uid_connection_cap_defaults_to_a_quarter_of_a_small_max() -> None:
     data = minimal()
     data["server"] = {"max_connections": 10}

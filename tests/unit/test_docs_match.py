@@ -52,13 +52,14 @@ def _error_codes_in_code() -> dict[str, set[int]]:
     found: dict[str, set[int]] = {}
     patterns = [
         r"ApiError\(\s*(\d{3}),\s*\"(\w+)\"",
-        r"_raw_response\(\s*(\d{3}),\s*\"(\w+)\"",
+        r"(?:_raw_response|error_answer)\(\s*(\d{3}),\s*\"(\w+)\"",
         r"_(?:reject|fail)\(\s*(\d{3}),\s*\"(\w+)\"",
         r"Response\(\s*(\d{3}),\s*error_body\(\s*\"(\w+)\"",
         r"code = \"(\w+)\"\s*\n\s*response = Response\((\d{3})",
+        r"^\s+\w+: \((\d{3}), \"(\w+)\"\),$",  # api.REFUSALS: Forbidden: (403, "forbidden"),
     ]
     for pattern in patterns:
-        for match in re.finditer(pattern, text):
+        for match in re.finditer(pattern, text, re.MULTILINE):
             a, b = match.groups()
             status, code = (int(a), b) if a.isdigit() else (int(b), a)
             found.setdefault(code, set()).add(status)

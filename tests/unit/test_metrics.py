@@ -16,6 +16,7 @@ from keyd.config import GrantConfig
 from keyd.daemon.api import Api, Request
 from keyd.daemon.keystore import KeySnapshot, KeyStore, SecretKey
 from keyd.daemon.metrics import (
+    _TCP_PEER,
     CONTENT_TYPE,
     LATENCY_BUCKETS,
     Metrics,
@@ -217,32 +218,46 @@ def test_vault_section_never_holds_the_token():
 
 def test_tcp_listener_answers_only_get_metrics():
     listener = TcpListener("127.0.0.1:0", lambda: b"keyd_up 1\n")
-    ok = listener.answer(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and ok.endswith(b"\r\n\r\nkeyd_up 1\n")
-    assert CONTENT_TYPE in ok
-    head = listener.answer(b"HEAD /metrics HTTP/1.1\r\n\r\n")
-    assert head == ok[: -len(b"keyd_up 1\n")]  # GET's headers, Content-Length included, no body
-    assert listener.answer(b"GET /v1/tokens HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404")
-    assert listener.answer(b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405")
-    assert listener.answer(b"garbage\r\n\r\n").startswith(b"HTTP/1.1 400")
+
+    def ask(method: bytes, target: bytes) -> Any:
+        return listener.dispatch(_TCP_PEER, method, target, {}, b"")
+
+    ok = ask(b"GET", b"/metrics?x=1")
+    assert (ok.status, ok.body, ok.content_type) == (200, b"keyd_up 1\n", CONTENT_TYPE)
+    assert ask(b"HEAD", b"/metrics").status == 200  # the connection leaves the body out
+    assert ask(b"GET", b"/v1/tokens").status == 404
+    refused = ask(b"POST", b"/metrics")
+    assert refused.status == 405 and (b"Allow", b"GET, HEAD") in refused.headers
     assert parse_listen("[::1]:9464") == ("::1", 9464)
 
 
-def test_tcp_listener_serves_over_loopback():
-    async def run() -> bytes:
+def test_tcp_listener_serves_over_loopback_through_the_socket_connection_class():
+    """The same parser and limits as the Unix socket: keep-alive, HEAD, garbage is a 400."""
+
+    async def run() -> tuple[bytes, bytes]:
         listener = TcpListener("127.0.0.1:0", lambda: b"keyd_up 1\n")
         await listener.start()
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
-            writer.write(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            data = await reader.read()
+            writer.write(
+                b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                b"HEAD /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            )
+            data = await asyncio.wait_for(reader.read(), 5)
             writer.close()
-            return data
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+            writer.write(b"\x16\x03\x01 hello\r\n\r\n")
+            garbage = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            return data, garbage
         finally:
             await listener.close()
 
-    data = asyncio.run(run())
-    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"keyd_up 1\n")
+    data, garbage = asyncio.run(run())
+    first, _, second = data.partition(b"keyd_up 1\n")
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 10\r\n" in first
+    assert second.startswith(b"HTTP/1.1 200 OK\r\n") and second.endswith(b"Connection: close\r\n\r\n")
+    assert garbage.startswith(b"HTTP/1.1 400 ") and b"bad_request" in garbage
 
 
 def test_vault_nodes_in_health_and_metrics_name_the_node_in_use_and_each_ones_last_error():

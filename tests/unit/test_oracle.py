@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from keyd.daemon import oracle, tokens
 from keyd.daemon.api import Api
+from keyd.daemon.decisions import Decision
 from keyd.daemon.keystore import SecretKey
 from keyd.daemon.oracle import Unsignable, refusal
 from keyd.daemon.peers import Policy
@@ -204,10 +205,10 @@ def test_a_json_body_after_any_timestamp_is_refused(timestamp: str, body: dict[s
 
 class Recorder:
     def __init__(self) -> None:
-        self.records: list[tuple[Any, ...]] = []
+        self.records: list[Decision] = []
 
-    def record(self, *args: Any) -> None:
-        self.records.append(args)
+    def record(self, decision: Decision) -> None:
+        self.records.append(decision)
 
 
 def test_the_api_refuses_with_422_and_audits_it() -> None:

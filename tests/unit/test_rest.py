@@ -22,7 +22,7 @@ from keyd.daemon.api import Deferred, Request, Response
 from keyd.daemon.keystore import KeySnapshot, SecretKey
 from keyd.daemon.peers import Caller, Policy
 from keyd.daemon.upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
-from keyd.errors import ApiError, ConfigError
+from keyd.errors import ApiError, ConfigError, KeyUnavailable
 
 SOURCE = "/etc/keyd/test.toml"
 KEY = "sk_test_unit_key_0123456789abcdefghij"
@@ -57,7 +57,7 @@ class Keys:
 
     def signing(self, app: str) -> KeySnapshot:
         if not self.available:
-            raise ApiError(503, "key_unavailable", "no key")
+            raise KeyUnavailable("no key")
         return self.snapshot
 
     def health(self) -> tuple[bool, dict[str, Any]]:

@@ -3,18 +3,22 @@ deadlines on an injected clock, the per-uid connection cap."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
 
 from keyd.config import ServerConfig
 from keyd.daemon import peers as peers_module
-from keyd.daemon.api import Request, Response
+from keyd.daemon.api import Response, deferred
+from keyd.daemon.connection import Connection
 from keyd.daemon.peers import Caller, Identities
-from keyd.daemon.server import Connection, Server
+from keyd.daemon.server import Server
 
 
 class FakeTransport:
@@ -60,10 +64,12 @@ class Clock:
         return self.now
 
 
-def echo(request: Request) -> Response:
-    """The handler: answers with the headers it was given."""
-    doc = {k.decode(): v.decode() for k, v in request.headers.items()}
-    return Response(200, json.dumps({"headers": doc, "body": request.body.decode()}).encode())
+def echo(
+    caller: Caller, method: bytes, target: bytes, headers: Mapping[bytes, bytes], body: bytes
+) -> Response:
+    """The dispatch: answers with the headers it was given."""
+    doc = {k.decode(): v.decode() for k, v in headers.items()}
+    return Response(200, json.dumps({"headers": doc, "body": body.decode()}).encode())
 
 
 @pytest.fixture
@@ -327,3 +333,284 @@ def test_half_close_drops_what_follows(sock: socket.socket) -> None:
     assert transport.eof and not transport.closed
     conn.data_received(b"GET /echo HTTP/1.1\r\nHost: keyd\r\n\r\n")
     assert transport.written == b""
+
+
+# -- parsing, keep-alive, pipelining -----------------------------------------------------------
+
+
+def test_pipelined_requests_in_one_read_are_answered_in_order(sock: socket.socket) -> None:
+    server, _ = make(sock)
+    conn, transport = connect(server, sock)
+    conn.data_received(
+        b"POST /echo HTTP/1.1\r\nHost: keyd\r\nContent-Length: 3\r\n\r\none"
+        b"POST /echo HTTP/1.1\r\nHost: keyd\r\nContent-Length: 3\r\n\r\ntwo"
+        b"POST /echo HTTP/1.1\r\nHost: keyd\r\nContent-Length: 5\r\n\r\nthr"  # the rest comes later
+    )
+    assert [json.loads(body)["body"] for _, _, body in answers(transport.written)] == ["one", "two"]
+    assert conn.busy, "the third request has begun"
+    conn.data_received(b"ee")
+    got = answers(transport.written)
+    assert [json.loads(body)["body"] for _, _, body in got] == ["one", "two", "three"]
+    assert all("connection" not in headers for _, headers, _ in got), "keep-alive throughout"
+    assert not transport.closed and conn.idle
+
+
+def test_each_request_starts_with_fresh_headers_and_body(sock: socket.socket) -> None:
+    server, _ = make(sock)
+    conn, transport = connect(server, sock)
+    conn.data_received(b"POST /echo HTTP/1.1\r\nHost: keyd\r\nX-First: 1\r\nContent-Length: 1\r\n\r\na")
+    conn.data_received(b"GET /echo HTTP/1.1\r\nHost: keyd\r\n\r\n")
+    first, second = (json.loads(body) for _, _, body in answers(transport.written))
+    assert first["headers"]["x-first"] == "1" and first["body"] == "a"
+    assert "x-first" not in second["headers"] and second["body"] == ""
+
+
+def test_connection_close_is_honoured_after_the_answer(sock: socket.socket) -> None:
+    server, _ = make(sock)
+    conn, transport = connect(server, sock)
+    conn.data_received(
+        b"GET /echo HTTP/1.1\r\nHost: keyd\r\nConnection: close\r\n\r\n"
+        b"GET /echo HTTP/1.1\r\nHost: keyd\r\n\r\n"  # after a close: never read
+    )
+    ((status, headers, _),) = answers(transport.written)
+    assert status == 200 and headers["connection"] == "close"
+    assert transport.closed and conn.parser is None
+
+
+def test_head_gets_get_headers_without_a_body(sock: socket.socket) -> None:
+    server, _ = make(sock)
+    conn, transport = connect(server, sock)
+    conn.data_received(b"HEAD /echo HTTP/1.1\r\nHost: keyd\r\n\r\n")
+    head, _, rest = transport.written.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: " in head
+    assert int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) > 0
+    assert rest == b""
+
+
+def test_the_dispatch_gets_method_target_and_caller(sock: socket.socket) -> None:
+    seen: list[tuple[Any, ...]] = []
+
+    def dispatch(
+        caller: Caller, method: bytes, target: bytes, headers: Mapping[bytes, bytes], body: bytes
+    ) -> Response:
+        seen.append((caller.uid, method, target, body))
+        return Response(204, b"")
+
+    server, _ = make(sock)
+    server.dispatch = dispatch
+    conn, transport = connect(server, sock)
+    conn.data_received(b"PUT /a/b?c=d%20e HTTP/1.1\r\nHost: keyd\r\nContent-Length: 2\r\n\r\nhi")
+    assert seen == [(os.getuid(), b"PUT", b"/a/b?c=d%20e", b"hi")]
+    assert answers(transport.written)[0][0] == 204
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+
+def test_a_long_url_is_414(sock: socket.socket) -> None:
+    server, _ = make(sock)
+    conn, transport = connect(server, sock)
+    conn.data_received(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: keyd\r\n\r\n")
+    ((status, headers, body),) = answers(transport.written)
+    assert (status, json.loads(body)["error"]["code"]) == (414, "uri_too_long")
+    assert headers["connection"] == "close" and transport.closed
+    assert server.rejections == {"uri_too_long": 1}
+
+
+def test_large_headers_are_431(sock: socket.socket) -> None:
+    server, _ = make(sock)
+    conn, transport = connect(server, sock)
+    conn.data_received(b"GET /echo HTTP/1.1\r\n" + b"X-Pad: " + b"p" * 17000 + b"\r\n\r\n")
+    ((status, _, body),) = answers(transport.written)
+    assert (status, json.loads(body)["error"]["code"]) == (431, "headers_too_large")
+    assert transport.closed
+
+
+def test_a_declared_body_over_the_limit_is_413_and_the_rest_is_discarded(sock: socket.socket) -> None:
+    server, clock = make(sock, max_body=100)
+    conn, transport = connect(server, sock)
+    conn.data_received(b"POST /echo HTTP/1.1\r\nHost: keyd\r\nContent-Length: 101\r\n\r\n" + b"x" * 50)
+    ((status, headers, body),) = answers(transport.written)
+    assert (status, json.loads(body)["error"]["code"]) == (413, "body_too_large")
+    assert "100 bytes" in json.loads(body)["error"]["message"]
+    assert headers["connection"] == "close"
+    # Not closed under the client while it still sends: EOF now, the rest read and dropped.
+    assert transport.eof and not transport.closed
+    conn.data_received(b"x" * 51)
+    assert len(answers(transport.written)) == 1
+    clock.now += 1.1  # LINGER_SECONDS later the sweeper closes it
+    server.expire_due()
+    assert transport.closed
+
+
+def test_a_body_limit_from_the_dispatch_side_raises_the_limit_for_its_targets(sock: socket.socket) -> None:
+    server, _ = make(sock, max_body=10)
+    server.body_limit = lambda target, caller: 50 if target.startswith(b"/big/") else 0
+    conn, transport = connect(server, sock)
+    conn.data_received(b"POST /big/x HTTP/1.1\r\nHost: keyd\r\nContent-Length: 40\r\n\r\n" + b"b" * 40)
+    assert answers(transport.written)[0][0] == 200
+    conn.data_received(b"POST /small HTTP/1.1\r\nHost: keyd\r\nContent-Length: 11\r\n\r\n" + b"s" * 11)
+    assert [status for status, _, _ in answers(transport.written)] == [200, 413]
+
+
+def test_a_chunked_body_is_counted_as_it_arrives(sock: socket.socket) -> None:
+    server, _ = make(sock, max_body=10)
+    conn, transport = connect(server, sock)
+    conn.data_received(
+        b"POST /echo HTTP/1.1\r\nHost: keyd\r\nTransfer-Encoding: chunked\r\n\r\n6\r\naaaaaa\r\n"
+    )
+    assert transport.written == b""
+    conn.data_received(b"6\r\nbbbbbb\r\n0\r\n\r\n")
+    assert answers(transport.written)[0][0] == 413
+
+
+# -- rejection ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"\x16\x03\x01 hello\r\n\r\n", b"GET /echo HTTP/1.1\r\nHost: keyd\r\nContent-Length: x\r\n\r\n"],
+)
+def test_malformed_requests_are_400_and_close(sock: socket.socket, raw: bytes) -> None:
+    server, _ = make(sock)
+    conn, transport = connect(server, sock)
+    conn.data_received(raw)
+    ((status, headers, body),) = answers(transport.written)
+    assert (status, json.loads(body)["error"]["code"]) == (400, "bad_request")
+    assert headers["connection"] == "close" and transport.closed
+    conn.data_received(b"GET /echo HTTP/1.1\r\nHost: keyd\r\n\r\n")
+    assert len(answers(transport.written)) == 1, "nothing is read after a rejection"
+
+
+def test_an_upgrade_is_refused(sock: socket.socket) -> None:
+    server, _ = make(sock)
+    conn, transport = connect(server, sock)
+    conn.data_received(
+        b"GET /echo HTTP/1.1\r\nHost: keyd\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    statuses = [status for status, _, _ in answers(transport.written)]
+    assert statuses[-1] == 400 and transport.closed
+
+
+def test_a_dispatch_that_raises_is_a_500_and_the_connection_lives(sock: socket.socket) -> None:
+    def broken(*_: Any) -> Response:
+        raise RuntimeError("bug")
+
+    server, _ = make(sock)
+    server.dispatch = broken
+    conn, transport = connect(server, sock)
+    conn.data_received(b"GET /echo HTTP/1.1\r\nHost: keyd\r\n\r\n")
+    ((status, _, body),) = answers(transport.written)
+    assert (status, json.loads(body)["error"]["code"]) == (500, "internal_error")
+    assert not transport.closed
+
+
+def test_a_parser_callback_bug_is_a_500_and_closes(
+    sock: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httptools wraps what a callback raises in HttpParserCallbackError: not a _Stop, so a 500."""
+    monkeypatch.setattr(
+        Connection, "on_header", lambda self, name, value: 1 / 0
+    )  # before the parser binds it
+    server, _ = make(sock)
+    conn, transport = connect(server, sock)
+    conn.data_received(b"GET /echo HTTP/1.1\r\nHost: keyd\r\n\r\n")
+    ((status, _, body),) = answers(transport.written)
+    assert (status, json.loads(body)["error"]["code"]) == (500, "internal_error")
+    assert transport.closed
+
+
+def test_connections_beyond_max_connections_are_503(sock: socket.socket) -> None:
+    server, _ = make(sock, max_connections=2)
+    connect(server, sock)
+    connect(server, sock)
+    _conn, transport = connect(server, sock)
+    ((status, headers, body),) = answers(transport.written)
+    assert (status, json.loads(body)["error"]["code"]) == (503, "too_many_connections")
+    assert headers["connection"] == "close" and transport.closed
+    assert server.refused_connections == 1 and len(server.connections) == 2
+
+
+# -- answers that come later (Deferred) --------------------------------------------------------
+
+
+def test_a_deferred_answer_holds_later_answers_in_order(sock: socket.socket) -> None:
+    async def scenario() -> tuple[bytes, bytes, bool]:
+        pending: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+
+        def dispatch(
+            caller: Caller, method: bytes, target: bytes, headers: Mapping[bytes, bytes], body: bytes
+        ) -> Response:
+            if target == b"/later":
+                return deferred(pending)
+            return echo(caller, method, target, headers, body)
+
+        server, _ = make(sock)
+        server.dispatch = dispatch
+        server.attach(asyncio.get_running_loop())
+        conn, transport = connect(server, sock)
+        conn.data_received(
+            b"GET /later HTTP/1.1\r\nHost: keyd\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: keyd\r\nContent-Length: 5\r\nConnection: close\r\n\r\nafter"
+        )
+        await asyncio.sleep(0)
+        before = transport.written
+        pending.set_result(Response(201, b'{"late":true}'))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return before, transport.written, transport.closed
+
+    before, after, closed = asyncio.run(scenario())
+    assert before == b"", "nothing is written before the deferred answer"
+    (first, _, body1), (second, headers2, body2) = answers(after)
+    assert (first, body1) == (201, b'{"late":true}')
+    assert second == 200 and json.loads(body2)["body"] == "after"
+    assert headers2["connection"] == "close" and closed
+
+
+def test_a_failed_deferred_answer_is_a_500(sock: socket.socket) -> None:
+    async def scenario() -> bytes:
+        pending: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        server, _ = make(sock)
+        server.dispatch = lambda *_: deferred(pending)
+        server.attach(asyncio.get_running_loop())
+        conn, transport = connect(server, sock)
+        conn.data_received(b"GET /later HTTP/1.1\r\nHost: keyd\r\n\r\n")
+        pending.set_exception(RuntimeError("upstream bug"))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return transport.written
+
+    ((status, _, body),) = answers(asyncio.run(scenario()))
+    assert (status, json.loads(body)["error"]["code"]) == (500, "internal_error")
+
+
+# -- Server.shutdown ---------------------------------------------------------------------------
+
+
+class RealClock(Clock):
+    def __call__(self) -> float:
+        return time.monotonic()
+
+
+def test_shutdown_answers_requests_in_progress_and_half_closes_idle_ones(sock: socket.socket) -> None:
+    async def scenario() -> tuple[FakeTransport, FakeTransport, FakeTransport, Connection]:
+        server, _ = make(sock, clock=RealClock(), shutdown_timeout=2.0)
+        server.attach(asyncio.get_running_loop())
+        idle, idle_transport = connect(server, sock)
+        busy, busy_transport = connect(server, sock)
+        busy.data_received(b"POST /echo HTTP/1.1\r\nHost: keyd\r\nContent-Length: 4\r\n\r\nha")
+        asyncio.get_running_loop().call_later(0.3, busy.data_received, b"lf")
+        await server.shutdown()
+        _late, late_transport = connect(server, sock)  # after the drain: turned away
+        return idle_transport, busy_transport, late_transport, idle
+
+    idle_transport, busy_transport, late_transport, idle = asyncio.run(scenario())
+    assert idle_transport.eof and idle_transport.written == b"", "an idle connection gets an EOF, no answer"
+    assert idle_transport.closed and idle.parser is None
+    ((status, headers, body),) = answers(busy_transport.written)
+    assert status == 200 and json.loads(body)["body"] == "half", "the request in progress was answered"
+    assert headers["connection"] == "close" and busy_transport.closed
+    ((status, _, body),) = answers(late_transport.written)
+    assert (status, json.loads(body)["error"]["code"]) == (503, "shutting_down")
+    assert late_transport.closed

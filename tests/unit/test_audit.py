@@ -16,6 +16,7 @@ import pytest
 from keyd.config import AppConfig, AuditConfig, Config, GrantConfig, RefreshConfig, ServerConfig, VaultConfig
 from keyd.daemon.api import Api, Request
 from keyd.daemon.audit import AuditLog
+from keyd.daemon.health import Health
 from keyd.daemon.keystore import KeySnapshot, SecretKey
 from keyd.daemon.peers import Caller, Policy
 from keyd.errors import StartupError
@@ -170,8 +171,8 @@ class OneKey:
     def signing(self, app: str) -> KeySnapshot:
         return self.snapshot
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        return True, {"status": "ok"}
+    def health(self) -> Health:
+        return Health("ok", ())
 
 
 def test_api_decisions_are_audited_without_secrets(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def daemon_with(tmp_path: Path, nodes: list[str]) -> tuple[Daemon, Clock]:
     daemon.store = KeyStore(config.apps, config.refresh.max_stale, clock=clock)
     key = SecretKey.from_str("sk_test_" + "k" * 24)
     for app in config.apps:
-        daemon.store.update(KeySnapshot(app, key, key, version=1, kv_version=2, loaded_at=clock.now))
+        daemon.store.record_success(KeySnapshot(app, key, key, version=1, kv_version=2, loaded_at=clock.now))
     return daemon, clock
 
 
@@ -96,7 +96,7 @@ def test_a_reload_that_failed_for_one_app_says_which_and_why(two_nodes: tuple[Da
     daemon.refresher._run_generation = {"live": 1, "test": 1}  # the reads the SIGHUP started
     daemon.store.record_failure("live", "reading secret/talkjs/live: the secret has no field", "malformed secret at secret/talkjs/live")
     daemon._keys_changed("live")
-    daemon.store.update(daemon.store.state("test").snapshot)  # type: ignore[arg-type]
+    daemon.store.record_success(daemon.store.signing("test"))
     daemon._keys_changed("test")
     ready = recorder.sent[-1]
     assert ready[0] == "READY=1"

@@ -1,10 +1,12 @@
-"""Scheduled key refresh and Vault token renewal (APScheduler); backoff on failure; no signing.
+"""Scheduled key refresh and Vault token renewal; backoff on failure; no signing.
 
 Each app has its own job, so one app's Vault trouble never delays another's refresh. A job reschedules
 itself when it finishes: after a success at ``refresh.interval`` (plus or minus 10 % jitter), after a
 failure at an exponential backoff with full jitter between ``retry_min`` and ``retry_max``. The token
 job renews at about two thirds of the token's TTL and logs in again when renewal is impossible.
-Jobs run on the scheduler's worker threads, never on the event loop.
+Jobs run on the scheduler's worker threads (keyd.daemon.scheduler: APScheduler behind a small
+protocol), never on the event loop. Each outcome goes to the key store (``record_success``,
+``record_failure``), whose answer says what to log and how long to back off.
 
 Recovery: while an app cannot be refreshed (or a Vault node is marked failed), a probe job asks every
 node's unauthenticated ``sys/health`` every ``vault.probe_interval`` (jittered between half of it and

@@ -38,7 +38,6 @@ from keyd.daemon.vault import Secret, TokenInfo
 from keyd.errors import SecretError, VaultAuthError, VaultError, VaultLoginError
 
 log = logging.getLogger("keyd.refresher")
-logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 TOKEN_JOB = "vault-token"  # noqa: S105 - a job id, not a secret
 PROBE_JOB = "vault-probe"

@@ -8,6 +8,7 @@ test says so, with a fake clock: nothing sleeps, and no private method is patche
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -16,6 +17,8 @@ from typing import Protocol
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
+
+logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 Job = Callable[[], None]
 

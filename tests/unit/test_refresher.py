@@ -38,7 +38,7 @@ class Clock:
 class FakeVault:
     """Implements refresher.VaultLike. Queue errors with fail_*; secrets live in `secrets`."""
 
-    def __init__(self, clock: Clock, ttl: float = 60.0, renewable: bool = True) -> None:
+    def __init__(self, clock: Callable[[], float], ttl: float = 60.0, renewable: bool = True) -> None:
         self.clock = clock
         self.ttl = ttl
         self.renewable = renewable

@@ -20,7 +20,7 @@ from tests.helpers import KeydProcess
 @pytest.fixture(scope="session")
 def bao() -> Iterator[BaoServer]:
     """One real OpenBao dev server (in memory, random root token) for the whole session."""
-    with BaoServer(dev=True) as server:
+    with BaoServer() as server:
         yield server
 
 

@@ -60,7 +60,7 @@ async def _flood(workdir: str, count: int) -> dict[str, Any]:
     )
     daemon = Daemon(config)
     key = SecretKey.from_str("sk_test_" + os.urandom(16).hex())
-    daemon.store.update(KeySnapshot("default", key, key, version=1, kv_version=2, loaded_at=time.time()))
+    daemon.store.record_success(KeySnapshot("default", key, key, version=1, kv_version=2, loaded_at=time.time()))
     loop = asyncio.get_running_loop()
     daemon.server.attach(loop)
     daemon.audit.attach(loop)

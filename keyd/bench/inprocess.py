@@ -81,7 +81,7 @@ def _keyd(workdir: str) -> Daemon:
     )
     daemon = Daemon(config)
     key = SecretKey.from_str("sk_test_" + secrets.token_hex(16))
-    daemon.store.update(KeySnapshot("default", key, key, version=1, kv_version=2, loaded_at=time.time()))
+    daemon.store.record_success(KeySnapshot("default", key, key, version=1, kv_version=2, loaded_at=time.time()))
     return daemon
 
 

@@ -17,6 +17,7 @@ from keyd import config as configuration
 from keyd.config import GrantConfig
 from keyd.daemon import oracle
 from keyd.daemon.api import Api, Request
+from keyd.daemon.health import Health
 from keyd.daemon.keystore import KeySnapshot, SecretKey
 from keyd.daemon.peers import Caller, Policy
 
@@ -40,8 +41,8 @@ class _Keys:
     def signing(self, app: str) -> KeySnapshot:
         return self._snapshot
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        return True, {}
+    def health(self) -> Health:
+        return Health("ok", ())
 
 
 def _best(func: Any) -> float:

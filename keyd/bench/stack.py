@@ -94,7 +94,7 @@ class Stack:
     def start_vault(self) -> None:
         from keyd.ops.dev import BaoServer, demo_key  # noqa: PLC0415 - needs the dev extra
 
-        self.bao = BaoServer(dev=True).start()
+        self.bao = BaoServer().start()
         key = demo_key()
         self.key = key.encode()
         self.bao.client().secrets.kv.v2.create_or_update_secret(

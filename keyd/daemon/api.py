@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl
 from keyd.config import Config
 from keyd.daemon import tokens
 from keyd.daemon.decisions import Decision
+from keyd.daemon.health import Health, document
 from keyd.daemon.keystore import KeySnapshot
 from keyd.daemon.oracle import Unsignable
 from keyd.daemon.peers import Caller, Policy
@@ -57,7 +58,7 @@ class Keys(Protocol):
     """What the API needs from the key store: the snapshot to sign with, and health."""
 
     def signing(self, app: str) -> KeySnapshot: ...
-    def health(self) -> tuple[bool, dict[str, Any]]: ...
+    def health(self) -> Health: ...
 
 
 class Audit(Protocol):
@@ -278,7 +279,8 @@ class Api:
         return 0
 
     def add_health(self, name: str, section: Callable[[], Any]) -> None:
-        """Extension point: a section the daemon adds to GET /v1/health (e.g. the Vault token's TTL)."""
+        """Extension point: a section the daemon adds to GET /v1/health (``VaultHealth``: the Vault
+        token's TTL and nodes), a typed value the document spells out field by field."""
         self._health_sections[name] = section
 
     def dispatch(
@@ -484,10 +486,9 @@ class Api:
         return Response(200, b'{"valid":true,"app":%s}' % self._app_json[name][0].encode())
 
     def health(self, request: Request) -> Response:
-        ok, doc = self._keys.health()
-        for name, section in self._health_sections.items():
-            doc[name] = section()
-        return Response(200 if ok else 503, json.dumps(doc).encode())
+        health = self._keys.health()
+        doc = document(health, {name: section() for name, section in self._health_sections.items()})
+        return Response(200 if health.can_sign else 503, json.dumps(doc).encode())
 
 
 def _version(snapshot: KeySnapshot) -> str:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import hmac
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from keyd.daemon.health import AppHealth, Health, Status
 from keyd.errors import KeyUnavailable
 
 log = logging.getLogger("keyd.keystore")
@@ -132,113 +135,176 @@ def _wipe(snapshot: KeySnapshot, keep: KeySnapshot) -> None:
             key.wipe()
 
 
-@dataclass(slots=True)
-class AppState:
-    """Refresh bookkeeping for one app; only the refresher thread writes it."""
+@dataclass(frozen=True, slots=True)
+class _AppRecord:
+    """One app's key and refresh bookkeeping at one instant; replaced whole, never changed."""
 
     snapshot: KeySnapshot | None = None
+    expires_at: float = 0.0  # past this, without a successful refresh, the key is not used
     last_success: float | None = None
     last_attempt: float | None = None
     last_error: str = ""
     cause: str = ""  # a short phrase for status lines: "sealed", "permission denied on secret/data/x"
-    failures: int = 0
-    expires_at: float = 0.0
+    failures: int = 0  # failed refreshes since the last success
+
+    def expired(self, now: float) -> bool:
+        return self.snapshot is not None and now > self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class Refreshed:
+    """What ``KeyStore.record_success`` did: the refresher logs from this."""
+
+    changed: bool  # a different key or version is in use now
+    first: bool  # the app had no key before
+    previous_version: int | None
+    recovered: bool  # the refreshes before this one had failed
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshFailed:
+    """What ``KeyStore.record_failure`` recorded: the refresher logs and backs off from this."""
+
+    failures: int  # in a row, this one included
+    key_version: int | None  # of the last good key, still in use while not expired
+    key_loaded: bool
+    expired: bool  # past refresh.max_stale: the app does not sign until a refresh succeeds
+    first: bool  # the first failure since the last success
+    newly_expired: bool  # expired now and not at the previous failure (or this is the first)
+    same_error: bool  # the previous failure had the same message
 
 
 class KeyStore:
-    """Current key per app, staleness, and the health picture built from them."""
+    """Current key per app, staleness, and the health picture built from them.
+
+    Threading contract. Writers are the refresher's worker threads (``record_success``,
+    ``record_failure``); readers are the event loop (``signing`` on every request, ``health``,
+    ``app_health``, ``failing``) and any other thread. Each app's state is one frozen ``_AppRecord``:
+    a writer builds a new one and stores it with one dict item assignment (atomic under the GIL, and
+    the dict never grows after ``__init__``), so a reader that takes the record once sees one
+    consistent state (never a failure count from one attempt with the error of another) without a
+    lock. Writers take ``_write_lock`` so that two writes to one app (a refresh and a SIGHUP re-read)
+    cannot lose each other's read-modify-write; the lock is never taken by a reader, and nothing
+    holds it across I/O.
+    """
 
     def __init__(self, apps: Iterable[str], max_stale: float, clock: Callable[[], float] = time.time) -> None:
         self._max_stale = max_stale
         self._clock = clock
-        self._states: dict[str, AppState] = {name: AppState() for name in apps}
+        self._records: dict[str, _AppRecord] = {name: _AppRecord() for name in apps}
+        self._write_lock = threading.Lock()
 
     def signing(self, app: str) -> KeySnapshot:
         """The snapshot to sign with; KeyUnavailable when there is none or it is past max_stale."""
-        state = self._states[app]
-        snapshot = state.snapshot
+        record = self._records[app]
+        snapshot = record.snapshot
         if snapshot is None:
             raise KeyUnavailable(f"the key for app {app!r} is not loaded yet")
-        if self._clock() > state.expires_at:
+        if self._clock() > record.expires_at:
             raise KeyUnavailable(
                 f"the key for app {app!r} could not be refreshed for longer than refresh.max_stale"
             )
         return snapshot
 
-    def state(self, app: str) -> AppState:
-        return self._states[app]
+    # -- writers: the refresher's worker threads ------------------------------------------------
 
-    def update(self, snapshot: KeySnapshot) -> bool:
-        """Install a fresh snapshot; returns True when the key or its version changed."""
-        state = self._states[snapshot.app]
-        now = self._clock()
-        old = state.snapshot
-        changed = (
-            old is None
-            or old.version != snapshot.version
-            or not old.signing.same_as(snapshot.signing)
-            or not old.webhook.same_as(snapshot.webhook)
-        )
-        if changed:
-            state.snapshot = snapshot
-        state.last_success = now
-        state.last_attempt = now
-        state.last_error = ""
-        state.cause = ""
-        state.failures = 0
-        state.expires_at = now + self._max_stale
-        if old is not None:
+    def record_success(self, snapshot: KeySnapshot) -> Refreshed:
+        """Install a fresh snapshot (kept as is when the key and version did not change)."""
+        with self._write_lock:
+            old = self._records[snapshot.app]
+            now = self._clock()
+            previous = old.snapshot
+            changed = (
+                previous is None
+                or previous.version != snapshot.version
+                or not previous.signing.same_as(snapshot.signing)
+                or not previous.webhook.same_as(snapshot.webhook)
+            )
+            self._records[snapshot.app] = _AppRecord(
+                snapshot=snapshot if changed else previous,
+                expires_at=now + self._max_stale,
+                last_success=now,
+                last_attempt=now,
+            )
+        if previous is not None:
             # Wipe whichever copy is not kept: the old snapshot after a change (a request on the
             # loop thread may still hold it, but it signs with its own HMAC copy, so wiping the raw
             # bytes cannot corrupt its token), or the fresh duplicate when nothing changed.
             if changed:
-                _wipe(old, keep=snapshot)
+                _wipe(previous, keep=snapshot)
             else:
-                _wipe(snapshot, keep=old)
-        return changed
+                _wipe(snapshot, keep=previous)
+        return Refreshed(
+            changed=changed,
+            first=previous is None,
+            previous_version=previous.version if previous is not None else None,
+            recovered=old.failures > 0,
+        )
 
-    def record_failure(self, app: str, message: str, cause: str = "") -> None:
-        state = self._states[app]
-        state.last_attempt = self._clock()
-        state.last_error = message
-        state.cause = cause
-        state.failures += 1
+    def record_failure(self, app: str, message: str, cause: str = "") -> RefreshFailed:
+        """A refresh that failed: the last good key stays in use until max_stale."""
+        with self._write_lock:
+            old = self._records[app]
+            now = self._clock()
+            record = dataclasses.replace(
+                old, last_attempt=now, last_error=message, cause=cause, failures=old.failures + 1
+            )
+            self._records[app] = record
+        first = old.failures == 0
+        expired = record.expired(now)
+        was_expired = not first and old.last_attempt is not None and old.expired(old.last_attempt)
+        return RefreshFailed(
+            failures=record.failures,
+            key_version=record.snapshot.version if record.snapshot is not None else None,
+            key_loaded=record.snapshot is not None,
+            expired=expired,
+            first=first,
+            newly_expired=expired and not was_expired,
+            same_error=not first and old.last_error == message,
+        )
+
+    # -- readers --------------------------------------------------------------------------------
 
     def ready(self) -> bool:
         """Every app has a key loaded (the daemon's readiness for systemd)."""
-        return all(s.snapshot is not None for s in self._states.values())
+        return all(r.snapshot is not None for r in self._records.values())
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        """(every app can sign, the health document). Never contains key material."""
+    def failing(self) -> list[str]:
+        """The apps whose latest refresh failed."""
+        return [name for name, record in self._records.items() if record.failures]
+
+    def app_health(self, app: str) -> AppHealth:
+        return _app_health(app, self._records[app], self._clock())
+
+    def health(self) -> Health:
+        """Every app's state and the overall status. Never contains key material."""
         now = self._clock()
-        apps: dict[str, Any] = {}
-        can_sign_all = True
-        starting = False
-        degraded = False
-        for name, state in self._states.items():
-            snap = state.snapshot
-            can_sign = snap is not None and now <= state.expires_at
-            stale = bool(state.failures) and snap is not None
-            can_sign_all &= can_sign
-            starting |= snap is None
-            degraded |= stale
-            apps[name] = {
-                "can_sign": can_sign,
-                "key_loaded": snap is not None,
-                "key_version": snap.version if snap else None,
-                "kv_version": snap.kv_version if snap else None,
-                "key_age": round(now - snap.loaded_at, 3) if snap else None,
-                "since_last_refresh": (
-                    round(now - state.last_success, 3) if state.last_success is not None else None
-                ),
-                "stale": stale,
-                "refresh_failures": state.failures,
-                "last_error": state.last_error or None,
-                "cause": state.cause or None,
-            }
-        if can_sign_all:
-            status = "degraded" if degraded else "ok"
+        records = list(self._records.items())  # one record per app, each read once
+        apps = tuple(_app_health(name, record, now) for name, record in records)
+        status: Status
+        if all(app.can_sign for app in apps):
+            status = "degraded" if any(app.stale for app in apps) else "ok"
         else:
-            expired = any(s.snapshot is not None and now > s.expires_at for s in self._states.values())
+            expired = any(record.expired(now) for _, record in records)
+            starting = any(not app.key_loaded for app in apps)
             status = "unavailable" if expired or not starting else "starting"
-        return can_sign_all, {"status": status, "apps": apps}
+        return Health(status=status, apps=apps)
+
+
+def _app_health(name: str, record: _AppRecord, now: float) -> AppHealth:
+    snap = record.snapshot
+    return AppHealth(
+        name=name,
+        can_sign=snap is not None and now <= record.expires_at,
+        key_loaded=snap is not None,
+        key_version=snap.version if snap else None,
+        kv_version=snap.kv_version if snap else None,
+        key_age=round(now - snap.loaded_at, 3) if snap else None,
+        since_last_refresh=(
+            round(now - record.last_success, 3) if record.last_success is not None else None
+        ),
+        stale=bool(record.failures) and snap is not None,
+        refresh_failures=record.failures,
+        last_error=record.last_error or None,
+        cause=record.cause or None,
+    )

@@ -16,9 +16,8 @@ from __future__ import annotations
 import logging
 import socket
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -35,6 +34,7 @@ from keyd.daemon.api import TOKENS_ENDPOINT, Request, Response
 from keyd.daemon.decisions import Decision
 from keyd.daemon.peers import Caller, Identities
 from keyd.daemon.server import Server
+from keyd.daemon.health import Health, VaultHealth
 
 log = logging.getLogger("keyd.metrics")
 
@@ -138,51 +138,19 @@ class RequestStats:
 
 
 @dataclass(frozen=True)
-class AppView:
-    """One app's key state, as the health document describes it."""
-
-    name: str
-    can_sign: bool
-    key_loaded: bool
-    key_version: int | None
-    key_age: float | None
-    since_last_refresh: float | None
-    stale: bool
-    consecutive_failures: int
-
-
-@dataclass(frozen=True)
 class Sources:
     """Where the scrape-time gauges come from; the daemon wires these to its parts.
 
-    ``health`` returns the key store's health document; ``vault`` returns the document
-    ``vault_section`` builds; the others return plain numbers.
+    ``health`` returns the key store's ``Health``; ``vault`` returns the ``VaultHealth`` the daemon
+    builds; the others return plain numbers.
     """
 
-    health: Callable[[], Mapping[str, Any]]
-    vault: Callable[[], Mapping[str, Any]]
+    health: Callable[[], Health]
+    vault: Callable[[], VaultHealth]
     connections: Callable[[], int]
     refused_connections: Callable[[], int]
     # error code -> answers the socket layer gave before a request reached the API
     rejections: Callable[[], Mapping[str, int]] = dict
-
-
-def apps_of(health: Mapping[str, Any]) -> list[AppView]:
-    views = []
-    for name, doc in (health.get("apps") or {}).items():
-        views.append(
-            AppView(
-                name=name,
-                can_sign=bool(doc.get("can_sign")),
-                key_loaded=bool(doc.get("key_loaded")),
-                key_version=doc.get("key_version"),
-                key_age=doc.get("key_age"),
-                since_last_refresh=doc.get("since_last_refresh"),
-                stale=bool(doc.get("stale")),
-                consecutive_failures=int(doc.get("refresh_failures") or 0),
-            )
-        )
-    return views
 
 
 class KeydCollector:
@@ -250,7 +218,7 @@ class KeydCollector:
         yield latency
 
     def _state_families(self, sources: Sources) -> Iterator[Metric]:
-        apps = apps_of(sources.health())
+        apps = sources.health().apps
         can_sign = GaugeMetricFamily("keyd_app_can_sign", "1 when the app can sign now.", labels=["app"])
         loaded = GaugeMetricFamily(
             "keyd_app_key_loaded", "1 when a key is loaded for the app.", labels=["app"]
@@ -280,7 +248,7 @@ class KeydCollector:
             can_sign.add_metric([app.name], float(app.can_sign))
             loaded.add_metric([app.name], float(app.key_loaded))
             stale.add_metric([app.name], float(app.stale))
-            failing.add_metric([app.name], app.consecutive_failures)
+            failing.add_metric([app.name], app.refresh_failures)
             if app.key_version is not None:
                 version.add_metric([app.name], app.key_version)
             if app.key_age is not None:
@@ -290,23 +258,16 @@ class KeydCollector:
         yield from (can_sign, loaded, version, age, since, stale, failing)
 
         vault = sources.vault()
-        yield _counter(
-            "keyd_refresh_failures", "Failed key refreshes since start.", vault.get("refresh_failures", 0)
-        )
-        yield _counter(
-            "keyd_login_failures", "Failed Vault logins since start.", vault.get("login_failures", 0)
-        )
+        yield _counter("keyd_refresh_failures", "Failed key refreshes since start.", vault.refresh_failures)
+        yield _counter("keyd_login_failures", "Failed Vault logins since start.", vault.login_failures)
         yield GaugeMetricFamily(
-            "keyd_vault_logged_in",
-            "1 while keyd holds a Vault token.",
-            value=float(bool(vault.get("logged_in"))),
+            "keyd_vault_logged_in", "1 while keyd holds a Vault token.", value=float(vault.logged_in)
         )
-        ttl = vault.get("token_ttl_remaining")
-        if ttl is not None:
+        if vault.token_ttl_remaining is not None:
             yield GaugeMetricFamily(
                 "keyd_vault_token_ttl_seconds",
                 "Seconds the current Vault token has left before it must be renewed or replaced.",
-                value=ttl,
+                value=vault.token_ttl_remaining,
             )
         yield from _node_families(vault)
         yield GaugeMetricFamily("keyd_connections", "Open client connections.", value=sources.connections())
@@ -317,9 +278,9 @@ class KeydCollector:
         )
 
 
-def _node_families(vault: Mapping[str, Any]) -> Iterator[Metric]:
+def _node_families(vault: VaultHealth) -> Iterator[Metric]:
     """Per Vault node (labelled by its configured address): in use, healthy, failing streak."""
-    nodes = vault.get("nodes") or []
+    nodes = vault.nodes
     if not nodes:
         return
     in_use = GaugeMetricFamily(
@@ -336,15 +297,14 @@ def _node_families(vault: Mapping[str, Any]) -> Iterator[Metric]:
         labels=["address"],
     )
     for node in nodes:
-        address = str(node.get("address"))
-        in_use.add_metric([address], float(bool(node.get("in_use"))))
-        up.add_metric([address], float(bool(node.get("healthy"))))
-        failing.add_metric([address], int(node.get("consecutive_failures") or 0))
+        in_use.add_metric([node.address], float(node.in_use))
+        up.add_metric([node.address], float(node.healthy))
+        failing.add_metric([node.address], node.consecutive_failures)
     yield from (in_use, up, failing)
     yield _counter(
         "keyd_vault_failovers",
         "Times keyd moved to another Vault node because the one it used could not serve.",
-        vault.get("failovers", 0),
+        vault.failovers,
     )
 
 
@@ -354,44 +314,6 @@ def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
 
 def _bound(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
-
-
-def vault_section(
-    token: Any,
-    login_failures: int,
-    refresh_failures: int,
-    now: float,
-    nodes: Sequence[Any] = (),
-    failovers: int = 0,
-) -> dict[str, Any]:
-    """The ``vault`` section of GET /v1/health: token lifetime, failure counts and the Vault nodes
-    (which one keyd uses, each one's last error), never the token.
-
-    ``token`` is a ``vault.TokenInfo`` or None (not logged in); ``nodes`` are ``vault.NodeView``s.
-    """
-    expires = token.expires_at() if token is not None else None
-    current = next((n.address for n in nodes if n.in_use), None)
-    return {
-        "logged_in": token is not None,
-        "token_renewable": bool(token.renewable) if token is not None else None,
-        "token_ttl_remaining": None if expires is None else round(max(0.0, expires - now), 3),
-        "login_failures": login_failures,
-        "refresh_failures": refresh_failures,
-        "node": current,
-        "failovers": failovers,
-        "nodes": [
-            {
-                "address": n.address,
-                "in_use": n.in_use,
-                "healthy": n.healthy,
-                "state": n.state,
-                "consecutive_failures": n.consecutive_failures,
-                "last_error": n.last_error,
-                "since_last_error": n.since_last_error,
-            }
-            for n in nodes
-        ],
-    }
 
 
 class Metrics:

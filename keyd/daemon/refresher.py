@@ -1,10 +1,12 @@
-"""Scheduled key refresh and Vault token renewal (APScheduler); backoff on failure; no signing.
+"""Scheduled key refresh and Vault token renewal; backoff on failure; no signing.
 
 Each app has its own job, so one app's Vault trouble never delays another's refresh. A job reschedules
 itself when it finishes: after a success at ``refresh.interval`` (plus or minus 10 % jitter), after a
 failure at an exponential backoff with full jitter between ``retry_min`` and ``retry_max``. The token
 job renews at about two thirds of the token's TTL and logs in again when renewal is impossible.
-Jobs run on the scheduler's worker threads, never on the event loop.
+Jobs run on the scheduler's worker threads (keyd.daemon.scheduler: APScheduler behind a small
+protocol), never on the event loop. Each outcome goes to the key store (``record_success``,
+``record_failure``), whose answer says what to log and how long to back off.
 
 Recovery: while an app cannot be refreshed (or a Vault node is marked failed), a probe job asks every
 node's unauthenticated ``sys/health`` every ``vault.probe_interval`` (jittered between half of it and
@@ -20,32 +22,26 @@ logging in again each time.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any, Protocol
-
-from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.jobstores.base import JobLookupError
-from apscheduler.schedulers.background import BackgroundScheduler
+from typing import Protocol
 
 from keyd.config import AppConfig, RefreshConfig
 from keyd.daemon.backoff import backoff, jittered
-from keyd.daemon.keystore import KeySnapshot, KeyStore
+from keyd.daemon.keystore import KeySnapshot, KeyStore, Refreshed, RefreshFailed
 from keyd.daemon.nodes import ProbeResult
+from keyd.daemon.scheduler import ApScheduler, Scheduler
 from keyd.daemon.vault import Secret, TokenInfo
 from keyd.errors import SecretError, VaultAuthError, VaultError, VaultLoginError
 
 log = logging.getLogger("keyd.refresher")
-logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 TOKEN_JOB = "vault-token"  # noqa: S105 - a job id, not a secret
 PROBE_JOB = "vault-probe"
-__all__ = ["PROBE_JOB", "TOKEN_JOB", "Refresher", "VaultLike", "backoff", "jittered"]
+__all__ = ["PROBE_JOB", "TOKEN_JOB", "Refresher", "VaultLike", "backoff", "jittered", "key_job"]
 
 
 class VaultLike(Protocol):
@@ -65,13 +61,22 @@ class VaultLike(Protocol):
     def any_node_failed(self) -> bool: ...
 
 
+def key_job(app: str) -> str:
+    """The scheduler job id of one app's key refresh."""
+    return f"key:{app}"
+
+
 def kv_api_path(app: AppConfig, path: str) -> str:
     """The API path a KV read goes to (what a Vault policy names)."""
     return f"{app.kv_mount}/data/{path}" if app.kv_version == 2 else f"{app.kv_mount}/{path}"
 
 
 class Refresher:
-    """Owns the scheduler and the refresh/renew logic; reports outcomes to the KeyStore."""
+    """The refresh/renew logic; schedules through a ``Scheduler`` and reports outcomes to the KeyStore.
+
+    Time is read only from ``clock`` and randomness only from ``rand``; ``scheduler`` defaults to
+    APScheduler with one worker per app plus one for the token job and one for the probe job.
+    """
 
     def __init__(
         self,
@@ -83,6 +88,7 @@ class Refresher:
         rand: Callable[[], float] = random.random,
         on_change: Callable[[str], None] | None = None,
         probe_interval: float = 1.0,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self._apps = apps
         self._refresh = refresh
@@ -95,8 +101,6 @@ class Refresher:
         self._auth_failures = 0
         self.login_failures = 0
         self.refresh_failures = 0
-        # app -> ("degraded" | "unavailable", last error): so each degradation is logged once
-        self._degraded: dict[str, tuple[str, str]] = {}
         self._generation = 0
         self._probe_interval = probe_interval
         self._probe_lock = threading.Lock()
@@ -107,12 +111,7 @@ class Refresher:
         self._policy_denied: dict[str, int] = {}
         self._running: set[str] = set()
         self._run_generation: dict[str, int] = {}
-        self._scheduler = BackgroundScheduler(
-            # One worker per app, one for the token job, one for the probe job.
-            executors={"default": ThreadPoolExecutor(max_workers=max(2, len(apps) + 2))},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-            timezone=UTC,
-        )
+        self._scheduler: Scheduler = scheduler or ApScheduler(workers=max(2, len(apps) + 2))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -120,10 +119,10 @@ class Refresher:
         """Start the scheduler and load every key right away."""
         self._scheduler.start()
         for name in self._apps:
-            self._schedule(f"key:{name}", self._refresh_app, 0.0, name)
+            self._schedule_refresh(name, 0.0)
 
     def stop(self) -> None:
-        self._scheduler.shutdown(wait=False)
+        self._scheduler.shutdown()
 
     @property
     def generation(self) -> int:
@@ -138,18 +137,12 @@ class Refresher:
         """Re-read every key immediately (SIGHUP). Safe to call often and from any thread."""
         self._generation += 1
         for name in self._apps:
-            self._schedule(f"key:{name}", self._refresh_app, 0.0, name)
+            self._schedule_refresh(name, 0.0)
 
     # -- scheduling ------------------------------------------------------------------------
 
-    def _schedule(self, job_id: str, func: Callable[..., None], delay: float, *args: Any) -> None:
-        when = datetime.fromtimestamp(time.time() + delay, UTC)
-        try:
-            self._scheduler.add_job(func, "date", run_date=when, args=args, id=job_id, replace_existing=True)
-        except RuntimeError:
-            pass  # the scheduler is shutting down
-        except JobLookupError:
-            pass
+    def _schedule_refresh(self, name: str, delay: float) -> None:
+        self._scheduler.schedule(key_job(name), delay, lambda: self._refresh_job(name))
 
     # -- Vault token -----------------------------------------------------------------------
 
@@ -174,10 +167,9 @@ class Refresher:
     def _schedule_renewal(self, info: TokenInfo) -> None:
         renew_at = info.renew_at()
         if renew_at is None:
-            with contextlib.suppress(JobLookupError):
-                self._scheduler.remove_job(TOKEN_JOB)
+            self._scheduler.cancel(TOKEN_JOB)
             return
-        self._schedule(TOKEN_JOB, self._renew_token, max(0.0, renew_at - self._clock()))
+        self._scheduler.schedule(TOKEN_JOB, max(0.0, renew_at - self._clock()), self._renew_token)
 
     def _renew_token(self) -> None:
         """Renew at ~2/3 TTL; log in again when the token cannot be (further) renewed."""
@@ -221,7 +213,7 @@ class Refresher:
                 delay,
                 extra={"event": "renewal_failed"},
             )
-            self._schedule(TOKEN_JOB, self._renew_token, delay)
+            self._scheduler.schedule(TOKEN_JOB, delay, self._renew_token)
         self._ensure_probing()
 
     # -- keys ------------------------------------------------------------------------------
@@ -254,6 +246,9 @@ class Refresher:
 
     def refresh_app(self, name: str) -> bool:
         """Read one app's key(s) now; returns True on success. Never raises VaultError."""
+        return isinstance(self._attempt(name), Refreshed)
+
+    def _attempt(self, name: str) -> Refreshed | RefreshFailed:
         app = self._apps[name]
         self._run_generation[name] = self._generation
         try:
@@ -274,28 +269,23 @@ class Refresher:
                     raise self._policy_error(app, again) from None
         except VaultError as exc:
             self.refresh_failures += 1
-            self._store.record_failure(name, str(exc), exc.cause)
-            self._log_failure(name, exc)
+            failed = self._store.record_failure(name, str(exc), exc.cause)
+            self._log_failure(name, exc, failed)
             self._on_change(name)
             self._ensure_probing()
-            return False
+            return failed
         self._policy_denied.pop(name, None)
         self._recovery.pop(name, None)
-        state = self._store.state(name)
-        previous = state.snapshot
-        previous_version = previous.version if previous else None
-        was_stale = state.failures > 0
-        changed = self._store.update(snapshot)
-        self._degraded.pop(name, None)
+        done = self._store.record_success(snapshot)
         extra = {"app": name, "key_version": snapshot.version}
-        if was_stale:
+        if done.recovered:
             log.info(
                 "app %s: refresh succeeded again (version %s); no longer degraded",
                 name,
                 snapshot.version,
                 extra={**extra, "event": "recovered"},
             )
-        if changed and previous is None:
+        if done.changed and done.first:
             log.info(
                 "app %s: key loaded (KV v%d version %s)",
                 name,
@@ -303,15 +293,15 @@ class Refresher:
                 snapshot.version,
                 extra={**extra, "event": "loaded"},
             )
-        elif changed:
+        elif done.changed:
             log.info(
                 "app %s: key rotated from version %s to %s",
                 name,
-                previous_version,
+                done.previous_version,
                 snapshot.version,
-                extra={**extra, "event": "rotation", "previous_version": previous_version},
+                extra={**extra, "event": "rotation", "previous_version": done.previous_version},
             )
-        elif not was_stale:
+        elif not done.recovered:
             log.info(
                 "app %s: key refreshed, unchanged (version %s)",
                 name,
@@ -320,25 +310,21 @@ class Refresher:
             )
         self._on_change(name)
         self._ensure_probing()  # a node failed on the way: find out when it is back
-        return True
+        return done
 
-    def _log_failure(self, name: str, exc: VaultError) -> None:
+    def _log_failure(self, name: str, exc: VaultError, failed: RefreshFailed) -> None:
         """A failed refresh: a warning when an app becomes degraded (or its error changes), an error
         once when it is past max_stale, and debug lines for repeats of the same failure."""
-        state = self._store.state(name)
-        version = state.snapshot.version if state.snapshot is not None else None
+        version = failed.key_version
         kind = "login failed" if isinstance(exc, VaultLoginError) else "refresh failed"
         message = str(exc)
-        expired = state.snapshot is not None and self._clock() > state.expires_at
         level, event = logging.DEBUG, "refresh_failed"
-        previous = self._degraded.get(name)
-        if expired and (previous is None or previous[0] != "unavailable"):
+        if failed.newly_expired:
             level, event = logging.ERROR, "unavailable"
-        elif previous is None:
+        elif failed.first:
             level, event = logging.WARNING, "degraded"
-        elif previous[1] != message:
+        elif not failed.same_error:
             level = logging.WARNING
-        self._degraded[name] = ("unavailable" if expired else "degraded", message)
         extra = {"app": name, "key_version": version, "event": event, "error": message}
         if event == "unavailable":
             log.log(
@@ -350,7 +336,7 @@ class Refresher:
                 extra=extra,
             )
         else:
-            kept = "none loaded yet" if state.snapshot is None else f"version {version}"
+            kept = f"version {version}" if failed.key_loaded else "none loaded yet"
             log.log(
                 level,
                 "app %s: key %s (%s); keeping the last good key (%s)",
@@ -361,27 +347,26 @@ class Refresher:
                 extra=extra,
             )
 
-    def _refresh_app(self, name: str) -> None:
+    def _refresh_job(self, name: str) -> None:
+        """The scheduled refresh of one app; schedules the next one when it ends."""
         generation = self._generation
         self._running.add(name)
         try:
-            ok = self.refresh_app(name)
+            result = self._attempt(name)
         finally:
             self._running.discard(name)
         if generation != self._generation:
             delay = 0.0  # a SIGHUP arrived while this run was under way: read again
-        elif ok:
+        elif isinstance(result, Refreshed):
             delay = jittered(self._refresh.interval, self._rand)
         else:
-            failures = self._store.state(name).failures
-            delay = backoff(failures, self._refresh.retry_min, self._refresh.retry_max, self._rand)
-        self._schedule(f"key:{name}", self._refresh_app, delay, name)
+            delay = backoff(result.failures, self._refresh.retry_min, self._refresh.retry_max, self._rand)
+        self._schedule_refresh(name, delay)
 
     # -- recovery probes ---------------------------------------------------------------------
 
     def _needs_probe(self) -> bool:
-        failing = any(self._store.state(name).failures for name in self._apps)
-        return failing or self._vault.any_node_failed()
+        return bool(self._store.failing()) or self._vault.any_node_failed()
 
     def _probe_delay(self) -> float:
         """Between half of vault.probe_interval and all of it: instances do not probe in step."""
@@ -395,7 +380,7 @@ class Refresher:
             if self._probing:
                 return
             self._probing = True
-        self._schedule(PROBE_JOB, self._probe, self._probe_delay())
+        self._scheduler.schedule(PROBE_JOB, self._probe_delay(), self._probe)
 
     def _probe(self) -> None:
         """One round of sys/health probes; refresh failing apps at once when Vault serves again."""
@@ -410,13 +395,11 @@ class Refresher:
             self._probing = self._needs_probe()
             if not self._probing:
                 return
-        self._schedule(PROBE_JOB, self._probe, self._probe_delay())
+        self._scheduler.schedule(PROBE_JOB, self._probe_delay(), self._probe)
 
     def _recover(self, result: ProbeResult) -> None:
         now = self._clock()
-        for name in self._apps:
-            if not self._store.state(name).failures:
-                continue
+        for name in self._store.failing():
             if result.newly_serving:
                 self._recovery[name] = (0, now)  # a node came back: try at once, then back off
             recovery = self._recovery.get(name)
@@ -437,4 +420,4 @@ class Refresher:
                 extra={"app": name, "event": "recovery_attempt", "attempt": attempts},
             )
             # A little jitter (at most a fifth of the probe interval) so a fleet does not read in step.
-            self._schedule(f"key:{name}", self._refresh_app, self._rand() * 0.2 * self._probe_interval, name)
+            self._schedule_refresh(name, self._rand() * 0.2 * self._probe_interval)

@@ -13,8 +13,11 @@ soon as a call or a ``probe`` (unauthenticated ``sys/health``) finds it serving.
 
 Tokens and clients (issue 13): no hvac client ever has its token changed while another thread may use
 it. Logins and unwraps get a client of their own, made for that one call; reads and renewals use a
-client per (node, token) that is built once with its token and then only read. The token itself lives
-in ``Vault._auth_token`` and the clients built with it, never in a log line, a repr or an error.
+client per (node, token) that is built once with its token and then only read (keyd never sets
+``client.token`` and calls hvac's logins with ``use_token=False``). The token and its generation
+are one tuple, ``Vault._credential``, replaced whole by a login: a thread building a client reads it
+once, so the client it caches under a generation always holds that generation's token. The token
+lives there and in the clients built with it, never in a log line, a repr or an error.
 """
 
 from __future__ import annotations
@@ -200,10 +203,10 @@ class Vault:
             session.cert = self._cert
             self._sessions[address] = session
         self._factory = client_factory or self._hvac_client
-        # (token generation, {address: client}): replaced whole on login, never mutated.
+        # (token generation, {address: client}): replaced whole, never mutated.
         self._clients: tuple[int, dict[str, Any]] = (0, {})
-        self._auth_token: str | None = None
-        self._token_generation = 0
+        # (token generation, token): replaced whole by a login, so the two are never read apart.
+        self._credential: tuple[int, str] = (0, "")
         # VAULT_TOKEN is read once and removed whatever the auth method, so it does not reach child
         # processes or linger in /proc/<pid>/environ. Only token auth without a file keeps it.
         env_token = containment.take_env("VAULT_TOKEN")
@@ -230,7 +233,7 @@ class Vault:
     @property
     def token_generation(self) -> int:
         """Grows by one with every login: tells a fresh token from the one a failure was seen with."""
-        return self._token_generation
+        return self._credential[0]
 
     @property
     def current_node(self) -> str:
@@ -256,14 +259,18 @@ class Vault:
         """A client for the current token (``token`` None) or a one-off client for ``token``."""
         if token is not None:
             return self._factory(address, token, self._sessions[address])
-        generation, clients = self._clients
+        generation, current = self._credential  # one read: a token and its own generation
+        cached, clients = self._clients
+        if cached != generation:
+            clients = {}
         client = clients.get(address)
-        if client is None or generation != self._token_generation:
-            if generation != self._token_generation:
-                clients = {}
-            client = self._factory(address, self._auth_token or "", self._sessions[address])
-            clients = {**clients, address: client}
-            self._clients = (self._token_generation, clients)
+        if client is None:
+            client = self._factory(address, current, self._sessions[address])
+            # Two threads may both build one here; the last assignment wins and the other client is
+            # simply dropped (it held the same token). A thread still on an older generation may
+            # store its cache over a newer one: the next call sees the generation differ and
+            # builds again. Never a client with one generation's token under another's number.
+            self._clients = (generation, {**clients, address: client})
         return client
 
     def _call(self, action: str, call: Callable[[Any], T], token: str | None = None) -> T:
@@ -323,8 +330,7 @@ class Vault:
                 auth = self._login_approle(action) if method == "approle" else self._login_cert(action)
                 token = str(auth["client_token"])
                 info = TokenInfo.parse(auth, "lease_duration", self._clock())
-            self._auth_token = token
-            self._token_generation += 1
+            self._credential = (self._credential[0] + 1, token)
             self.token = info
             log.info(
                 "logged in to Vault with %s auth (token ttl %s, renewable %s) at %s",

@@ -18,8 +18,9 @@ from keyd.config import Config
 from keyd.daemon import containment, systemd
 from keyd.daemon.api import Api
 from keyd.daemon.audit import AuditLog
+from keyd.daemon.health import VaultHealth, vault_health
 from keyd.daemon.keystore import KeyStore
-from keyd.daemon.metrics import Metrics, RequestStats, Sources, TcpListener, vault_section
+from keyd.daemon.metrics import Metrics, RequestStats, Sources, TcpListener
 from keyd.daemon.peers import Policy, off_loop
 from keyd.daemon.refresher import Refresher
 from keyd.daemon.server import Server
@@ -61,7 +62,7 @@ class Daemon:
         self.metrics = Metrics(
             self.stats,
             Sources(
-                health=lambda: self.store.health()[1],
+                health=self.store.health,
                 vault=self._vault_status,
                 connections=lambda: len(self.server.connections),
                 refused_connections=lambda: self.server.refused_connections,
@@ -248,10 +249,10 @@ class Daemon:
 
     # -- key events and status ---------------------------------------------------------------
 
-    def _vault_status(self) -> dict[str, Any]:
+    def _vault_status(self) -> VaultHealth:
         """The Vault token's remaining TTL, failure counts and nodes, for /v1/health and /metrics."""
         refresher = self.refresher
-        return vault_section(
+        return vault_health(
             self.vault.token,
             refresher.login_failures,
             refresher.refresh_failures,
@@ -275,14 +276,15 @@ class Daemon:
             and self.refresher.run_generation(app) >= self._reload_generation
         ):
             self._reload_waiting.discard(app)
-            state = self.store.state(app)
-            if state.failures:
-                self._reload_failed[app] = state.cause or state.last_error
+            state = self.store.app_health(app)
+            if state.refresh_failures:
+                error = state.last_error or ""
+                self._reload_failed[app] = state.cause or error
                 log.error(
                     "reload: app %s: the key could not be re-read: %s",
                     app,
-                    state.last_error,
-                    extra={"app": app, "event": "reload_failed", "error": state.last_error},
+                    error,
+                    extra={"app": app, "event": "reload_failed", "error": error},
                 )
             if self._reload_waiting:
                 return
@@ -317,30 +319,29 @@ class Daemon:
     def status_line(self) -> str:
         """One line for systemd's STATUS: serving, degraded (which app, why, how much of max_stale
         is used), unavailable (not signing, and why) or waiting for a first key."""
-        _, doc = self.store.health()
-        apps: dict[str, Any] = doc["apps"]
-        ok = [name for name, a in apps.items() if a["can_sign"] and not a["stale"]]
+        apps = self.store.health().apps
+        ok = [a.name for a in apps if a.can_sign and not a.stale]
         parts: list[str] = []
-        for name, a in apps.items():
-            cause = a.get("cause") or a.get("last_error") or ""
+        for a in apps:
+            cause = a.cause or a.last_error or ""
             why = f" ({cause})" if cause else ""
-            if not a["key_loaded"]:
-                if a["refresh_failures"]:
-                    parts.append(f"waiting for Vault: no key yet for app {name}{why}")
-            elif not a["can_sign"]:
+            if not a.key_loaded:
+                if a.refresh_failures:
+                    parts.append(f"waiting for Vault: no key yet for app {a.name}{why}")
+            elif not a.can_sign:
                 parts.append(
-                    f"unavailable: not signing for app {name}{why}, no refresh for "
-                    f"{ago(a['since_last_refresh'])}"
+                    f"unavailable: not signing for app {a.name}{why}, no refresh for "
+                    f"{ago(a.since_last_refresh)}"
                 )
-            elif a["stale"]:
+            elif a.stale:
                 parts.append(
-                    f"degraded (signing with the last good key, {ago(a['since_last_refresh'])} of "
-                    f"max_stale {ago(self.config.refresh.max_stale)} used): app {name}{why}"
+                    f"degraded (signing with the last good key, {ago(a.since_last_refresh)} of "
+                    f"max_stale {ago(self.config.refresh.max_stale)} used): app {a.name}{why}"
                 )
         if not parts and not self.store.ready():
             return "waiting for Vault"
         if not parts:
-            ages = [a["since_last_refresh"] or 0.0 for a in apps.values()]
+            ages = [a.since_last_refresh or 0.0 for a in apps]
             return f"serving {len(apps)} app(s), keys {ago(max(ages))} old" + self._nodes_note()
         if ok and len(ok) < len(apps):
             parts.append(f"serving {', '.join(ok)}")

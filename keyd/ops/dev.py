@@ -1,7 +1,7 @@
 """The embedded development setup: an OpenBao dev server holding a demo TalkJS key, and keyd on it.
 
-``BaoServer`` is also what the test suite uses to start real OpenBao servers: in dev mode (in-memory,
-unsealed, KV v2 at ``secret/``) or from a config file (persistent storage, TLS).
+``BaoServer`` (the dev server) is also what the benchmark and the test suite start; the tests' own
+variants (a config file with persistent storage or TLS) live in tests/bao.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import subprocess
 import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import hvac
 
@@ -60,65 +59,63 @@ def free_port() -> int:
 
 
 class BaoServer:
-    """A real OpenBao server process on a free loopback port.
+    """A real OpenBao dev server (in memory, unsealed, KV v2 at ``secret/``, a random root token) on a
+    free loopback port, in a process group of its own.
 
-    ``dev=True`` runs ``bao server -dev`` with a random root token; otherwise ``config_hcl`` is written
-    to a file and the server runs from it (the caller initialises and unseals it).
+    ``keyd dev``, ``make run`` and the benchmark's stack run it, and so do the tests. The tests'
+    servers from a config file (persistent Raft storage, TLS) are a subclass in tests/bao.py that
+    replaces ``command`` and ``is_up``: nothing here knows about them.
     """
 
-    def __init__(
-        self,
-        dev: bool = True,
-        config_hcl: str | None = None,
-        port: int | None = None,
-        scheme: str = "http",
-        log_path: str | None = None,
-    ) -> None:
-        self.dev = dev
+    scheme = "http"
+
+    def __init__(self, port: int | None = None, log_path: str | None = None) -> None:
         self.port = port or free_port()
-        self.scheme = scheme
-        self.address = f"{scheme}://127.0.0.1:{self.port}"
-        self.root_token = "dev-" + secrets.token_hex(20) if dev else ""
-        self._config_hcl = config_hcl
-        self._workdir = tempfile.mkdtemp(prefix="keyd-bao-")
-        self._log_path = log_path or os.path.join(self._workdir, "bao.log")
+        self.address = f"{self.scheme}://127.0.0.1:{self.port}"
+        self.root_token = "dev-" + secrets.token_hex(20)
+        self.verify: str | bool = True  # what hvac checks the server's TLS certificate with
+        self.workdir = tempfile.mkdtemp(prefix="keyd-bao-")
+        self._log_path = log_path or os.path.join(self.workdir, "bao.log")
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait: float = 30.0, ca_cert: str | bool = True) -> BaoServer:
+    def command(self, env: dict[str, str]) -> list[str]:
+        """The ``bao`` command line (``env`` is the process environment, which it may add to)."""
+        env["BAO_DEV_ROOT_TOKEN_ID"] = self.root_token
+        return [
+            bao_binary(),
+            "server",
+            "-dev",
+            f"-dev-listen-address=127.0.0.1:{self.port}",
+            "-dev-no-store-token",
+        ]
+
+    def is_up(self, client: hvac.Client) -> bool:
+        """Ready for the caller: a dev server is once it answers and is initialised."""
+        client.sys.read_health_status(method="GET")
+        return bool(client.sys.is_initialized())
+
+    def start(self, wait: float = 30.0) -> BaoServer:
         env = dict(os.environ)
         env.pop("VAULT_TOKEN", None)
         env.pop("BAO_TOKEN", None)
-        env["HOME"] = self._workdir
-        if self.dev:
-            env["BAO_DEV_ROOT_TOKEN_ID"] = self.root_token
-            args = [
-                bao_binary(),
-                "server",
-                "-dev",
-                f"-dev-listen-address=127.0.0.1:{self.port}",
-                "-dev-no-store-token",
-            ]
-        else:
-            config_file = os.path.join(self._workdir, "bao.hcl")
-            Path(config_file).write_text(self._config_hcl or "")
-            args = [bao_binary(), "server", f"-config={config_file}"]
+        env["HOME"] = self.workdir
+        args = self.command(env)
         log = open(self._log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.process = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         log.close()
-        self.wait_until_up(wait, ca_cert)
+        self.wait_until_up(wait)
         return self
 
-    def wait_until_up(self, wait: float = 30.0, ca_cert: str | bool = True) -> None:
+    def wait_until_up(self, wait: float = 30.0) -> None:
         deadline = time.monotonic() + wait
-        client = hvac.Client(url=self.address, token="", verify=ca_cert, timeout=2)  # not VAULT_TOKEN
+        client = hvac.Client(url=self.address, token="", verify=self.verify, timeout=2)  # not VAULT_TOKEN
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise KeydError(f"bao exited early; see {self._log_path}")
             with contextlib.suppress(Exception):
-                client.sys.read_health_status(method="GET")
-                if not self.dev or client.sys.is_initialized():
+                if self.is_up(client):
                     return
             time.sleep(0.1)
         raise KeydError(f"bao did not come up on {self.address} within {wait:.0f}s")
@@ -140,7 +137,7 @@ class BaoServer:
 
     def cleanup(self) -> None:
         self.stop()
-        shutil.rmtree(self._workdir, ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> BaoServer:
         return self.start()
@@ -190,7 +187,7 @@ def run_dev(socket_path: str = "run/keyd.sock") -> None:
 
     socket_path = os.path.abspath(socket_path)
     os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
-    with BaoServer(dev=True) as bao:
+    with BaoServer() as bao:
         bao.client().secrets.kv.v2.create_or_update_secret(
             path=DEMO_PATH, secret={"secret_key": demo_key()}, mount_point="secret"
         )

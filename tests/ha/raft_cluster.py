@@ -25,6 +25,7 @@ import hvac.exceptions
 import requests
 
 from keyd.ops.dev import BaoServer, free_port
+from tests.bao import ConfiguredBao
 from tests.helpers import wait_until
 from tests.integration.test_tls import CA, Issued
 
@@ -83,10 +84,10 @@ ui = false
 
     def launch(self) -> None:
         """Start the process (sealed until ``unseal``)."""
-        self.server = BaoServer(
-            dev=False, config_hcl=self.hcl(), port=self.port, scheme="https", log_path=str(self.log_path)
+        self.server = ConfiguredBao(
+            self.hcl(), self.port, scheme="https", ca_cert=str(self.ca.path), log_path=str(self.log_path)
         )
-        self.server.start(ca_cert=str(self.ca.path))
+        self.server.start()
 
     @property
     def running(self) -> bool:

@@ -15,7 +15,7 @@ from tests.integration.test_vault_setup import approle_config
 
 @pytest.fixture(scope="module")
 def sbao() -> Iterator[BaoServer]:
-    with BaoServer(dev=True) as server:
+    with BaoServer() as server:
         yield server
 
 

@@ -25,7 +25,7 @@ PATH = "talkjs/outage"
 @pytest.fixture
 def own_bao() -> Iterator[BaoServer]:
     """A private OpenBao dev server (not started) that a test may stop and start."""
-    server = BaoServer(dev=True)
+    server = BaoServer()
     try:
         yield server
     finally:
@@ -34,7 +34,7 @@ def own_bao() -> Iterator[BaoServer]:
 
 def restart_on_same_port(old: BaoServer) -> BaoServer:
     """A new dev server on the old one's port with the same root token (dev mode keeps no data)."""
-    new = BaoServer(dev=True, port=old.port)
+    new = BaoServer(port=old.port)
     new.root_token = old.root_token
     return new.start()
 

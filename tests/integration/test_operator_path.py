@@ -32,7 +32,7 @@ PATH = "talkjs/live"
 
 @pytest.fixture(scope="module")
 def obao() -> Iterator[BaoServer]:
-    with BaoServer(dev=True) as server:
+    with BaoServer() as server:
         yield server
 
 

@@ -444,7 +444,7 @@ def test_keyd_runs_under_the_units_sandbox_enforced_by_the_kernel():
     allowed = allowed_syscalls()
     assert "setrlimit" not in allowed and "chown" not in allowed and "read" in allowed
     # A private Vault: the sandboxed child needs a fresh, fully owned server address and token.
-    with BaoServer(dev=True) as vault:
+    with BaoServer() as vault:
         client = vault.client()
         key = new_key()
         client.secrets.kv.v2.create_or_update_secret(path="talkjs/sandbox", secret={"secret_key": key})

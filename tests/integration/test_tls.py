@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keyd.ops.dev import BaoServer, free_port
+from tests.bao import ConfiguredBao
 from tests.conftest import new_key
 from tests.helpers import KeydProcess, run_vault_setup, wait_until
 
@@ -127,8 +128,8 @@ listener "tcp" {{
 api_addr = "https://127.0.0.1:{port}"
 disable_mlock = true
 """
-    bao = BaoServer(dev=False, config_hcl=hcl, port=port, scheme="https")
-    bao.start(ca_cert=str(ca.path))
+    bao = ConfiguredBao(hcl, port, scheme="https", ca_cert=str(ca.path))
+    bao.start()
     client = hvac.Client(url=bao.address, verify=str(ca.path))
     init = client.sys.initialize(secret_shares=1, secret_threshold=1)
     client.sys.submit_unseal_key(init["keys"][0])

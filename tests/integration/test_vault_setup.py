@@ -24,7 +24,7 @@ from tests.helpers import KeydProcess, run_vault_setup
 
 @pytest.fixture(scope="module")
 def vbao() -> Iterator[BaoServer]:
-    with BaoServer(dev=True) as server:
+    with BaoServer() as server:
         yield server
 
 

@@ -19,7 +19,8 @@ from typing import Any
 import hvac
 import pytest
 
-from keyd.ops.dev import BaoServer, free_port
+from keyd.ops.dev import free_port
+from tests.bao import ConfiguredBao
 from tests.helpers import KeydProcess, wait_until
 
 KV_PATH = "talkjs/resilience"
@@ -54,7 +55,7 @@ api_addr = "http://127.0.0.1:{self.port}"
 cluster_addr = "http://127.0.0.1:{cluster_port}"
 ui = false
 """
-        self.server = BaoServer(dev=False, config_hcl=hcl, port=self.port)
+        self.server = ConfiguredBao(hcl, self.port)
         self.address = self.server.address
         self.root_token = ""
         self.unseal_key = ""

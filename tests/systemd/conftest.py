@@ -76,7 +76,7 @@ def debian() -> Path:
 @pytest.fixture(scope="session")
 def vault() -> Iterator[BaoServer]:
     """An OpenBao of this suite's own (its AppRole mount, roles and policies are the shipped names)."""
-    with BaoServer(dev=True) as server:
+    with BaoServer() as server:
         yield server
 
 

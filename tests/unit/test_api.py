@@ -23,6 +23,7 @@ from keyd import config as configuration
 from keyd.config import Config, GrantConfig
 from keyd.daemon import api as api_module
 from keyd.daemon.api import MAX_USER_ID, Api, Request, Response, valid_user_id
+from keyd.daemon.health import Health
 from keyd.daemon.keystore import KeySnapshot, SecretKey
 from keyd.daemon.peers import Caller, Policy
 from keyd.daemon.server import Server
@@ -60,10 +61,8 @@ class FakeKeys:
             app=app, signing=secret, webhook=secret, version=self.version, kv_version=2, loaded_at=0
         )
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        if self.unavailable:
-            return False, {"status": "starting", "apps": {}}
-        return True, {"status": "ok", "apps": {}}
+    def health(self) -> Health:
+        return Health("starting" if self.unavailable else "ok", ())
 
 
 def make_api(

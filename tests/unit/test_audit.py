@@ -17,6 +17,7 @@ from keyd.config import AppConfig, AuditConfig, Config, GrantConfig, RefreshConf
 from keyd.daemon.api import Api, Request
 from keyd.daemon.audit import AuditLog
 from keyd.daemon.decisions import Decision
+from keyd.daemon.health import Health
 from keyd.daemon.keystore import KeySnapshot, SecretKey
 from keyd.daemon.peers import Caller, Policy
 from keyd.errors import StartupError
@@ -171,8 +172,8 @@ class OneKey:
     def signing(self, app: str) -> KeySnapshot:
         return self.snapshot
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        return True, {"status": "ok"}
+    def health(self) -> Health:
+        return Health("ok", ())
 
 
 def test_api_decisions_are_audited_without_secrets(tmp_path: Path) -> None:

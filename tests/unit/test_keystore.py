@@ -7,9 +7,13 @@ import hmac
 import json
 import pickle
 import sys
+import threading
+import time
+from typing import Any
 
 import pytest
 
+from keyd.daemon.health import document
 from keyd.daemon.keystore import KeySnapshot, KeyStore, SecretKey
 from keyd.errors import KeyUnavailable
 
@@ -110,12 +114,12 @@ def test_nothing_to_sign_before_the_first_load() -> None:
     assert not store.ready()
 
 
-def test_update_swaps_atomically_and_wipes_the_old_key() -> None:
+def test_record_success_swaps_atomically_and_wipes_the_old_key() -> None:
     clock = Clock()
     store = KeyStore(["default"], max_stale=60, clock=clock)
-    assert store.update(snap("default", OLD, 1)) is True
+    assert store.record_success(snap("default", OLD, 1)).changed is True
     held = store.signing("default")  # a request that started before the rotation
-    assert store.update(snap("default", NEW, 2)) is True
+    assert store.record_success(snap("default", NEW, 2)).changed is True
     current = store.signing("default")
     assert current.version == 2
     assert mac(current.signing) == expected_mac(NEW)
@@ -129,9 +133,9 @@ def test_unchanged_refresh_keeps_the_installed_snapshot() -> None:
     clock = Clock()
     store = KeyStore(["default"], max_stale=60, clock=clock)
     first = snap("default", OLD, 1)
-    store.update(first)
+    store.record_success(first)
     again = snap("default", OLD, 1)
-    assert store.update(again) is False
+    assert store.record_success(again).changed is False
     assert store.signing("default") is first
     assert mac(first.signing) == expected_mac(OLD)
     assert holds(first.signing, OLD)
@@ -142,15 +146,15 @@ def test_unchanged_refresh_keeps_the_installed_snapshot() -> None:
 
 def test_same_version_different_key_is_a_change() -> None:
     store = KeyStore(["default"], max_stale=60, clock=Clock())
-    store.update(snap("default", OLD, None))
-    assert store.update(snap("default", NEW, None)) is True
+    store.record_success(snap("default", OLD, None))
+    assert store.record_success(snap("default", NEW, None)).changed is True
     assert mac(store.signing("default").signing) == expected_mac(NEW)
 
 
 def test_max_stale_expiry_with_injected_clock() -> None:
     clock = Clock(1_000.0)
     store = KeyStore(["default"], max_stale=10, clock=clock)
-    store.update(snap("default", OLD))
+    store.record_success(snap("default", OLD))
     clock.now = 1_005.0
     store.record_failure("default", "cannot connect to Vault")
     store.record_failure("default", "cannot connect to Vault")
@@ -160,7 +164,7 @@ def test_max_stale_expiry_with_injected_clock() -> None:
     clock.now = 1_010.01
     assert_unavailable(store, "default", "refresh.max_stale")
     # A later success starts a new max_stale window.
-    store.update(snap("default", OLD))
+    store.record_success(snap("default", OLD))
     assert store.signing("default").version == 1
     clock.now = 1_020.0
     assert store.signing("default").version == 1
@@ -171,46 +175,107 @@ def test_max_stale_expiry_with_injected_clock() -> None:
 def test_apps_are_independent() -> None:
     clock = Clock()
     store = KeyStore(["a", "b"], max_stale=10, clock=clock)
-    store.update(snap("a", OLD))
+    store.record_success(snap("a", OLD))
     assert store.signing("a").app == "a"
     assert_unavailable(store, "b", "'b'")
     assert not store.ready()
-    store.update(snap("b", NEW))
+    store.record_success(snap("b", NEW))
     assert store.ready()
 
 
 def test_failure_bookkeeping() -> None:
     clock = Clock(50.0)
     store = KeyStore(["default"], max_stale=10, clock=clock)
-    store.record_failure("default", "first")
+    first = store.record_failure("default", "first", "sealed")
+    assert (first.failures, first.first, first.key_loaded, first.key_version) == (1, True, False, None)
     clock.now = 51.0
-    store.record_failure("default", "second")
-    state = store.state("default")
-    assert (state.failures, state.last_error, state.last_attempt, state.last_success) == (
-        2,
-        "second",
-        51.0,
-        None,
-    )
-    store.update(snap("default", OLD))
-    assert (state.failures, state.last_error, state.last_success, state.expires_at) == (0, "", 51.0, 61.0)
+    second = store.record_failure("default", "second")
+    assert (second.failures, second.first, second.same_error, second.expired) == (2, False, False, False)
+    assert store.record_failure("default", "second").same_error
+    assert store.failing() == ["default"]
+    app = store.app_health("default")
+    assert (app.refresh_failures, app.last_error, app.cause, app.since_last_refresh) == (3, "second", None, None)
+    done = store.record_success(snap("default", OLD))
+    assert (done.changed, done.first, done.previous_version, done.recovered) == (True, True, None, True)
+    app = store.app_health("default")
+    assert (app.refresh_failures, app.last_error, app.since_last_refresh, app.can_sign) == (0, None, 0.0, True)
+    assert store.failing() == []
+    clock.now = 61.0
+    assert store.app_health("default").can_sign  # max_stale 10 s after the success at 51
+    clock.now = 61.5
+    assert not store.app_health("default").can_sign
+
+
+def test_a_failure_says_once_that_the_key_went_past_max_stale() -> None:
+    clock = Clock(0.0)
+    store = KeyStore(["default"], max_stale=10, clock=clock)
+    assert store.record_success(snap("default", OLD, 4)).recovered is False
+    clock.now = 5.0
+    degraded = store.record_failure("default", "down")
+    assert (degraded.first, degraded.expired, degraded.newly_expired, degraded.key_version) == (True, False, False, 4)
+    clock.now = 11.0
+    expired = store.record_failure("default", "down")
+    assert (expired.first, expired.expired, expired.newly_expired, expired.same_error) == (False, True, True, True)
+    clock.now = 12.0
+    again = store.record_failure("default", "down")
+    assert (again.expired, again.newly_expired) == (True, False)
+    # Expired at the very first failure: that failure is the one that says so.
+    clock.now = 20.0
+    store.record_success(snap("default", OLD, 4))
+    clock.now = 31.0
+    assert store.record_failure("default", "down").newly_expired
+
+
+def test_readers_see_one_consistent_record_while_a_thread_writes() -> None:
+    """The threading contract: a reader never sees one attempt's failure count with another's error."""
+    store = KeyStore(["default"], max_stale=1e9, clock=Clock())
+    store.record_success(snap("default", OLD))
+    stop = threading.Event()
+
+    def write() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            store.record_failure("default", f"failure {n}", f"cause {n}")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 0.5
+        seen = 0
+        while time.monotonic() < deadline:
+            app = store.app_health("default")
+            if app.refresh_failures:
+                seen += 1
+                assert app.last_error == f"failure {app.refresh_failures}"
+                assert app.cause == f"cause {app.refresh_failures}"
+    finally:
+        stop.set()
+        writer.join()
+    assert seen > 0
 
 
 # -- health ------------------------------------------------------------------------------------
+
+
+def health(store: KeyStore) -> tuple[bool, dict[str, Any]]:
+    """(every app can sign, the /v1/health document): the typed Health as the API spells it."""
+    typed = store.health()
+    return typed.can_sign, document(typed)
 
 
 def test_health_starting_ok_degraded_unavailable() -> None:
     clock = Clock(100.0)
     store = KeyStore(["default"], max_stale=10, clock=clock)
 
-    ok, doc = store.health()
+    ok, doc = health(store)
     assert (ok, doc["status"]) == (False, "starting")
     app = doc["apps"]["default"]
     assert app["key_loaded"] is False and app["key_version"] is None and app["since_last_refresh"] is None
 
-    store.update(snap("default", OLD, 3, loaded_at=100.0))
+    store.record_success(snap("default", OLD, 3, loaded_at=100.0))
     clock.now = 102.5
-    ok, doc = store.health()
+    ok, doc = health(store)
     assert (ok, doc["status"]) == (True, "ok")
     assert doc["apps"]["default"] == {
         "can_sign": True,
@@ -226,25 +291,25 @@ def test_health_starting_ok_degraded_unavailable() -> None:
     }
 
     store.record_failure("default", "reading secret/x: cannot connect to Vault")
-    ok, doc = store.health()
+    ok, doc = health(store)
     assert (ok, doc["status"]) == (True, "degraded")
     assert doc["apps"]["default"]["stale"] is True
     assert doc["apps"]["default"]["last_error"] == "reading secret/x: cannot connect to Vault"
 
     clock.now = 111.0
-    ok, doc = store.health()
+    ok, doc = health(store)
     assert (ok, doc["status"]) == (False, "unavailable")
     assert doc["apps"]["default"]["can_sign"] is False
     assert doc["apps"]["default"]["since_last_refresh"] == 11.0
 
-    store.update(snap("default", OLD, 3))
-    assert store.health()[1]["status"] == "ok"
+    store.record_success(snap("default", OLD, 3))
+    assert health(store)[1]["status"] == "ok"
 
 
 def test_health_with_failures_before_the_first_load_is_starting() -> None:
     store = KeyStore(["default"], max_stale=10, clock=Clock())
     store.record_failure("default", "cannot connect to Vault")
-    ok, doc = store.health()
+    ok, doc = health(store)
     assert (ok, doc["status"]) == (False, "starting")
     assert doc["apps"]["default"]["stale"] is False
     assert doc["apps"]["default"]["refresh_failures"] == 1
@@ -253,17 +318,17 @@ def test_health_with_failures_before_the_first_load_is_starting() -> None:
 def test_health_one_app_expired_one_missing_is_unavailable() -> None:
     clock = Clock(0.0)
     store = KeyStore(["a", "b"], max_stale=5, clock=clock)
-    store.update(snap("a", OLD))
-    assert store.health()[1]["status"] == "starting"
+    store.record_success(snap("a", OLD))
+    assert health(store)[1]["status"] == "starting"
     clock.now = 6.0
-    assert store.health()[1]["status"] == "unavailable"
+    assert health(store)[1]["status"] == "unavailable"
 
 
 def test_health_never_contains_key_material() -> None:
     store = KeyStore(["default"], max_stale=10, clock=Clock())
-    store.update(snap("default", OLD))
+    store.record_success(snap("default", OLD))
     store.record_failure("default", "boom")
-    text = json.dumps(store.health()[1])
+    text = json.dumps(health(store)[1])
     assert OLD not in text
     assert "sk_test" not in text
 
@@ -271,8 +336,8 @@ def test_health_never_contains_key_material() -> None:
 def test_installing_the_same_snapshot_twice_wipes_nothing() -> None:
     store = KeyStore(["default"], max_stale=60, clock=Clock())
     first = snap("default", OLD, 1)
-    store.update(first)
-    assert store.update(first) is False
+    store.record_success(first)
+    assert store.record_success(first).changed is False
     assert mac(store.signing("default").signing) == expected_mac(OLD)
     assert holds(first.signing, OLD)
     assert not wiped(first.signing, len(OLD))
@@ -281,8 +346,8 @@ def test_installing_the_same_snapshot_twice_wipes_nothing() -> None:
 def test_separate_webhook_key_is_wiped_with_its_snapshot() -> None:
     store = KeyStore(["default"], max_stale=60, clock=Clock())
     signing, webhook = SecretKey.from_str(OLD), SecretKey.from_str(NEW)
-    store.update(KeySnapshot("default", signing, webhook, 1, 2, 0.0))
-    store.update(snap("default", NEW, 2))
+    store.record_success(KeySnapshot("default", signing, webhook, 1, 2, 0.0))
+    store.record_success(snap("default", NEW, 2))
     assert wiped(signing, len(OLD))
     assert wiped(webhook, len(NEW))
 

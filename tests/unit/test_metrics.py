@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from keyd import config as configuration
 from keyd.config import GrantConfig
 from keyd.daemon.api import Api, Request
+from keyd.daemon.health import Health, document, vault_health
 from keyd.daemon.keystore import KeySnapshot, KeyStore, SecretKey
 from keyd.daemon.metrics import (
     _TCP_PEER,
@@ -24,7 +25,6 @@ from keyd.daemon.metrics import (
     Sources,
     TcpListener,
     parse_listen,
-    vault_section,
 )
 from keyd.daemon.peers import Caller, Policy
 from keyd.daemon.vault import TokenInfo
@@ -65,7 +65,7 @@ def get(path: bytes) -> Request:
 def store_with_key(clock: float = NOW) -> KeyStore:
     store = KeyStore(["default", "live"], max_stale=3600.0, clock=lambda: clock)
     secret = SecretKey.from_str(KEY)
-    store.update(KeySnapshot("default", secret, secret, version=4, kv_version=2, loaded_at=NOW - 30))
+    store.record_success(KeySnapshot("default", secret, secret, version=4, kv_version=2, loaded_at=NOW - 30))
     return store
 
 
@@ -76,8 +76,8 @@ def make(stats: RequestStats, store: KeyStore) -> tuple[Api, Metrics]:
     api = Api(config, store, Policy(GRANT), clock=lambda: NOW, stats=stats)
     token = TokenInfo(ttl=600.0, renewable=True, obtained_at=NOW - 100)
     sources = Sources(
-        health=lambda: store.health()[1],
-        vault=lambda: vault_section(token, login_failures=2, refresh_failures=5, now=NOW),
+        health=store.health,
+        vault=lambda: vault_health(token, login_failures=2, refresh_failures=5, now=NOW),
         connections=lambda: 7,
         refused_connections=lambda: 1,
     )
@@ -198,9 +198,15 @@ def test_latency_buckets_are_cumulative():
     )
 
 
+def vault_doc(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The ``vault`` section of /v1/health, as the API spells the typed VaultHealth."""
+    section: dict[str, Any] = document(Health("ok", ()), {"vault": vault_health(*args, **kwargs)})["vault"]
+    return section
+
+
 def test_vault_section_never_holds_the_token():
     info = TokenInfo(ttl=90.0, renewable=False, obtained_at=100.0)
-    doc = vault_section(info, 0, 3, now=150.0)
+    doc = vault_doc(info, 0, 3, now=150.0)
     assert doc == {
         "logged_in": True,
         "token_renewable": False,
@@ -211,8 +217,8 @@ def test_vault_section_never_holds_the_token():
         "failovers": 0,
         "nodes": [],
     }
-    assert vault_section(None, 1, 0, now=0)["logged_in"] is False
-    unlimited = vault_section(TokenInfo(ttl=0, renewable=False, obtained_at=0), 0, 0, now=10)
+    assert vault_doc(None, 1, 0, now=0)["logged_in"] is False
+    unlimited = vault_doc(TokenInfo(ttl=0, renewable=False, obtained_at=0), 0, 0, now=10)
     assert unlimited["token_ttl_remaining"] is None
 
 
@@ -268,12 +274,26 @@ def test_vault_nodes_in_health_and_metrics_name_the_node_in_use_and_each_ones_la
         NodeView("https://v1:8200", False, False, "sealed", 3, "https://v1:8200: Vault is sealed or down (503)", 2.0),
         NodeView("https://v2:8200", True, True, "standby", 0, None, None),
     ]
-    doc = vault_section(None, 0, 0, now=0, nodes=nodes, failovers=4)
+    vault = vault_health(None, 0, 0, now=0, nodes=nodes, failovers=4)
+    doc = vault_doc(None, 0, 0, now=0, nodes=nodes, failovers=4)
     assert doc["node"] == "https://v2:8200"
-    assert doc["nodes"][0]["last_error"] == "https://v1:8200: Vault is sealed or down (503)"
+    assert doc["nodes"][0] == {
+        "address": "https://v1:8200",
+        "in_use": False,
+        "healthy": False,
+        "state": "sealed",
+        "consecutive_failures": 3,
+        "last_error": "https://v1:8200: Vault is sealed or down (503)",
+        "since_last_error": 2.0,
+    }
     metrics = Metrics(
         RequestStats(),
-        Sources(health=lambda: {"apps": {}}, vault=lambda: doc, connections=lambda: 0, refused_connections=lambda: 0),
+        Sources(
+            health=lambda: Health("starting", ()),
+            vault=lambda: vault,
+            connections=lambda: 0,
+            refused_connections=lambda: 0,
+        ),
         process=False,
     )
     found = families(metrics)

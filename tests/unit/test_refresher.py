@@ -1,22 +1,24 @@
-"""keyd.refresher against a fake Vault, an injected clock and injected randomness.
+"""keyd.refresher against a fake Vault, a fake Scheduler, an injected clock and injected randomness.
 
-The scheduler is not started: each test calls the job functions directly and records what they
-schedule next (job id and delay), so no test sleeps to see a refresh, a retry or a renewal.
+The fake scheduler records what the refresher schedules (job id and delay) and runs a pending job
+only when a test says so, so no test sleeps to see a refresh, a retry or a renewal, and none reaches
+into the refresher's private methods.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from keyd.config import AppConfig, RefreshConfig
 from keyd.daemon.keystore import KeyStore, SecretKey
 from keyd.daemon.nodes import ProbeResult
-from keyd.daemon.refresher import TOKEN_JOB, Refresher, backoff, jittered
+from keyd.daemon.refresher import PROBE_JOB, TOKEN_JOB, Refresher, backoff, jittered, key_job
+from keyd.daemon.scheduler import ApScheduler, Job
 from keyd.daemon.vault import Secret, TokenInfo
 from keyd.errors import SecretError, VaultAuthError, VaultError, VaultLoginError, VaultUnavailable
 from tests.helpers import wait_until
@@ -36,7 +38,7 @@ class Clock:
 class FakeVault:
     """Implements refresher.VaultLike. Queue errors with fail_*; secrets live in `secrets`."""
 
-    def __init__(self, clock: Clock, ttl: float = 60.0, renewable: bool = True) -> None:
+    def __init__(self, clock: Callable[[], float], ttl: float = 60.0, renewable: bool = True) -> None:
         self.clock = clock
         self.ttl = ttl
         self.renewable = renewable
@@ -97,6 +99,33 @@ class FakeVault:
         return Secret(value=SecretKey.from_str(value), version=version, kv_version=kv_version)
 
 
+class FakeScheduler:
+    """Implements scheduler.Scheduler: one pending run per job id, run when a test asks."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Job] = {}
+        self.scheduled: list[tuple[str, float]] = []  # every (job id, delay) asked for, in order
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def shutdown(self) -> None:
+        self.started = False
+
+    def schedule(self, job_id: str, delay: float, job: Job) -> None:
+        self.pending[job_id] = job
+        self.scheduled.append((job_id, delay))
+
+    def cancel(self, job_id: str) -> None:
+        self.pending.pop(job_id, None)
+
+    def run(self, job_id: str) -> None:
+        """Run the pending job ``job_id`` (it is due: the test has moved the clock if it cares)."""
+        assert job_id in self.pending, f"{job_id} is not scheduled: {sorted(self.pending)}"
+        self.pending.pop(job_id)()
+
+
 class Harness:
     def __init__(
         self,
@@ -118,6 +147,7 @@ class Harness:
         self.store = KeyStore(self.apps, self.refresh.max_stale, clock=self.clock)
         self.changes = 0
         self.changed_apps: list[str] = []
+        self.scheduler = FakeScheduler()
         self.refresher = Refresher(
             dict(self.apps),
             self.refresh,
@@ -126,13 +156,23 @@ class Harness:
             clock=self.clock,
             rand=lambda: self.rand,
             on_change=self._changed,
+            probe_interval=1.0,
+            scheduler=self.scheduler,
         )
-        self.scheduled: list[tuple[str, float]] = []
+        self.refresher.start()  # every key job pending at delay 0; nothing has run yet
+        assert self.scheduler.started and self.scheduled == [(key_job(n), 0.0) for n in self.apps]
+        self.scheduled.clear()
 
-        def record(job_id: str, func: Callable[..., None], delay: float, *args: Any) -> None:
-            self.scheduled.append((job_id, delay))
+    @property
+    def scheduled(self) -> list[tuple[str, float]]:
+        return self.scheduler.scheduled
 
-        self.refresher._schedule = record  # type: ignore[method-assign]  # observe, do not run
+    def run(self, job_id: str) -> None:
+        self.scheduler.run(job_id)
+
+    def refresh_job(self, app: str = "default") -> None:
+        """The app's scheduled refresh runs (and schedules the next one)."""
+        self.run(key_job(app))
 
     def _changed(self, app: str) -> None:
         self.changes += 1
@@ -186,7 +226,7 @@ def test_interval_jitter_is_ten_percent(rand: float, factor: float) -> None:
 @pytest.mark.parametrize(("rand", "expected"), [(0.0, 270.0), (1.0, 330.0)])
 def test_success_loads_the_key_and_schedules_the_next_read_at_interval(rand: float, expected: float) -> None:
     h = Harness(rand=rand)
-    h.refresher._refresh_app("default")
+    h.refresh_job()
     assert h.key_mac() == mac_of(KEY1)
     assert h.store.signing("default").version == 1
     assert h.vault.calls == ["login", "read secret/talkjs/live#secret_key"]
@@ -197,31 +237,31 @@ def test_success_loads_the_key_and_schedules_the_next_read_at_interval(rand: flo
 
 def test_failures_back_off_and_keep_the_cached_key() -> None:
     h = Harness(rand=1.0)
-    h.refresher._refresh_app("default")
+    h.refresh_job()
     h.vault.read_errors = [VaultUnavailable("cannot connect to Vault")] * 12
     delays = []
     for _ in range(12):
-        h.refresher._refresh_app("default")
+        h.refresh_job()
         delays.append(h.last("key:default"))
         assert h.key_mac() == mac_of(KEY1)
     assert delays == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]
-    state = h.store.state("default")
-    assert state.failures == 12
+    state = h.store.app_health("default")
+    assert state.refresh_failures == 12
     assert state.last_error == "cannot connect to Vault"
     assert h.refresher.refresh_failures == 12
-    h.refresher._refresh_app("default")
+    h.refresh_job()
     assert h.last("key:default") == pytest.approx(330.0)  # back to the normal interval
-    assert h.store.state("default").failures == 0
+    assert h.store.app_health("default").refresh_failures == 0
 
 
 def test_first_load_failure_retries_quickly() -> None:
     h = Harness(rand=0.0)
     h.vault.login_errors = [VaultUnavailable("cannot connect to Vault")]
-    h.refresher._refresh_app("default")
+    h.refresh_job()
     assert h.last("key:default") == 0.5
     assert h.refresher.login_failures == 1
-    assert h.store.health()[1]["status"] == "starting"
-    h.refresher._refresh_app("default")
+    assert h.store.health().status == "starting"
+    h.refresh_job()
     assert h.key_mac() == mac_of(KEY1)
 
 
@@ -240,7 +280,7 @@ def test_bad_secret_keeps_the_last_good_key() -> None:
     h.vault.read_errors = [SecretError("reading secret/talkjs/live: field 'secret_key' is empty")]
     assert h.refresher.refresh_app("default") is False
     assert h.key_mac() == mac_of(KEY1)
-    assert "is empty" in h.store.state("default").last_error
+    assert "is empty" in (h.store.app_health("default").last_error or "")
 
 
 def test_403_on_read_logs_in_again_and_retries() -> None:
@@ -257,7 +297,7 @@ def test_403_on_read_logs_in_again_and_retries() -> None:
         "read secret/talkjs/live#secret_key",
     ]
     assert h.key_mac() == mac_of(KEY2)
-    assert h.store.state("default").failures == 0
+    assert h.store.app_health("default").refresh_failures == 0
 
 
 def test_403_again_after_login_is_a_policy_problem() -> None:
@@ -266,7 +306,7 @@ def test_403_again_after_login_is_a_policy_problem() -> None:
     denied = VaultAuthError("permission denied (403)")
     h.vault.read_errors = [denied, denied]
     assert h.refresher.refresh_app("default") is False
-    assert "check keyd's Vault policy" in h.store.state("default").last_error
+    assert "check keyd's Vault policy" in (h.store.app_health("default").last_error or "")
     assert h.key_mac() == mac_of(KEY1)
     assert h.vault.calls.count("login") == 2  # one re-login, not a loop
 
@@ -278,7 +318,7 @@ def test_failed_relogin_after_403_keeps_the_key() -> None:
     h.vault.login_errors = [VaultLoginError("Vault refused the AppRole login")]
     assert h.refresher.refresh_app("default") is False
     assert h.key_mac() == mac_of(KEY1)
-    assert h.store.state("default").last_error == "Vault refused the AppRole login"
+    assert (h.store.app_health("default").last_error or "") == "Vault refused the AppRole login"
     assert h.refresher.login_failures == 1
 
 
@@ -301,10 +341,10 @@ def test_one_app_failing_does_not_touch_another() -> None:
     }
     h = Harness(apps=apps)
     del h.vault.secrets[("secret", "talkjs/b", "secret_key")]
-    h.refresher._refresh_app("a")
-    h.refresher._refresh_app("b")
+    h.refresh_job("a")
+    h.refresh_job("b")
     assert h.key_mac("a") == mac_of(KEY1)
-    assert h.store.state("b").failures == 1
+    assert h.store.app_health("b").refresh_failures == 1
     assert h.last("key:a") == pytest.approx(300.0)
     assert h.last("key:b") == pytest.approx(0.75)
 
@@ -312,11 +352,11 @@ def test_one_app_failing_does_not_touch_another() -> None:
 def test_sighup_during_a_read_schedules_another_read_at_once() -> None:
     h = Harness()
     h.vault.on_read = h.refresher.refresh_now
-    h.refresher._refresh_app("default")
+    h.refresh_job()
     # refresh_now scheduled an immediate read, and the run that was under way asks for one too.
     assert [d for j, d in h.scheduled if j == "key:default"] == [0.0, 0.0]
     h.vault.on_read = None
-    h.refresher._refresh_app("default")
+    h.refresh_job()
     assert h.last("key:default") == pytest.approx(300.0)
 
 
@@ -329,7 +369,7 @@ def test_renewal_at_two_thirds_of_the_ttl() -> None:
     assert h.last(TOKEN_JOB) == pytest.approx(60.0)
     h.clock.now += 60.0
     h.vault.calls.clear()
-    h.refresher._renew_token()
+    h.run(TOKEN_JOB)
     assert h.vault.calls == ["renew"]
     assert h.last(TOKEN_JOB) == pytest.approx(60.0)
 
@@ -345,7 +385,7 @@ def test_renewal_refused_logs_in_again() -> None:
     h.refresher.refresh_app("default")
     h.vault.calls.clear()
     h.vault.renew_errors = [VaultAuthError("Vault token renewal: permission denied (403)")]
-    h.refresher._renew_token()
+    h.run(TOKEN_JOB)
     assert h.vault.calls == ["renew", "invalidate", "login"]
     assert h.last(TOKEN_JOB) == pytest.approx(20.0)
     assert h.vault.logged_in
@@ -355,7 +395,7 @@ def test_not_renewable_logs_in_again() -> None:
     h = Harness(ttl=30.0, renewable=False)
     h.refresher.refresh_app("default")
     h.vault.calls.clear()
-    h.refresher._renew_token()
+    h.run(TOKEN_JOB)
     assert h.vault.calls == ["invalidate", "login"]
 
 
@@ -364,7 +404,7 @@ def test_near_max_ttl_logs_in_again() -> None:
     h.refresher.refresh_app("default")
     h.vault.calls.clear()
     h.vault.renew_ttl = 5.0  # Vault capped the renewal: the token's max TTL is close
-    h.refresher._renew_token()
+    h.run(TOKEN_JOB)
     assert h.vault.calls == ["renew", "invalidate", "login"]
     assert h.vault.token is not None and h.vault.token.ttl == 30.0
 
@@ -374,13 +414,13 @@ def test_failed_renewal_and_login_never_drop_the_key_and_back_off() -> None:
     h.refresher.refresh_app("default")
     h.vault.renew_errors = [VaultUnavailable("cannot connect to Vault")]
     h.vault.login_errors = [VaultUnavailable("cannot connect to Vault")] * 3
-    h.refresher._renew_token()  # renewal fails with a transient error: retried, no re-login yet
+    h.run(TOKEN_JOB)  # renewal fails with a transient error: retried, no re-login yet
     assert h.last(TOKEN_JOB) == 1.0
     assert h.key_mac() == mac_of(KEY1)
     h.vault.renew_errors = [VaultAuthError("permission denied (403)")]
     delays = []
     for _ in range(4):
-        h.refresher._renew_token()
+        h.run(TOKEN_JOB)
         delays.append(h.last(TOKEN_JOB))
         assert h.key_mac() == mac_of(KEY1)
         assert h.store.signing("default").version == 1
@@ -406,6 +446,30 @@ def test_a_real_scheduler_loads_every_key_on_start() -> None:
     assert vault.calls.count("login") == 1
 
 
+def test_the_apscheduler_adapter_runs_once_by_id_replacing_and_cancelling() -> None:
+    scheduler = ApScheduler(workers=2)
+    ran: list[str] = []
+    done = threading.Event()
+
+    def last() -> None:
+        ran.append("last")
+        done.set()
+
+    scheduler.start()
+    try:
+        scheduler.schedule("job", 60.0, lambda: ran.append("replaced"))
+        scheduler.schedule("job", 0.0, lambda: ran.append("job"))
+        scheduler.schedule("other", 0.1, lambda: ran.append("cancelled"))
+        scheduler.cancel("other")
+        scheduler.cancel("never scheduled")
+        scheduler.schedule("last", 0.3, last)  # due after the cancelled one would have been
+        assert done.wait(5)
+    finally:
+        scheduler.shutdown()
+    assert ran == ["job", "last"]
+    scheduler.schedule("late", 0.0, lambda: ran.append("late"))  # after shutdown: nothing, no error
+
+
 # -- policy problems, recovery probes ------------------------------------------------------------
 
 
@@ -416,11 +480,12 @@ def test_a_403_right_after_a_fresh_login_is_the_policy_and_retries_never_log_in_
     for _ in range(5):
         assert h.refresher.refresh_app("default") is False
     assert h.vault.calls.count("login") == 1  # the first refresh's login, then never again
-    state = h.store.state("default")
+    state = h.store.app_health("default")
+    assert state.last_error is not None
     assert state.cause == "permission denied on secret/data/talkjs/live"
     assert "check keyd's Vault policy" in state.last_error and "http://v1" in state.last_error
     # The normal backoff (5 failures in a row: at least 8 s), not a fast loop.
-    h.refresher._refresh_app("default")
+    h.refresh_job()
     assert h.last("key:default") >= h.refresh.retry_min * 8
 
 
@@ -437,7 +502,10 @@ def test_a_403_with_an_older_token_logs_in_once_then_the_verdict_sticks_to_that_
     # The policy is fixed: the next read works, and the verdict is forgotten.
     h.vault.read_errors = []
     assert h.refresher.refresh_app("default") is True
-    assert h.refresher._policy_denied == {}
+    # ... so a later 403 is first taken for a revoked token again: one more login, then the verdict.
+    h.vault.read_errors = [denied, denied]
+    assert h.refresher.refresh_app("default") is False
+    assert h.vault.calls.count("login") == 3
 
 
 def test_an_expired_token_is_replaced_before_reading() -> None:
@@ -451,7 +519,6 @@ def test_an_expired_token_is_replaced_before_reading() -> None:
 
 def probe_harness() -> Harness:
     h = Harness(refresh=RefreshConfig(interval=300.0, max_stale=3600.0, retry_min=1.0, retry_max=300.0))
-    h.refresher._probe_interval = 1.0
     h.refresher.refresh_app("default")
     h.vault.read_errors = [VaultUnavailable("no Vault node could serve it", "node unreachable")] * 20
     assert h.refresher.refresh_app("default") is False
@@ -460,11 +527,13 @@ def probe_harness() -> Harness:
 
 def test_a_failed_refresh_starts_probing_at_jittered_probe_intervals() -> None:
     h = probe_harness()
-    assert h.refresher._probing
-    assert 0.5 <= h.last("vault-probe") <= 1.0  # rand 0.5: three quarters of the interval
+    assert PROBE_JOB in h.scheduler.pending
+    assert h.last(PROBE_JOB) == 0.75  # rand 0.5: three quarters of the interval
+    h.vault.probes = [ProbeResult(serving=False, newly_serving=())] * 2
     for rand, delay in ((0.0, 0.5), (1.0, 1.0)):
         h.rand = rand
-        assert h.refresher._probe_delay() == delay
+        h.run(PROBE_JOB)
+        assert h.last(PROBE_JOB) == delay
 
 
 def test_a_node_serving_again_refreshes_failing_apps_at_once_then_backs_off() -> None:
@@ -472,51 +541,60 @@ def test_a_node_serving_again_refreshes_failing_apps_at_once_then_backs_off() ->
     h.scheduled.clear()
     # Nothing serves: no refresh is pulled forward, probing goes on.
     h.vault.probes = [ProbeResult(serving=False, newly_serving=())]
-    h.refresher._probe()
-    assert [j for j, _ in h.scheduled] == ["vault-probe"]
+    h.run(PROBE_JOB)
+    assert [j for j, _ in h.scheduled] == [PROBE_JOB]
     # A node answers healthy: the app is refreshed now (jitter at most a fifth of the interval).
     h.scheduled.clear()
     h.vault.probes = [ProbeResult(serving=True, newly_serving=("https://v2:8200",))]
-    h.refresher._probe()
+    h.run(PROBE_JOB)
     assert 0.0 <= h.last("key:default") <= 0.2
     # Still serving, the refresh failed again: not at every probe, but after a growing backoff.
     h.refresher.refresh_app("default")
     h.scheduled.clear()
-    h.refresher._probe()
+    h.run(PROBE_JOB)
     assert "key:default" not in [j for j, _ in h.scheduled]
     h.clock.now += 1.0
-    h.refresher._probe()
+    h.run(PROBE_JOB)
     assert "key:default" in [j for j, _ in h.scheduled]
     h.scheduled.clear()
     h.clock.now += 1.0
-    h.refresher._probe()
+    h.run(PROBE_JOB)
     assert "key:default" not in [j for j, _ in h.scheduled]  # the second wait is longer (1.5 s)
     # Success: the app leaves recovery and probing stops.
     h.vault.read_errors = []
     assert h.refresher.refresh_app("default") is True
     h.scheduled.clear()
-    h.refresher._probe()
-    assert h.scheduled == [] and not h.refresher._probing
+    h.run(PROBE_JOB)
+    assert h.scheduled == [] and PROBE_JOB not in h.scheduler.pending
 
 
 def test_probing_goes_on_while_a_node_is_marked_failed_even_if_every_app_signs() -> None:
     h = Harness()
     h.vault.node_failed = True
     assert h.refresher.refresh_app("default") is True
-    assert h.refresher._probing and h.last("vault-probe") > 0
+    assert PROBE_JOB in h.scheduler.pending and h.last(PROBE_JOB) > 0
     h.scheduled.clear()
-    h.refresher._probe()
-    assert [j for j, _ in h.scheduled] == ["vault-probe"]  # no refresh: every app is fine
+    h.run(PROBE_JOB)
+    assert [j for j, _ in h.scheduled] == [PROBE_JOB]  # no refresh: every app is fine
     h.vault.node_failed = False
     h.scheduled.clear()
-    h.refresher._probe()
-    assert h.scheduled == [] and not h.refresher._probing
+    h.run(PROBE_JOB)
+    assert h.scheduled == [] and PROBE_JOB not in h.scheduler.pending
 
 
 def test_a_probe_never_pulls_forward_a_refresh_that_is_running() -> None:
     h = probe_harness()
-    h.scheduled.clear()
-    h.refresher._running.add("default")
     h.vault.probes = [ProbeResult(serving=True, newly_serving=("https://v1",))]
-    h.refresher._probe()
-    assert "key:default" not in [j for j, _ in h.scheduled]
+    during: list[tuple[str, float]] = []
+
+    def probe_while_reading() -> None:
+        # The probe job runs on another worker while the app's refresh is reading from Vault.
+        h.vault.on_read = None
+        h.scheduled.clear()
+        h.run(PROBE_JOB)
+        during.extend(h.scheduled)
+
+    h.vault.on_read = probe_while_reading
+    h.refresh_job()
+    assert during and key_job("default") not in [j for j, _ in during]
+    assert h.last(key_job("default")) >= 1.0  # the running refresh reschedules itself on its backoff

@@ -19,6 +19,7 @@ from keyd import config as configuration
 from keyd.config import parse_rest_rule
 from keyd.daemon import rest
 from keyd.daemon.api import Deferred, Request, Response
+from keyd.daemon.health import Health
 from keyd.daemon.keystore import KeySnapshot, SecretKey
 from keyd.daemon.peers import Caller, Policy
 from keyd.daemon.upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
@@ -60,8 +61,8 @@ class Keys:
             raise KeyUnavailable("no key")
         return self.snapshot
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        return True, {}
+    def health(self) -> Health:
+        return Health("ok", ())
 
 
 class Audit:

@@ -11,7 +11,10 @@ import pytest
 
 from keyd import config as configuration
 from keyd.daemon.keystore import KeySnapshot, KeyStore, SecretKey
+from keyd.daemon.refresher import Refresher, key_job
 from keyd.daemon.wiring import Daemon
+from keyd.errors import SecretError
+from tests.unit.test_refresher import FakeScheduler, FakeVault
 
 
 class Clock:
@@ -47,7 +50,7 @@ def daemon_with(tmp_path: Path, nodes: list[str]) -> tuple[Daemon, Clock]:
     daemon.store = KeyStore(config.apps, config.refresh.max_stale, clock=clock)
     key = SecretKey.from_str("sk_test_" + "k" * 24)
     for app in config.apps:
-        daemon.store.update(KeySnapshot(app, key, key, version=1, kv_version=2, loaded_at=clock.now))
+        daemon.store.record_success(KeySnapshot(app, key, key, version=1, kv_version=2, loaded_at=clock.now))
     return daemon, clock
 
 
@@ -84,20 +87,41 @@ def test_a_failing_node_is_named_with_the_node_in_use(two_nodes: tuple[Daemon, C
 
 
 def test_a_reload_that_failed_for_one_app_says_which_and_why(two_nodes: tuple[Daemon, Clock]) -> None:
-    daemon, _ = two_nodes
+    daemon, clock = two_nodes
     recorder = Recorder()
     daemon.notifier = recorder  # type: ignore[assignment]
     daemon._ready_sent = True
-    daemon.refresher._run_generation = {"live": 0, "test": 0}  # attempts under way before the SIGHUP
-    daemon.reload()
+    # The daemon's refresher, on a fake Vault and a fake scheduler: the test runs each job.
+    vault = FakeVault(clock)
+    for app in daemon.config.apps.values():
+        vault.secrets[(app.kv_mount, app.path, app.field)] = ("sk_test_" + "k" * 24, 1)
+    scheduler = FakeScheduler()
+    daemon.refresher = Refresher(
+        dict(daemon.config.apps),
+        daemon.config.refresh,
+        vault,
+        daemon.store,
+        clock=clock,
+        on_change=daemon._keys_changed,
+        scheduler=scheduler,
+    )
+    daemon.refresher.start()
+
+    def sighup_during_the_read() -> None:
+        vault.on_read = None
+        daemon.reload()
+
+    vault.on_read = sighup_during_the_read
+    scheduler.run(key_job("live"))  # under way when the SIGHUP came: it does not count for the reload
     assert recorder.sent[0][0] == "RELOADING=1"
-    daemon._keys_changed("live")  # such an attempt finishing does not count for the reload
     assert len(recorder.sent) == 1 and daemon._reload_waiting == {"live", "test"}
-    daemon.refresher._run_generation = {"live": 1, "test": 1}  # the reads the SIGHUP started
-    daemon.store.record_failure("live", "reading secret/talkjs/live: the secret has no field", "malformed secret at secret/talkjs/live")
-    daemon._keys_changed("live")
-    daemon.store.update(daemon.store.state("test").snapshot)  # type: ignore[arg-type]
-    daemon._keys_changed("test")
+    # The reads the SIGHUP started: live's secret lost its field, test's is fine.
+    vault.read_errors = [
+        SecretError("reading secret/talkjs/live: the secret has no field", "malformed secret at secret/talkjs/live")
+    ]
+    scheduler.run(key_job("live"))
+    assert len(recorder.sent) == 1  # test's read is still to come
+    scheduler.run(key_job("test"))
     ready = recorder.sent[-1]
     assert ready[0] == "READY=1"
     assert ready[1].startswith("STATUS=reload failed: app live: malformed secret at secret/talkjs/live; now degraded")

@@ -41,6 +41,7 @@ class Cluster:
         self.clients: list[FakeClient] = []
         self.kv: dict[str, Any] = {"secret_key": "sk_test_abc"}
         self.read_error: Exception | None = None
+        self.tokens: list[str] = []  # the tokens the next logins issue (then TOKEN)
 
     def factory(self, address: str, token: str, session: Any) -> FakeClient:
         client = FakeClient(self, address, token)
@@ -68,7 +69,8 @@ class FakeClient:
         def login(role_id: str, secret_id: str, mount_point: str, use_token: bool) -> dict[str, Any]:
             assert use_token is False  # hvac must not store the new token on this client
             cluster_.answer(address, "login")
-            return {"auth": {"client_token": TOKEN, "lease_duration": 60, "renewable": True}}
+            issued = cluster_.tokens.pop(0) if cluster_.tokens else TOKEN
+            return {"auth": {"client_token": issued, "lease_duration": 60, "renewable": True}}
 
         def read_secret_version(**_: Any) -> dict[str, Any]:
             cluster_.answer(address, f"read with {self.token or 'no token'}")
@@ -210,6 +212,34 @@ def test_logins_get_a_client_of_their_own_and_no_client_ever_changes_its_token(t
     assert len(token_clients) == 2  # one per (node, token generation)
     assert v.token_generation == 2
     assert TOKEN not in repr(v)
+
+
+def test_a_login_while_another_thread_builds_its_client_never_caches_the_old_token_as_new(
+    tmp_path: Path,
+) -> None:
+    """A read builds its node's client from the token it read; a login on another thread lands in
+    between. The client must be cached under the old token's generation, so the next read uses the
+    new token (not the old one, which Vault may have revoked: the 403 that caused the login)."""
+    cluster, clock = Cluster(), Clock()
+    cluster.tokens = ["s.first", "s.second"]
+    build = cluster.factory
+    raced: list[str] = []
+
+    def factory(address: str, token: str, session: Any) -> FakeClient:
+        client = build(address, token, session)
+        if token == "s.first" and not raced:
+            raced.append(token)
+            v.login()  # another thread's login completes while this client is being built
+        return client
+
+    cluster.factory = factory  # type: ignore[method-assign]  # the client_factory Vault is built with
+    v = approle_vault(tmp_path, cluster, clock, nodes=(A,))
+    v.login()
+    cluster.calls.clear()
+    v.read("secret", "p", "secret_key", 2)
+    v.read("secret", "p", "secret_key", 2)
+    reads = [what for _, what in cluster.calls if what.startswith("read")]
+    assert raced and reads == ["read with s.first", "read with s.second"]
 
 
 def test_renewal_fails_over_and_keeps_the_token(tmp_path: Path) -> None:

@@ -32,9 +32,9 @@ from prometheus_client.process_collector import ProcessCollector
 from keyd.config import ServerConfig
 from keyd.daemon.api import TOKENS_ENDPOINT, Request, Response
 from keyd.daemon.decisions import Decision
+from keyd.daemon.health import Health, VaultHealth
 from keyd.daemon.peers import Caller, Identities
 from keyd.daemon.server import Server
-from keyd.daemon.health import Health, VaultHealth
 
 log = logging.getLogger("keyd.metrics")
 

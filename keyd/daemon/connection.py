@@ -275,7 +275,14 @@ class Connection(asyncio.Protocol):
                 )
             self._headers = _SealedHeaders(headers)  # trailers, if any, are ignored
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and self._too_long(int(length)):
+        # server.max_body holds for every path and is compared here, inline: the usual body is
+        # under it and costs no call; only a longer one asks about its target's own limit.
+        if (
+            length is not None
+            and length.isdigit()
+            and int(length) > self.server.max_body
+            and self._beyond_target_limit(int(length))
+        ):
             self._too_large()
         if (
             b"expect" in headers
@@ -298,8 +305,8 @@ class Connection(asyncio.Protocol):
             self._body = bytearray(self._body) + body
         else:
             self._body += body
-        if self._too_long(len(self._body)):
-            self._too_large()
+        if len(self._body) > self.server.max_body and self._beyond_target_limit(len(self._body)):
+            self._too_large()  # as in on_headers_complete: server.max_body first, inline
 
     def on_message_complete(self) -> None:
         server = self.server
@@ -330,10 +337,10 @@ class Connection(asyncio.Protocol):
 
     # -- limits ------------------------------------------------------------------------------
 
-    def _too_long(self, length: int) -> bool:
-        """server.max_body holds for every path; the API may allow more on some (the REST proxy)."""
-        server = self.server
-        return length > server.max_body and length > server.body_limit(self._url, self.caller)
+    def _beyond_target_limit(self, length: int) -> bool:
+        """Asked only about a body over server.max_body: whether it is over its target's own limit
+        too (the API may allow more on some paths to some callers: the REST proxy)."""
+        return length > self.server.body_limit(self._url, self.caller)
 
     def _too_large(self) -> None:
         limit = max(self.server.max_body, self.server.body_limit(self._url, self.caller))

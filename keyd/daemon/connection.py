@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import httptools
 
 from keyd.config import ServerConfig
-from keyd.daemon.api import Deferred, Response, error_body
+from keyd.daemon.api import JSON, Deferred, Response, error_body
 from keyd.daemon.outbox import Outbox
 from keyd.daemon.peers import Caller, Identities
 
@@ -38,6 +38,9 @@ CLOSE_GRACE = 1.0  # after closing: how long a peer that reads nothing may keep 
 MAX_HELD = 64  # answers held behind a deferred one before the connection stops reading
 _STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _CLOSE_HEADER = b"Connection: close\r\n"
+# encode's prepared start of a JSON answer, per status: the status line, Content-Type, and the
+# name of Content-Length, exactly as its general form writes them.
+_JSON_HEADS = {status: line + b"Content-Type: " + JSON + b"\r\nContent-Length: " for status, line in _STATUS.items()}
 
 
 # Where a parsed request goes (Api.dispatch: caller, method, target, headers, body); it never
@@ -48,6 +51,11 @@ Dispatch = Callable[[Caller, bytes, bytes, Mapping[bytes, bytes], bytes], Respon
 def encode(response: Response, keep_alive: bool, with_body: bool = True) -> bytes:
     """The bytes of one answer: status line, headers, body (none for HEAD, RFC 9110 9.3.2)."""
     body = response.body
+    if keep_alive and with_body and not response.headers and response.content_type == JSON:
+        # The usual answer (every token): the same bytes as the general form below, with the
+        # status line and Content-Type prepared once (_JSON_HEADS) rather than formatted per answer
+        # (about 550 instructions less per token; tests/unit/test_encode.py checks both agree).
+        return b"%s%d\r\n\r\n%s" % (_JSON_HEADS[response.status], len(body), body)
     extra = b"".join(b"%s: %s\r\n" % pair for pair in response.headers) if response.headers else b""
     return b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
         _STATUS[response.status],

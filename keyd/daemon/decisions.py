@@ -15,7 +15,7 @@ from keyd.daemon.peers import Caller
 
 # Not frozen: one is built per request, and a frozen dataclass's __init__ costs five times as much
 # (0.56 against 0.11 us). Nor a NamedTuple: its __new__ costs half as much again (0.16 us) and its
-# fields read slower, on the hot path (audit.record, RequestStats.issued): about 1,400 instructions
+# fields read slower, on the hot path (audit.record, RequestStats.issued): about 2,400 instructions
 # per token in all (docs/benchmarks.md). The invariant that stands in for frozen: a Decision is
 # built whole by the API and never changed after (the audit log keeps it until it flushes).
 @dataclass(slots=True)

@@ -347,10 +347,18 @@ class Api:
             raise ApiError(404, "unknown_app", f"no app named {name[:64]!r} is configured")
         return name
 
-    def _refuse(self, exc: Refusal | ApiError, decision: Decision) -> ApiError:
-        """Record ``decision`` as refused with the error's code; the ApiError to answer with."""
+    def _refuse(
+        self,
+        exc: Refusal | ApiError,
+        caller: Caller,
+        app: str,
+        kind: str,
+        sub: str | None,
+        ttl: int | None,
+    ) -> ApiError:
+        """Record the refusal (one Decision, with the error's code); the ApiError to answer with."""
         error = exc if isinstance(exc, ApiError) else refusal_error(exc)
-        self._decided(decision._replace(outcome="refused", code=error.code))
+        self._decided(Decision(caller, app, kind, sub, ttl, REFUSED, error.code))
         return error
 
     def _decided(self, decision: Decision) -> None:
@@ -396,7 +404,7 @@ class Api:
                     ttl = int(grant.max_ttl)  # the caller's own default is its grant's maximum
                 snapshot = self._keys.signing(name)
             except Refusal as exc:
-                raise self._refuse(exc, Decision(caller, name, kind, user_id, ttl, REFUSED, None)) from None
+                raise self._refuse(exc, caller, name, kind, user_id, ttl) from None
         except ApiError as exc:
             self._stats.error(exc.code)
             response = error_response(exc)
@@ -431,16 +439,12 @@ class Api:
             self._policy.authorize(request.caller, self._apps[name], "signature", None, user_id)
             snapshot = self._keys.signing(name)
         except Refusal as exc:
-            raise self._refuse(
-                exc, Decision(request.caller, name, "signature", user_id, None, REFUSED, None)
-            ) from None
+            raise self._refuse(exc, request.caller, name, "signature", user_id, None) from None
         try:
             sig = tokens.signature(snapshot.signing, user_id, uppercase)
         except Unsignable as exc:
             why = _invalid(f"keyd does not sign this user_id: {exc}")
-            raise self._refuse(
-                why, Decision(request.caller, name, "signature", user_id, None, REFUSED, None)
-            ) from None
+            raise self._refuse(why, request.caller, name, "signature", user_id, None) from None
         self._decided(Decision(request.caller, name, "signature", user_id, None, "issued", None))
         return Response(
             200,
@@ -466,9 +470,7 @@ class Api:
             self._policy.authorize(request.caller, app, "webhook", None, None)
             snapshot = self._keys.signing(name)
         except Refusal as exc:
-            raise self._refuse(
-                exc, Decision(request.caller, name, "webhook", None, None, REFUSED, None)
-            ) from None
+            raise self._refuse(exc, request.caller, name, "webhook", None, None) from None
         if stamp > 1e11:
             stamp /= 1000.0  # milliseconds
         rejection = None
@@ -479,9 +481,7 @@ class Api:
                 401, "stale_timestamp", "the webhook timestamp is outside the allowed window"
             )
         if rejection is not None:
-            raise self._refuse(
-                rejection, Decision(request.caller, name, "webhook", None, None, REFUSED, None)
-            )
+            raise self._refuse(rejection, request.caller, name, "webhook", None, None)
         self._decided(Decision(request.caller, name, "webhook", None, None, "verified", None))
         return Response(200, b'{"valid":true,"app":%s}' % self._app_json[name][0].encode())
 

@@ -185,7 +185,8 @@ class AuditLog:
 
     def _refused_line(self, now: float, decision: Decision) -> str:
         """A refusal's line, formatted now (refusal lines are few): the user id is cut short."""
-        caller, app, kind, sub, ttl, _, code = decision
+        caller, app, kind, sub = decision.caller, decision.app, decision.kind, decision.sub
+        ttl, code = decision.ttl, decision.code
         middle = self._middles.get((caller, "refused", code, app, kind, ttl)) or self._middle(
             (caller, "refused", code, app, kind, ttl)
         )
@@ -246,7 +247,8 @@ class AuditLog:
                 append(record)
                 continue
             now, decision = record
-            caller, app, kind, sub, ttl, outcome, code = decision
+            caller, app, kind, sub = decision.caller, decision.app, decision.kind, decision.sub
+            ttl, outcome, code = decision.ttl, decision.outcome, decision.code
             second = int(now)
             if second != current:
                 current = second

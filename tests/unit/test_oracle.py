@@ -220,8 +220,8 @@ def test_the_api_refuses_with_422_and_audits_it() -> None:
     error = json.loads(response.body)["error"]
     assert error["code"] == "invalid_field"
     assert "JWT signing input" in error["message"] and "TalkJS token" in error["message"]
-    assert audit.records[-1][-2:] == ("refused", "invalid_field")
-    assert audit.records[-1][0] is CALLER
+    assert (audit.records[-1].outcome, audit.records[-1].code) == ("refused", "invalid_field")
+    assert audit.records[-1].caller is CALLER
     response = api.handle(request(path=b"/v1/signatures", body={"user_id": "1764380000.{}"}))
     assert response.status == 422 and "webhook" in json.loads(response.body)["error"]["message"]
     response = api.handle(request(path=b"/v1/signatures", body={"user_id": "john.doe@example.com"}))

@@ -133,6 +133,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "_body",
+        "_early",
         "_header_bytes",
         "_headers",
         "_held",
@@ -156,6 +157,9 @@ class Connection(asyncio.Protocol):
         self.deadline = 0.0
         self.received = 0.0  # the clock when data_received last ran
         self.uid: int | None = None  # counted in server.uid_connections while set
+        # Bytes that arrived while the caller's names were still being looked up (see _named);
+        # None once they are known.
+        self._early: bytearray | None = None
         self._url = b""
         self._headers: dict[bytes, bytes] = {}
         self._header_bytes = 0
@@ -193,7 +197,10 @@ class Connection(asyncio.Protocol):
         self.deadline = server.now() + server.first_byte_timeout
         if not known:
             # A uid keyd has not seen: its names are looked up in a worker thread (NSS may block),
-            # and only this connection waits for them.
+            # and only this connection waits for them. Pausing here is not enough: uvloop starts
+            # reading right after connection_made returns, so what arrives first is held in
+            # _early (data_received pauses then) and parsed once the names are in.
+            self._early = bytearray()
             transport.pause_reading()
             server.identities.when_named(self.caller, self._named)
 
@@ -204,10 +211,13 @@ class Connection(asyncio.Protocol):
 
     def _named(self, caller: Caller) -> None:
         self.caller = caller
+        early, self._early = self._early, None
         if self.parser is not None and not self.transport.is_closing():
             if not self.busy:  # the first-byte deadline counts from when keyd starts reading
                 self.deadline = self.server.now() + self.server.first_byte_timeout
             self.transport.resume_reading()
+            if early:
+                self.data_received(bytes(early))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.uid is not None:
@@ -220,6 +230,10 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.parser is None:
+            return
+        if self._early is not None:  # the caller's names are not in yet (connection_made)
+            self._early += data
+            self.transport.pause_reading()
             return
         # One clock read per read: the deadlines this data starts are measured from when it
         # arrived, never from an older time (a stalled loop must not make them fire early).

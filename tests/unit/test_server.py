@@ -4,6 +4,7 @@ deadlines on an injected clock, the per-uid connection cap."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -614,3 +615,40 @@ def test_shutdown_answers_requests_in_progress_and_half_closes_idle_ones(sock: s
     ((status, _, body),) = answers(late_transport.written)
     assert (status, json.loads(body)["error"]["code"]) == (503, "shutting_down")
     assert late_transport.closed
+
+
+class PendingNames(Identities):
+    """Names never cached: ``when_named`` keeps the callback for the test to call."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.waiting: list[Any] = []
+
+    def identify(self, sock: socket.socket) -> tuple[Caller, bool]:
+        caller, _ = super().identify(sock)
+        return caller, False
+
+    def when_named(self, caller: Caller, done: Any) -> None:
+        self.waiting.append((caller, done))
+
+
+def test_a_request_that_arrives_before_the_callers_names_waits_for_them(sock: socket.socket) -> None:
+    """uvloop starts reading right after connection_made, whatever it paused: bytes that arrive
+    before the names are held, and the request is dispatched with the named caller."""
+    clock = Clock()
+    seen: list[Caller] = []
+
+    def dispatch(caller: Caller, method: bytes, target: bytes, headers: Any, body: bytes) -> Response:
+        seen.append(caller)
+        return Response(200, b"{}")
+
+    identities = PendingNames(clock=clock, lookup=lambda uid, gids: ("tester", {}), root="/")
+    server = Server(ServerConfig(), dispatch, identities=identities, clock=clock)
+    conn, transport = connect(server, sock)
+    conn.data_received(b"GET /v1/health HTTP/1.1\r\nHost: keyd\r\n\r\n")
+    assert transport.written == b"" and seen == []  # held, not parsed
+    ((caller, done),) = identities.waiting
+    named = dataclasses.replace(caller, user="alice")
+    done(named)
+    assert [status for status, _, _ in answers(transport.written)] == [200]
+    assert seen == [named]

@@ -462,6 +462,10 @@ def _vault_nodes(r: _Reader, name: str, value: Any) -> list[str]:
             r.problem(key, f"{item!r} is not an http:// or https:// URL")
             continue
         url = item.strip().rstrip("/")
+        if "@" in url.partition("://")[2].partition("/")[0]:
+            # Vault never takes URL credentials; the address is logged and shown by /v1/health.
+            r.problem(key, "must not hold a user name or password (user:password@): Vault never uses them")
+            continue
         if url in nodes:
             r.problem(key, f"{url!r} is listed twice")
             continue

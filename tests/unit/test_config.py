@@ -672,6 +672,7 @@ def test_a_single_address_keeps_working() -> None:
         ({"address": 8200}, "vault.address: must be a URL or a list of URLs, not int"),
         ({"address": "https://a:1", "addresses": ["https://b:1"]}, "vault.addresses: give either"),
         ({"probe_interval": 0}, "vault.probe_interval: must be greater than zero"),
+        ({"address": ["https://a:1", "https://u:pw@b:1"]}, "vault.address[1]: must not hold a user name"),
     ],
 )
 def test_bad_vault_node_lists_name_the_file_and_key(vault: dict[str, Any], expected: str) -> None:
@@ -679,3 +680,4 @@ def test_bad_vault_node_lists_name_the_file_and_key(vault: dict[str, Any], expec
     data["vault"] = vault
     line = one_problem(data)
     assert line.startswith(f"{SOURCE}: {expected}"), line
+    assert "pw" not in line  # a password in the URL is not echoed back either

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from keyd.errors import ConfigError
 
@@ -466,11 +467,28 @@ def _vault_nodes(r: _Reader, name: str, value: Any) -> list[str]:
             # Vault never takes URL credentials; the address is logged and shown by /v1/health.
             r.problem(key, "must not hold a user name or password (user:password@): Vault never uses them")
             continue
+        if not _valid_host_and_port(url):
+            r.problem(key, f"{url!r} does not have a valid host name and port")
+            continue
         if url in nodes:
             r.problem(key, f"{url!r} is listed twice")
             continue
         nodes.append(url)
     return nodes
+
+
+def _valid_host_and_port(url: str) -> bool:
+    """Whether requests can connect to ``url``: a port of 1-65535 and a host IDNA accepts (labels of
+    at most 63 characters), so a bad one is refused here rather than by every call and probe."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname or ""
+        if not parts.netloc.startswith("[") and host:
+            host.encode("idna")
+    except (ValueError, UnicodeError):
+        return False
+    return bool(host) and port != 0
 
 
 def _read_vault(r: _Reader) -> VaultConfig:

@@ -673,6 +673,9 @@ def test_a_single_address_keeps_working() -> None:
         ({"address": "https://a:1", "addresses": ["https://b:1"]}, "vault.addresses: give either"),
         ({"probe_interval": 0}, "vault.probe_interval: must be greater than zero"),
         ({"address": ["https://a:1", "https://u:pw@b:1"]}, "vault.address[1]: must not hold a user name"),
+        ({"address": "http://vault:99999"}, "vault.address: 'http://vault:99999' does not have a valid host"),
+        ({"address": "http://[::1"}, "vault.address: 'http://[::1' does not have a valid host"),
+        ({"address": "http://" + "a" * 64 + ".x"}, "vault.address: 'http://aaaa"),
     ],
 )
 def test_bad_vault_node_lists_name_the_file_and_key(vault: dict[str, Any], expected: str) -> None:

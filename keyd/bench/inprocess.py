@@ -100,6 +100,16 @@ async def _best(feed: Callable[[bytes], None], requests: Sequence[bytes], total:
     return best / total
 
 
+async def warm_identity(daemon: Daemon, sock: socket.socket) -> None:
+    """Have keyd know this process's uid before the feed: a new uid's first bytes are held until its
+    names are looked up (in a worker thread), and the feed does not wait for that."""
+    caller, known = daemon.server.identities.identify(sock)
+    if not known:
+        named: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        daemon.server.identities.when_named(caller, named.set_result)
+        await named
+
+
 async def _measure(kind: str, total: int, rounds: int) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     requests = keyd_requests(kind)
@@ -108,6 +118,7 @@ async def _measure(kind: str, total: int, rounds: int) -> dict[str, Any]:
         daemon = _keyd(workdir)
         daemon.server.attach(loop)
         daemon.audit.attach(loop)
+        await warm_identity(daemon, ours)
         keyd_transport = StandInTransport(ours)
         connection = Connection(daemon.server)
         connection.connection_made(keyd_transport)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 
-from keyd.bench.inprocess import StandInTransport, _best, _keyd
+from keyd.bench.inprocess import StandInTransport, _best, _keyd, warm_identity
 from keyd.bench.load import loop_run
 from keyd.bench.options import BenchError
 from keyd.bench.workload import keyd_requests
@@ -39,6 +39,7 @@ async def _feed(total: int, kind: str) -> None:
         daemon = _keyd(workdir)
         daemon.server.attach(loop)
         daemon.audit.attach(loop)
+        await warm_identity(daemon, ours)
         transport = StandInTransport(ours)
         connection = Connection(daemon.server)
         connection.connection_made(transport)

@@ -293,11 +293,11 @@ class Api:
         """
         if target == TOKENS_PATH and method == b"POST":
             return self.issue(caller, body, headers.get(b"content-type"))
-        path, query = target, {}
+        path, query, raw_query = target, {}, b""
         if b"?" in target:
             path, raw_query = target.split(b"?", 1)
             query = dict(parse_qsl(raw_query.decode("latin-1")))
-        return self.handle(Request(method, path, query, headers, body, caller))
+        return self.handle(Request(method, path, query, headers, body, caller, raw_query))
 
     def handle(self, request: Request) -> Response:
         """One parsed request: route, run the handler, turn an ApiError into its answer."""
@@ -505,6 +505,7 @@ class Request:
     headers: Mapping[bytes, bytes]
     body: bytes
     caller: Caller
+    raw_query: bytes = b""  # as received, after "?": the REST proxy forwards every parameter of it
 
     @property
     def content_type(self) -> bytes | None:

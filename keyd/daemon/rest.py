@@ -26,7 +26,7 @@ from bisect import bisect_left
 from collections.abc import Iterator, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Protocol
-from urllib.parse import quote, unquote, unquote_to_bytes, urlencode
+from urllib.parse import parse_qsl, quote, unquote, unquote_to_bytes, urlencode
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
@@ -140,6 +140,22 @@ def mint(key: tokens.Keyed, app_id: str, iat: int, ttl: int) -> bytes:
     mac = key.hmac()
     mac.update(signing_input)
     return signing_input + b"." + tokens.b64url(mac.digest())
+
+
+def upstream_query(request: Request) -> bytes:
+    """The query string sent to TalkJS: every parameter of the caller's, in order (repeated keys
+    and keys without a value kept), decoded and percent-encoded again; b"" for none. A query
+    that is not percent-encoded UTF-8 is 400 ``invalid_query`` rather than forwarded altered."""
+    raw = request.raw_query
+    if not raw and request.query:  # a Request built without its raw query (Api.handle's callers)
+        return urlencode(request.query, quote_via=quote).encode()
+    if not raw:
+        return b""
+    try:
+        pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, encoding="utf-8", errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "invalid_query", "the query string must be percent-encoded UTF-8") from None
+    return urlencode(pairs, quote_via=quote).encode()
 
 
 class RestAudit(Protocol):
@@ -339,6 +355,7 @@ class RestProxy:
                     "too_many_requests",
                     f"this caller already has {app.rest.max_concurrent} REST requests in flight",
                 )
+            query = upstream_query(request)
             self._keys.signing(app.name)  # 503 key_unavailable now rather than after a wait
         except (ApiError, Refusal) as caught:
             exc = caught if isinstance(caught, ApiError) else refusal_error(caught)
@@ -365,8 +382,8 @@ class RestProxy:
         accept = request.headers.get(b"accept")
         headers.append((b"Accept", accept if accept and _plain_header(accept) else b"application/json"))
         target = b"/v1/%s%s" % (quote(app.app_id, safe="").encode(), path.encode())
-        if request.query:
-            target += b"?" + urlencode(request.query, quote_via=quote).encode()
+        if query:
+            target += b"?" + query
         return deferred(
             asyncio.get_running_loop().create_task(
                 self._forward(caller, app, request.method, path, target, headers, request.body, rule, started)

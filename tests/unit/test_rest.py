@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -337,6 +338,19 @@ def test_mint_gives_exactly_talkjs_app_claims_and_distinct_tokens_in_one_second(
 
 
 # -- the proxy with a fake upstream ----------------------------------------------------------
+
+
+def test_every_query_parameter_is_forwarded_in_order_and_a_bad_encoding_is_refused() -> None:
+    """Repeated keys and keys without a value reach TalkJS; a query that is not percent-encoded
+    UTF-8 is refused, never forwarded altered (it once went through a dict and U+FFFD)."""
+    sender = Sender()
+    proxy, _ = _proxy(sender)
+    request = dataclasses.replace(_request(b"GET", b"/users/alice"), raw_query=b"a=1&a=2&b&c=%E2%9C%93+x")
+    assert _run(proxy, request).status == 200
+    assert sender.sent[0][1] == b"/v1/tApp/users/alice?a=1&a=2&b=&c=%E2%9C%93%20x"
+    refused = _run(proxy, dataclasses.replace(_request(b"GET", b"/users/alice"), raw_query=b"a=%ff"))
+    assert refused.status == 400 and json.loads(refused.body)["error"]["code"] == "invalid_query"
+    assert len(sender.sent) == 1
 
 
 def test_forwards_only_content_type_accept_and_a_fresh_bearer() -> None:

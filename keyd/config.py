@@ -585,7 +585,9 @@ def _read_rest(r: _Reader) -> RestConfig:
     d = RestConfig()
     base_url = r.get("base_url", d.base_url, _nonempty).rstrip("/")
     if not re.fullmatch(r"https://[A-Za-z0-9.-]+(:\d{1,5})?", base_url):
-        r.problem("base_url", f"{base_url!r} must be https://HOST or https://HOST:PORT, with no path")
+        # Not quoted back when it holds an "@": that part may be a password.
+        shown = "the value" if "@" in base_url else repr(base_url)
+        r.problem("base_url", f"{shown} must be https://HOST or https://HOST:PORT, with no path")
     cfg = RestConfig(
         base_url=base_url,
         ca_file=r.get("ca_file", d.ca_file, _expand),

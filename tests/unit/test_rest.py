@@ -316,6 +316,15 @@ def test_rest_config_problems_name_file_and_key() -> None:
         assert any(p.startswith(f"{SOURCE}: {key}: ") for p in problems), (key, problems)
 
 
+def test_a_base_url_with_credentials_is_refused_without_repeating_them() -> None:
+    app = {"app_id": "t", "rest": {"base_url": "https://sync:hunter2@api.talkjs.com"}}
+    with pytest.raises(ConfigError) as caught:
+        configuration.parse({"apps": {"default": app}}, SOURCE)
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{SOURCE}: apps.default.rest.base_url: ")
+    assert "hunter2" not in problem
+
+
 def test_defaults_and_rest_enabled() -> None:
     config = configuration.parse({"apps": {"default": {"app_id": "t"}}}, SOURCE)
     assert not config.rest_enabled

@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Any
 
 from keyd import config as configuration
-from keyd.bench.inprocess import StandInTransport
+from keyd.bench.inprocess import StandInTransport, warm_identity
 from keyd.daemon.connection import Connection
 from keyd.daemon.keystore import KeySnapshot, SecretKey
 from keyd.daemon.wiring import Daemon
@@ -66,6 +66,7 @@ async def _flood(workdir: str, count: int) -> dict[str, Any]:
     daemon.audit.attach(loop)
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours, peer:
+        await warm_identity(daemon, ours)
         transport = StandInTransport(ours)
         connection = Connection(daemon.server)
         connection.connection_made(transport)

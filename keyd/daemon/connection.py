@@ -234,6 +234,10 @@ class Connection(asyncio.Protocol):
         if self._early is not None:  # the caller's names are not in yet (connection_made)
             self._early += data
             self.transport.pause_reading()
+            if not self.busy:  # a request has begun: its deadline runs (a 408, not a silent close)
+                self.received = now = self.server.now()
+                self.busy = True
+                self.deadline = now + self.server.request_timeout
             return
         # One clock read per read: the deadlines this data starts are measured from when it
         # arrived, never from an older time (a stalled loop must not make them fire early).

@@ -652,3 +652,17 @@ def test_a_request_that_arrives_before_the_callers_names_waits_for_them(sock: so
     done(named)
     assert [status for status, _, _ in answers(transport.written)] == [200]
     assert seen == [named]
+
+
+def test_a_request_whose_callers_names_never_come_times_out_with_a_408(sock: socket.socket) -> None:
+    """Bytes held for the names still start the request's deadline: the client gets its 408."""
+    clock = Clock()
+    identities = PendingNames(clock=clock, lookup=lambda uid, gids: ("tester", {}), root="/")
+    server = Server(ServerConfig(request_timeout=1.0), echo, identities=identities, clock=clock)
+    conn, transport = connect(server, sock)
+    conn.data_received(b"POST /echo HTTP/1.1\r\nHost: keyd\r\n")
+    clock.now += 1.1
+    server.expire_due()
+    ((status, _, body),) = answers(transport.written)
+    assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+    assert transport.closed

@@ -231,20 +231,18 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.parser is None:
             return
-        if self._early is not None:  # the caller's names are not in yet (connection_made)
-            self._early += data
-            self.transport.pause_reading()
-            if not self.busy:  # a request has begun: its deadline runs (a 408, not a silent close)
-                self.received = now = self.server.now()
-                self.busy = True
-                self.deadline = now + self.server.request_timeout
-            return
         # One clock read per read: the deadlines this data starts are measured from when it
         # arrived, never from an older time (a stalled loop must not make them fire early).
         self.received = now = self.server.now()
         if not self.busy:  # the first byte of a request, even one the parser will refuse
             self.busy = True
             self.deadline = now + self.server.request_timeout
+        if self._early is not None:
+            # The caller's names are not in yet (connection_made): hold the bytes; the request's
+            # deadline runs already (a 408, not a silent close).
+            self._early += data
+            self.transport.pause_reading()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:

@@ -400,23 +400,23 @@ class Connection(asyncio.Protocol):
 
     def _send(self, data: bytes) -> None:
         """Queue ``data`` behind this connection's earlier answers (see Outbox)."""
-        held = self._held
-        if held is None:
+        if self._held is None:
             self.server.outbox.put(self.transport, data)
-            return
-        held.append(data)
-        if len(held) == MAX_HELD + 1:
-            self.transport.pause_reading()  # a pipelining client waits for its answers
+        else:
+            self._hold(self._held, data)
 
     def _defer(self, later: _Later) -> None:
         """An answer that comes later: hold every later answer on this connection behind it, so
         pipelined requests are still answered in order; the loop is never blocked waiting."""
         if self._held is None:
             self._held = deque()
-        self._held.append(later)
-        if len(self._held) == MAX_HELD + 1:
-            self.transport.pause_reading()
+        self._hold(self._held, later)
         later[0].add_done_callback(self._release)
+
+    def _hold(self, held: deque[bytes | _Later | None], item: bytes | _Later) -> None:
+        held.append(item)
+        if len(held) == MAX_HELD + 1:
+            self.transport.pause_reading()  # a pipelining client waits for its answers
 
     def _release(self, _: object = None) -> None:
         """Write the held answers that are ready, in order, up to the first still pending."""

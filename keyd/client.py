@@ -517,12 +517,13 @@ class AsyncKeydClient:
             raise ConnectionResetError("keyd closed the connection mid-answer") from None
         except asyncio.LimitOverrunError:
             raise Unreachable(0, "bad_response", "keyd's response head is too large") from None
+        head = head[: -len(http1.HEAD_END)]
         try:
-            response = http1.parse_response_head(head[: -len(http1.HEAD_END)])
+            response = http1.parse_response_head(head)
         except http1.MalformedResponse:
             raise Unreachable(0, "bad_response", "keyd answered with a malformed HTTP response") from None
         fields: dict[str, str] = {}  # lower-cased; the REST proxy's answers need Content-Type, Retry-After
-        for line in head[: -len(http1.HEAD_END)].decode("latin-1").split("\r\n")[1:]:
+        for line in head.decode("latin-1").split("\r\n")[1:]:
             name, sep, value = line.partition(":")
             if sep:
                 fields.setdefault(name.strip().lower(), value.strip())

@@ -115,8 +115,7 @@ class Failover:
                 node.failures = 0
                 node.retry_at = 0.0
                 return before != status
-        if not serving:
-            self.failed(node, error, cause)
+        self.failed(node, error, cause)
         return False
 
     def any_failed(self) -> bool:

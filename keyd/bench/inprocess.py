@@ -65,8 +65,9 @@ class StandInTransport:
     close = abort = write_eof = pause_reading = resume_reading = _nothing
 
 
-def _keyd(workdir: str) -> Daemon:
-    """keyd as `keyd run` wires it, minus Vault: one app whose key is put in the store directly."""
+def _keyd(workdir: str, grant: dict[str, Any] | None = None, source: str = "keyd bench --inprocess") -> Daemon:
+    """keyd as `keyd run` wires it, minus Vault: one app whose key is put in the store directly, the
+    audit log in ``workdir``/audit.log and one grant (by default: this uid, user and app tokens)."""
     token_file = os.path.join(workdir, "unused-token")
     with open(token_file, "w", encoding="utf-8") as handle:
         handle.write("never-sent\n")  # keyd never logs in here; the file only satisfies the config
@@ -75,10 +76,10 @@ def _keyd(workdir: str) -> Daemon:
             "server": {"socket": os.path.join(workdir, "unused.sock")},
             "vault": {"address": "http://127.0.0.1:1", "auth": {"method": "token", "token_file": token_file}},
             "apps": {"default": {"app_id": APP_ID, "path": "talkjs/bench"}},
-            "grant": [{"uid": os.getuid(), "types": ["user", "app"]}],
+            "grant": [grant or {"uid": os.getuid(), "types": ["user", "app"]}],
             "audit": {"file": os.path.join(workdir, "audit.log")},
         },
-        "keyd bench --inprocess",
+        source,
     )
     daemon = Daemon(config)
     key = SecretKey.from_str("sk_test_" + secrets.token_hex(16))

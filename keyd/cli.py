@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
 
     p = add("dev", cmd_dev, "run keyd on an embedded OpenBao dev server with a demo key")
-    p.add_argument("--socket", default="run/keyd.sock", help="socket path (default run/keyd.sock)")
+    p.add_argument("--socket", default=LOCAL_SOCKET, help=f"socket path (default {LOCAL_SOCKET})")
 
     p = add("check-config", cmd_check_config, "validate a config file without contacting Vault")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG)

@@ -460,7 +460,8 @@ def _vault_nodes(r: _Reader, name: str, value: Any) -> list[str]:
             r.problem(key, "must be a non-empty string such as \"https://vault-1.example.com:8200\"")
             continue
         if not re.match(r"^https?://[^/\s]+", item.strip()):
-            r.problem(key, f"{item!r} is not an http:// or https:// URL")
+            shown = "the value" if "@" in item else repr(item)  # user:password@ is not quoted back
+            r.problem(key, f"{shown} is not an http:// or https:// URL")
             continue
         url = item.strip().rstrip("/")
         if "@" in url.partition("://")[2].partition("/")[0]:

@@ -22,11 +22,8 @@ import time
 from collections import Counter
 from typing import Any
 
-from keyd import config as configuration
-from keyd.bench.inprocess import StandInTransport, warm_identity
+from keyd.bench.inprocess import StandInTransport, _keyd, warm_identity
 from keyd.daemon.connection import Connection
-from keyd.daemon.keystore import KeySnapshot, SecretKey
-from keyd.daemon.wiring import Daemon
 
 TARGET_BYTES = 2 * 1024 * 1024
 TARGET_REQUESTS = 20_000
@@ -44,23 +41,8 @@ def _request(i: int) -> bytes:
 
 async def _flood(workdir: str, count: int) -> dict[str, Any]:
     audit_path = os.path.join(workdir, "audit.log")
-    token_file = os.path.join(workdir, "unused-token")
-    with open(token_file, "w", encoding="utf-8") as handle:
-        handle.write("never-sent\n")
-    config = configuration.parse(
-        {
-            "server": {"socket": os.path.join(workdir, "unused.sock")},
-            "vault": {"address": "http://127.0.0.1:1", "auth": {"method": "token", "token_file": token_file}},
-            "apps": {"default": {"app_id": "tFlood", "path": "talkjs/flood"}},
-            # The only grant is for another uid: every request here is refused (403 forbidden).
-            "grant": [{"uid": os.getuid() + 1, "types": ["user"]}],
-            "audit": {"file": audit_path},
-        },
-        "keyd.bench.audit_flood",
-    )
-    daemon = Daemon(config)
-    key = SecretKey.from_str("sk_test_" + os.urandom(16).hex())
-    daemon.store.record_success(KeySnapshot("default", key, key, version=1, kv_version=2, loaded_at=time.time()))
+    # The only grant is for another uid: every request here is refused (403 forbidden).
+    daemon = _keyd(workdir, grant={"uid": os.getuid() + 1, "types": ["user"]}, source="keyd.bench.audit_flood")
     loop = asyncio.get_running_loop()
     daemon.server.attach(loop)
     daemon.audit.attach(loop)

@@ -12,6 +12,7 @@ code changes move. Figures are the best of several rounds (docs/benchmarks.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -20,7 +21,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TextIO
 
 from keyd import config as configuration
@@ -64,8 +65,9 @@ class StandInTransport:
     close = abort = write_eof = pause_reading = resume_reading = _nothing
 
 
-def _keyd(workdir: str) -> Daemon:
-    """keyd as `keyd run` wires it, minus Vault: one app whose key is put in the store directly."""
+def _keyd(workdir: str, grant: dict[str, Any] | None = None, source: str = "keyd bench --inprocess") -> Daemon:
+    """keyd as `keyd run` wires it, minus Vault: one app whose key is put in the store directly, the
+    audit log in ``workdir``/audit.log and one grant (by default: this uid, user and app tokens)."""
     token_file = os.path.join(workdir, "unused-token")
     with open(token_file, "w", encoding="utf-8") as handle:
         handle.write("never-sent\n")  # keyd never logs in here; the file only satisfies the config
@@ -74,10 +76,10 @@ def _keyd(workdir: str) -> Daemon:
             "server": {"socket": os.path.join(workdir, "unused.sock")},
             "vault": {"address": "http://127.0.0.1:1", "auth": {"method": "token", "token_file": token_file}},
             "apps": {"default": {"app_id": APP_ID, "path": "talkjs/bench"}},
-            "grant": [{"uid": os.getuid(), "types": ["user", "app"]}],
+            "grant": [grant or {"uid": os.getuid(), "types": ["user", "app"]}],
             "audit": {"file": os.path.join(workdir, "audit.log")},
         },
-        "keyd bench --inprocess",
+        source,
     )
     daemon = Daemon(config)
     key = SecretKey.from_str("sk_test_" + secrets.token_hex(16))
@@ -110,22 +112,31 @@ async def warm_identity(daemon: Daemon, sock: socket.socket) -> None:
         await named
 
 
-async def _measure(kind: str, total: int, rounds: int) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def keyd_connection(sock: socket.socket) -> AsyncIterator[tuple[Connection, StandInTransport]]:
+    """An in-process keyd (``_keyd``) and one Connection to it whose caller is ``sock``'s process;
+    the audit log is closed on the way out."""
     loop = asyncio.get_running_loop()
-    requests = keyd_requests(kind)
-    ours, _peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with tempfile.TemporaryDirectory(prefix="kb-") as workdir, ours, _peer:
+    with tempfile.TemporaryDirectory(prefix="kb-") as workdir:
         daemon = _keyd(workdir)
         daemon.server.attach(loop)
         daemon.audit.attach(loop)
-        await warm_identity(daemon, ours)
-        keyd_transport = StandInTransport(ours)
+        await warm_identity(daemon, sock)
+        transport = StandInTransport(sock)
         connection = Connection(daemon.server)
-        connection.connection_made(keyd_transport)
+        connection.connection_made(transport)
         try:
-            keyd_seconds = await _best(connection.data_received, requests, total, rounds)
+            yield connection, transport
         finally:
             daemon.audit.close()
+
+
+async def _measure(kind: str, total: int, rounds: int) -> dict[str, Any]:
+    requests = keyd_requests(kind)
+    ours, _peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, _peer:
+        async with keyd_connection(ours) as (connection, keyd_transport):
+            keyd_seconds = await _best(connection.data_received, requests, total, rounds)
         reference_transport = StandInTransport(ours)
         reference = ReferenceConnection(hmac.new(secrets.token_bytes(32), digestmod="sha256"))
         reference.connection_made(reference_transport)

@@ -11,20 +11,17 @@ about a minute. The instruction counts in docs/benchmarks.md come from this scri
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 
-from keyd.bench.inprocess import StandInTransport, _best, _keyd, warm_identity
+from keyd.bench.inprocess import _best, keyd_connection
 from keyd.bench.load import loop_run
 from keyd.bench.options import BenchError
 from keyd.bench.workload import keyd_requests
-from keyd.daemon.connection import Connection
 
 SHORT = 3_000
 LONG = 23_000
@@ -33,20 +30,10 @@ _COLLECTED = re.compile(rb"Collected : (\d+)")
 
 async def _feed(total: int, kind: str) -> None:
     """One round of ``total`` requests through keyd's Connection, as ``keyd bench --inprocess``."""
-    loop = asyncio.get_running_loop()
     ours, _peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with tempfile.TemporaryDirectory(prefix="kb-") as workdir, ours, _peer:
-        daemon = _keyd(workdir)
-        daemon.server.attach(loop)
-        daemon.audit.attach(loop)
-        await warm_identity(daemon, ours)
-        transport = StandInTransport(ours)
-        connection = Connection(daemon.server)
-        connection.connection_made(transport)
-        try:
+    with ours, _peer:
+        async with keyd_connection(ours) as (connection, transport):
             await _best(connection.data_received, keyd_requests(kind), total, rounds=1)
-        finally:
-            daemon.audit.close()
         if transport.answers < total or transport.non_200:
             raise BenchError(f"keyd answered {transport.answers} of {total}, {transport.non_200} not 200")
 

@@ -164,32 +164,31 @@ _LEGACY = {
 }
 
 
+def _reach(grant: GrantConfig, has_selector: bool, many: int) -> tuple[str, str] | None:
+    """Whom a grant without a user or uid reaches, when that is many, and what its warnings advise:
+    (who, advice), or None for a grant naming a person or a small group."""
+    if not has_selector:
+        return "every caller that can open the socket", "; add user, uid, group, gid or unit"
+    if grant.user is not None or grant.uid is not None:
+        return None
+    if grant.unit is not None and grant.group is None and grant.gid is None:
+        advice = ", whoever runs it: a unit name alone is no identity; add user or uid"
+        return f"any user's process in unit {grant.unit!r}", advice
+    members = group_members(grant.group, grant.gid)
+    label = grant.group if grant.group is not None else f"gid {grant.gid}"
+    if members is not None and len(members) > many:
+        return f"group {label!r}, which has {len(members)} members: {_sample(members)}", ""
+    return None
+
+
 def _grant_warnings(grant: GrantConfig, has_selector: bool, many: int) -> list[str]:
     out: list[str] = []
-    person = grant.user is not None or grant.uid is not None
-    broad = None  # who a grant without a person in its selector reaches, when that is many
-    if not has_selector:
-        broad = "every caller that can open the socket"
-    elif not person and grant.unit is not None and grant.group is None and grant.gid is None:
-        broad = f"any user's process in unit {grant.unit!r}"
-    elif not person:
-        members = group_members(grant.group, grant.gid)
-        label = grant.group if grant.group is not None else f"gid {grant.gid}"
-        if members is not None and len(members) > many:
-            broad = f"group {label!r}, which has {len(members)} members: {_sample(members)}"
-    if "app" in grant.types:
-        if not has_selector:
-            out.append(f"allows {_ADMIN} to {broad}; add user, uid, group, gid or unit")
-        elif broad is not None and grant.unit is not None and grant.group is None and grant.gid is None:
-            out.append(
-                f"allows {_ADMIN} to {broad}, whoever runs it: a unit name alone is no identity; "
-                "add user or uid"
-            )
-        elif broad is not None:
-            out.append(f"allows {_ADMIN} to {broad}")
+    reach = _reach(grant, has_selector, many)
+    if "app" in grant.types and reach is not None:
+        out.append(f"allows {_ADMIN} to {reach[0]}{reach[1]}")
     legacy = [_LEGACY[kind] for kind in ("signature", "webhook") if kind in grant.types]
-    if legacy and broad is not None:
-        out.append(f"allows {' and '.join(legacy)} to {broad}; grant them to a user or uid")
+    if legacy and reach is not None:
+        out.append(f"allows {' and '.join(legacy)} to {reach[0]}; grant them to a user or uid")
     if grant.user is not None and not _exists(pwd.getpwnam, grant.user):
         out.append(f"no user named {grant.user!r} on this host: matches whoever is given that name later")
     if grant.group is not None and not _exists(grp.getgrnam, grant.group):
@@ -239,23 +238,7 @@ def rest_warnings(config: Config, many: int = MANY_MEMBERS) -> list[str]:
                     f'{where}: warning: rest "{rule}" allows {rule.method} at any depth; '
                     "list the exact endpoints (* is one segment)"
                 )
-        if not any(getattr(grant, name) is not None for name in _SELECTORS):
-            out.append(
-                f"{where}: warning: allows the REST proxy to every caller that can open the socket; "
-                "add user, uid, group, gid or unit"
-            )
-        elif grant.user is None and grant.uid is None and grant.group is None and grant.gid is None:
-            out.append(
-                f"{where}: warning: allows the REST proxy to any user's process in unit "
-                f"{grant.unit or grant.user_unit!r}, whoever runs it: a unit name alone is no "
-                "identity; add user or uid"
-            )
-        elif grant.user is None and grant.uid is None and (grant.group is not None or grant.gid is not None):
-            members = group_members(grant.group, grant.gid)
-            label = grant.group if grant.group is not None else f"gid {grant.gid}"
-            if members is not None and len(members) > many:
-                out.append(
-                    f"{where}: warning: allows the REST proxy to group {label!r}, which has "
-                    f"{len(members)} members: {_sample(members)}"
-                )
+        reach = _reach(grant, any(getattr(grant, name) is not None for name in _SELECTORS), many)
+        if reach is not None:
+            out.append(f"{where}: warning: allows the REST proxy to {reach[0]}{reach[1]}")
     return out

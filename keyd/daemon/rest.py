@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from keyd.config import REST_METHODS, AppConfig, Config, RestRule
 from keyd.daemon import tokens
 from keyd.daemon.api import Keys, Request, Response, deferred, error_body, error_response, refusal_error
+from keyd.daemon.metrics import cumulative_buckets
 from keyd.daemon.peers import Caller, Policy
 from keyd.daemon.upstream import Pool, UpstreamError, UpstreamResponse, UpstreamTimeout
 from keyd.errors import ApiError, KeyUnavailable, Refusal
@@ -213,13 +214,7 @@ class RestCollector:
             labels=["app"],
         )
         for app, buckets in sorted(stats.latency.items()):
-            cumulative: list[tuple[str, float]] = []
-            total = 0.0
-            bounds: tuple[float, ...] = (*LATENCY_BUCKETS, float("inf"))
-            for bound, n in zip(bounds, buckets[:-1], strict=True):
-                total += n
-                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), total))
-            latency.add_metric([app], cumulative, buckets[-1])
+            latency.add_metric([app], cumulative_buckets(LATENCY_BUCKETS, buckets), buckets[-1])
         yield latency
         retries = CounterMetricFamily(
             "keyd_rest_retries",

@@ -134,26 +134,19 @@ class AuditLog:
         more than signing the token, because it interleaved with everything else a request does.
         """
         if decision.outcome == "refused":
-            self._refused(decision)
-            return
-        self._pending.append((self._clock(), decision))
+            # A refusal: its own line (formatted now) while the (uid, code) bucket allows, else counted.
+            now = self._clock()
+            if not self._refusal_allowed(decision.caller, decision.code, now):
+                return
+            entry: _Record | str = self._refused_line(now, decision)
+        else:
+            entry = (self._clock(), decision)
+        self._pending.append(entry)
         if len(self._pending) >= FLUSH_RECORDS or self._loop is None:
             self.flush()
         elif not self._scheduled:
             self._scheduled = True
             self._loop.call_later(self._flush_interval, self.flush)
-
-    def _refused(self, decision: Decision) -> None:
-        """A refusal: its own line while the (uid, code) bucket allows, otherwise counted."""
-        caller, code = decision.caller, decision.code
-        now = self._clock()
-        if self._refusal_allowed(caller, code, now):
-            self._pending.append(self._refused_line(now, decision))
-            if len(self._pending) >= FLUSH_RECORDS or self._loop is None:
-                self.flush()
-            elif not self._scheduled:
-                self._scheduled = True
-                self._loop.call_later(self._flush_interval, self.flush)
 
     def _refusal_allowed(self, caller: Caller, code: str | None, now: float) -> bool:
         """Take a line from the (uid, code) bucket: True when the refusal gets its own line; False
@@ -308,9 +301,8 @@ class AuditLog:
         now = self._clock()
         if outcome == "refused" and not self._refusal_allowed(caller, code, now):
             return  # counted in the (uid, code) summary, as token refusals are
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + _MILLIS[int((now % 1) * 1000)]
         line = (
-            f'{{"time":"{stamp}","outcome":{_json_str(outcome)},"code":{_opt(code)},"app":{_opt(app)},'
+            f'{{"time":"{_timestamp(now)}","outcome":{_json_str(outcome)},"code":{_opt(code)},"app":{_opt(app)},'
             f'"type":"rest","method":{_json_str(method)},"path":{_opt(path)},'
             f'"upstream_status":{"null" if upstream_status is None else int(upstream_status)},'
             f'"duration_ms":{seconds * 1000:.3f},"attempts":{attempts},'

@@ -207,14 +207,9 @@ class KeydCollector:
             "Time keyd spent handling a request (parse, authorize, sign), by endpoint.",
             labels=["endpoint"],
         )
-        bounds = LATENCY_BUCKETS
         for endpoint, raw in sorted(dict(stats.latency).items()):
             counts = list(raw)
-            cumulative, buckets = 0.0, []
-            for bound, observed in zip((*bounds, float("inf")), counts[:-1], strict=True):
-                cumulative += observed
-                buckets.append((_bound(bound), cumulative))
-            latency.add_metric([endpoint], buckets, sum_value=counts[-1])
+            latency.add_metric([endpoint], cumulative_buckets(LATENCY_BUCKETS, counts), sum_value=counts[-1])
         yield latency
 
     def _state_families(self, sources: Sources) -> Iterator[Metric]:
@@ -314,6 +309,16 @@ def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
 
 def _bound(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def cumulative_buckets(bounds: tuple[float, ...], counts: list[float]) -> list[tuple[str, float]]:
+    """HistogramMetricFamily's buckets from per-bucket ``counts`` (one per bound, then +Inf, then
+    the sum, which is not used here): (upper bound, observations at or below it)."""
+    cumulative, buckets = 0.0, []
+    for bound, observed in zip((*bounds, float("inf")), counts[:-1], strict=True):
+        cumulative += observed
+        buckets.append((_bound(bound), cumulative))
+    return buckets
 
 
 class Metrics:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import random
@@ -33,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from keyd.config import REST_METHODS, AppConfig, Config, RestRule
 from keyd.daemon import tokens
 from keyd.daemon.api import Keys, Request, Response, deferred, error_body, error_response, refusal_error
+from keyd.daemon.metrics import cumulative_buckets
 from keyd.daemon.peers import Caller, Policy
 from keyd.daemon.upstream import Pool, UpstreamError, UpstreamResponse, UpstreamTimeout
 from keyd.errors import ApiError, KeyUnavailable, Refusal
@@ -130,16 +130,7 @@ def mint(key: tokens.Keyed, app_id: str, iat: int, ttl: int) -> bytes:
     JOSE header (which receivers ignore unless it is listed in ``crit``, RFC 7515 section 4) makes
     every token distinct without adding a claim.
     """
-    header = b'{"alg":"HS256","typ":"JWT","nonce":"%s"}' % tokens.b64url(os.urandom(12))
-    payload = b'{"tokenType":"app","iss":%s,"iat":%d,"exp":%d}' % (
-        json.dumps(app_id).encode(),
-        iat,
-        iat + ttl,
-    )
-    signing_input = tokens.b64url(header) + b"." + tokens.b64url(payload)
-    mac = key.hmac()
-    mac.update(signing_input)
-    return signing_input + b"." + tokens.b64url(mac.digest())
+    return tokens.app_token(key, app_id, iat, ttl, nonce=os.urandom(12))
 
 
 def upstream_query(request: Request) -> bytes:
@@ -223,13 +214,7 @@ class RestCollector:
             labels=["app"],
         )
         for app, buckets in sorted(stats.latency.items()):
-            cumulative: list[tuple[str, float]] = []
-            total = 0.0
-            bounds: tuple[float, ...] = (*LATENCY_BUCKETS, float("inf"))
-            for bound, n in zip(bounds, buckets[:-1], strict=True):
-                total += n
-                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), total))
-            latency.add_metric([app], cumulative, buckets[-1])
+            latency.add_metric([app], cumulative_buckets(LATENCY_BUCKETS, buckets), buckets[-1])
         yield latency
         retries = CounterMetricFamily(
             "keyd_rest_retries",

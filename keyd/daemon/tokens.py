@@ -42,9 +42,9 @@ class Keyed(Protocol):
     def hmac(self) -> Mac: ...
 
 
-def _sign(key: Keyed, payload: bytes) -> bytes:
+def _sign(key: Keyed, payload: bytes, header_b64: bytes = _HEADER_B64) -> bytes:
     # b64url inlined twice: one Python frame per token instead of three (this is the hot path).
-    signing_input = _HEADER_B64 + _b2a(payload, newline=False).translate(_URLSAFE).rstrip(b"=")
+    signing_input = header_b64 + _b2a(payload, newline=False).translate(_URLSAFE).rstrip(b"=")
     mac = key.hmac()
     mac.update(signing_input)
     return signing_input + b"." + _b2a(mac.digest(), newline=False).translate(_URLSAFE).rstrip(b"=")
@@ -62,11 +62,17 @@ def user_token(key: Keyed, app_id: str, user_id: str, iat: int, ttl: int) -> byt
     )
 
 
-def app_token(key: Keyed, app_id: str, iat: int, ttl: int) -> bytes:
-    """A TalkJS app token (REST API access with full admin power), as ASCII bytes."""
+def app_token(key: Keyed, app_id: str, iat: int, ttl: int, nonce: bytes | None = None) -> bytes:
+    """A TalkJS app token (REST API access with full admin power), as ASCII bytes.
+
+    ``nonce`` (the REST proxy's, rest.mint) goes into the JOSE header as ``"nonce"``, base64url."""
+    header_b64 = _HEADER_B64
+    if nonce is not None:
+        header_b64 = b64url(b'{"alg":"HS256","typ":"JWT","nonce":"%s"}' % b64url(nonce)) + b"."
     return _sign(
         key,
         f'{{"tokenType":"app","iss":{_json_str(app_id)},"iat":{iat:d},"exp":{iat + ttl:d}}}'.encode("ascii"),
+        header_b64,
     )
 
 

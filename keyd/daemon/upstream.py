@@ -167,7 +167,6 @@ class Pool:
         self._max_connections = max_connections
         self._slots: asyncio.Semaphore | None = None
         self._idle: list[_Connection] = []
-        self.opened = 0  # connections opened since start (the pool's reuse shows in metrics)
 
     async def request(
         self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes
@@ -225,7 +224,6 @@ class Pool:
             raise UpstreamError(
                 f"cannot connect to the upstream: {exc.strerror or type(exc).__name__}", retryable=True
             ) from None
-        self.opened += 1
         return conn
 
     def close(self) -> None:

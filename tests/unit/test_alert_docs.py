@@ -14,7 +14,9 @@ from tests import alert_docs
 def test_the_docs_list_is_the_rules_file_rendered() -> None:
     docs = alert_docs.DOCS.read_text()
     expected = alert_docs.expected_docs(docs, alert_docs.RULES.read_text())
-    assert docs == expected, "docs/operations.md's alerts differ from the rules file: run python -m tests.alert_docs"
+    assert docs == expected, (
+        "docs/operations.md's alerts differ from the rules file: run python -m tests.alert_docs"
+    )
 
 
 def test_every_alert_is_listed_once_with_its_expression() -> None:
@@ -34,7 +36,9 @@ def test_no_rule_text_outside_the_generated_list() -> None:
     _, _, tail = rest.partition(alert_docs.END)
     outside = head + tail
     assert not re.search(r"^\s*-?\s*(alert|expr):", outside, re.M)
-    names = {rule["alert"] for g in yaml.safe_load(alert_docs.RULES.read_text())["groups"] for rule in g["rules"]}
+    names = {
+        rule["alert"] for g in yaml.safe_load(alert_docs.RULES.read_text())["groups"] for rule in g["rules"]
+    }
     for name in re.findall(r"\bKeyd[A-Z]\w+", outside):
         assert name in names, f"the docs name an alert the rules file does not have: {name}"
 

@@ -121,7 +121,9 @@ def test_matplotlib_is_an_optional_extra_that_neither_keyd_run_nor_a_plain_bench
         "keyd.cli.build_parser().parse_args(['run', '-c', 'x.toml'])\n"
         "print(sorted(m for m in ('matplotlib', 'numpy', 'PIL') if m in sys.modules))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     assert done.stdout.strip() == "[]"
 
 

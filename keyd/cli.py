@@ -227,6 +227,7 @@ def bench_options(args: argparse.Namespace) -> bench.Options:
         inprocess=args.inprocess,
         warmup=args.warmup,
         rest=args.rest,
+        plot=args.plot,
     )
 
 
@@ -336,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rest",
         action="store_true",
         help="the REST proxy vs calling a TalkJS stand-in directly; signing under proxy load",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        default="",
+        help="also draw throughput and p99 per target to FILE.png (needs the extra keyd[plot])",
     )
     return parser
 

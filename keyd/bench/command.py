@@ -29,7 +29,26 @@ from keyd.bench.workload import keyd_requests
 
 
 def run(options: Options, out: TextIO = sys.stdout) -> tuple[dict[str, Any], bool]:
-    """Run the benchmark the options describe; (report document, whether every answer was a 200)."""
+    """Run the benchmark the options describe; (report document, whether every answer was a 200).
+
+    With ``options.plot`` the run's throughput and p99 per target are also drawn to that PNG.
+    """
+    if not options.plot:
+        return measure(options, out)
+    if options.inprocess or options.memory or options.startup:
+        raise BenchError("--plot draws runs under load (the default, --compare, --rest), not this measurement")
+    from keyd.bench import plot  # noqa: PLC0415 - matplotlib only when a plot is asked for
+
+    plot.require_matplotlib()  # before the run, not after it
+    doc, clean = measure(options, out)
+    written = plot.draw(doc, options.plot)
+    if not options.json:
+        print(f"plot:      {written}", file=out)
+    return doc, clean
+
+
+def measure(options: Options, out: TextIO) -> tuple[dict[str, Any], bool]:
+    """The measurement the options pick (see the module doc)."""
     if options.rest:
         from keyd.bench import rest  # noqa: PLC0415 - only this mode needs the TalkJS stand-in
 

@@ -32,3 +32,4 @@ class Options:
     inprocess: bool = False
     warmup: float = WARMUP_SECONDS
     rest: bool = False
+    plot: str = ""  # a PNG of the run's throughput and p99 per target (keyd.bench.plot)

@@ -23,7 +23,7 @@ import re
 import time
 import unicodedata
 from bisect import bisect_left
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, unquote, unquote_to_bytes, urlencode
@@ -291,7 +291,12 @@ class RestCollector:
 
 class Sender(Protocol):
     async def request(
-        self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        caller: Hashable = None,
     ) -> UpstreamResponse: ...
 
     def close(self) -> None: ...
@@ -458,7 +463,7 @@ class RestProxy:
         upstream: UpstreamResponse | None = None
         try:
             async with asyncio.timeout(app.rest.timeout):
-                upstream = await self._attempts(app, method, target, headers, body, attempts)
+                upstream = await self._attempts(app, caller.uid, method, target, headers, body, attempts)
             response = _relay(upstream)
         except TimeoutError:
             code = "upstream_timeout"
@@ -504,6 +509,7 @@ class RestProxy:
     async def _attempts(
         self,
         app: AppConfig,
+        uid: int,
         method: bytes,
         target: bytes,
         headers: list[tuple[bytes, bytes]],
@@ -526,7 +532,7 @@ class RestProxy:
             sent = time.perf_counter()
             try:
                 response = await sender.request(
-                    method, target, [(b"Authorization", bearer), *headers, (b"User-Agent", b"keyd")], body
+                    method, target, [(b"Authorization", bearer), *headers, (b"User-Agent", b"keyd")], body, uid
                 )
             except UpstreamError as exc:
                 self.stats.upstream(app.name, time.perf_counter() - sent)

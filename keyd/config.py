@@ -85,6 +85,8 @@ class ServerConfig:
     # One uid may hold at most this many connections: another uid is still served while one holds
     # all it can (docs/security.md, "Local adversary").
     max_connections_per_uid: int = 256
+    # ... and a uid whose caller no grant matches (it can only be refused) this many.
+    max_connections_without_grant: int = 8
     # A fresh connection must send its first request byte within this time.
     first_byte_timeout: float = 2.0
 
@@ -450,6 +452,9 @@ def _read_server(r: _Reader) -> ServerConfig:
         shutdown_timeout=r.get("shutdown_timeout", d.shutdown_timeout, _positive_duration),
         identity_cache=r.get("identity_cache", d.identity_cache, _positive_duration),
         max_connections_per_uid=r.get("max_connections_per_uid", 0, _positive_int),
+        max_connections_without_grant=r.get(
+            "max_connections_without_grant", d.max_connections_without_grant, _positive_int
+        ),
         first_byte_timeout=r.get("first_byte_timeout", d.first_byte_timeout, _positive_duration),
     )
     if not cfg.max_connections_per_uid:

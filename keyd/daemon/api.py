@@ -302,6 +302,10 @@ class Api:
         if max_body:
             self._body_limits.append((prefix, max_body, may_send_more))
 
+    def has_grant(self, caller: Caller) -> bool:
+        """Whether any grant matches the caller (without one, every request is refused)."""
+        return self._policy.grant_for(caller) is not None
+
     def body_limit(self, target: bytes, caller: Caller | None) -> int:
         """The body limit of the prefix ``target`` is under for ``caller``, 0 for none
         (server.max_body applies). The server asks only about a body over server.max_body."""

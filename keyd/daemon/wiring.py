@@ -48,7 +48,9 @@ class Daemon:
         self.audit = audit or AuditLog(config.audit)
         self.stats = RequestStats()
         self.api = Api(config, self.store, self.policy, self.audit, stats=self.stats)
-        self.server = Server(config.server, self.api.dispatch, body_limit=self.api.body_limit)
+        self.server = Server(
+            config.server, self.api.dispatch, body_limit=self.api.body_limit, has_grant=self.api.has_grant
+        )
         self.notifier = systemd.Notifier()
         self.refresher = Refresher(
             dict(config.apps),

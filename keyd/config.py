@@ -263,6 +263,9 @@ class LogConfig:
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     listen: str = ""
+    socket: str = ""  # a Unix socket of its own for GET /metrics, with a mode and a group
+    socket_mode: int = 0o660
+    socket_group: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -741,7 +744,22 @@ def _listen(value: Any) -> str:
 
 
 def _read_metrics(r: _Reader) -> MetricsConfig:
-    cfg = MetricsConfig(listen=r.get("listen", "", _listen))
+    d = MetricsConfig()
+    cfg = MetricsConfig(
+        listen=r.get("listen", "", _listen),
+        socket=r.get("socket", "", lambda v: _expand(_string(v)) if v else ""),
+        socket_mode=r.get("socket_mode", d.socket_mode, _mode),
+        socket_group=r.get(
+            "socket_group", d.socket_group, lambda v: str(_int(v)) if isinstance(v, int) else _string(v)
+        ),
+    )
+    if cfg.listen and cfg.socket:
+        r.problem("socket", "set either metrics.listen (TCP) or metrics.socket (Unix), not both")
+    if cfg.socket_group and not cfg.socket_group.isdigit():
+        try:
+            grp.getgrnam(cfg.socket_group)
+        except KeyError:
+            r.problem("socket_group", f"no group named {cfg.socket_group!r} on this host")
     r.finish()
     return cfg
 

@@ -40,8 +40,10 @@ class Server:
         clock: Callable[[], float] = time.monotonic,
         body_limit: Callable[[bytes, Caller | None], int] | None = None,
         has_grant: Callable[[Caller], bool] | None = None,
+        section: str = "server",
     ) -> None:
         self.config = config
+        self.section = section  # the config section errors about config.socket name
         self.dispatch = dispatch
         self.identities = identities or Identities(config.identity_cache, clock=clock)
         self.connections: set[Connection] = set()
@@ -122,7 +124,7 @@ class Server:
         loop = asyncio.get_running_loop()
         self.attach(loop)
         if sock is None:
-            sock, inode = bind_socket(self.config)
+            sock, inode = bind_socket(self.config, self.section)
             self._bound = (self.config.socket, inode)
         if sock.family == socket.AF_UNIX:
             self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock, backlog=4096)

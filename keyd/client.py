@@ -343,6 +343,12 @@ class KeydClient:
             try:
                 self._conn.request(method, path, body=body, headers=dict(headers or {}))
                 response = self._conn.getresponse()
+                # As the async client: a known length within the limit, or no body is read at all
+                # (a broken or hostile peer on the socket path must not make the caller buffer GiBs).
+                limit = MAX_REST_RESPONSE if response.getheader("X-Keyd-Upstream") else MAX_RESPONSE
+                if response.chunked or response.length is None or response.length > limit:
+                    self.close()
+                    raise Unreachable(0, "bad_response", "keyd's response has no usable Content-Length")
                 raw = response.read()
                 if response.getheader("Connection", "").lower() == "close":
                     self.close()

@@ -15,8 +15,10 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
+
+import re2
 
 from keyd.errors import ConfigError
 
@@ -83,6 +85,8 @@ class ServerConfig:
     # One uid may hold at most this many connections: another uid is still served while one holds
     # all it can (docs/security.md, "Local adversary").
     max_connections_per_uid: int = 256
+    # ... and a uid whose caller no grant matches (it can only be refused) this many.
+    max_connections_without_grant: int = 8
     # A fresh connection must send its first request byte within this time.
     first_byte_timeout: float = 2.0
 
@@ -234,7 +238,7 @@ class GrantConfig:
     apps: tuple[str, ...] = ("*",)
     types: tuple[str, ...] = ("user",)
     max_ttl: float | None = None
-    user_id_pattern: re.Pattern[str] | None = None
+    user_id_pattern: UserIdPattern | None = None
     rate: float | None = None
     rest: tuple[RestRule, ...] = ()
 
@@ -259,6 +263,9 @@ class LogConfig:
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     listen: str = ""
+    socket: str = ""  # a Unix socket of its own for GET /metrics, with a mode and a group
+    socket_mode: int = 0o660
+    socket_group: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,11 +411,33 @@ def _expand(value: Any) -> str:
     return _ENV_REF.sub(replace, text)
 
 
-def _pattern(value: Any) -> re.Pattern[str]:
+class UserIdPattern(Protocol):
+    """A grant's ``user_id_pattern``: RE2 (linear in the user id's length), or re in unit tests."""
+
+    @property
+    def pattern(self) -> str: ...
+
+    def fullmatch(self, text: str) -> object | None: ...
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the ValueError below says it, naming the file and the grant
+
+
+def _pattern(value: Any) -> UserIdPattern:
+    """RE2, not Python's re: matching takes time linear in the user id whatever the pattern, so
+    an operator's ``^(a+)+$`` cannot let one crafted user_id stall the event loop for every caller.
+    RE2 has no backreferences or lookaround (refused here), and its \\w, \\d, \\s are ASCII."""
+    text = _nonempty(value)
     try:
-        return re.compile(_nonempty(value))
-    except re.error as exc:
-        raise ValueError(f"is not a valid regular expression: {exc}") from None
+        compiled: UserIdPattern = re2.compile(text, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise ValueError(
+            f"is not a pattern keyd can match in linear time (RE2 syntax: no backreferences or "
+            f"lookaround): {reason}"
+        ) from None
+    return compiled
 
 
 def _read_server(r: _Reader) -> ServerConfig:
@@ -426,6 +455,9 @@ def _read_server(r: _Reader) -> ServerConfig:
         shutdown_timeout=r.get("shutdown_timeout", d.shutdown_timeout, _positive_duration),
         identity_cache=r.get("identity_cache", d.identity_cache, _positive_duration),
         max_connections_per_uid=r.get("max_connections_per_uid", 0, _positive_int),
+        max_connections_without_grant=r.get(
+            "max_connections_without_grant", d.max_connections_without_grant, _positive_int
+        ),
         first_byte_timeout=r.get("first_byte_timeout", d.first_byte_timeout, _positive_duration),
     )
     if not cfg.max_connections_per_uid:
@@ -712,7 +744,22 @@ def _listen(value: Any) -> str:
 
 
 def _read_metrics(r: _Reader) -> MetricsConfig:
-    cfg = MetricsConfig(listen=r.get("listen", "", _listen))
+    d = MetricsConfig()
+    cfg = MetricsConfig(
+        listen=r.get("listen", "", _listen),
+        socket=r.get("socket", "", lambda v: _expand(_string(v)) if v else ""),
+        socket_mode=r.get("socket_mode", d.socket_mode, _mode),
+        socket_group=r.get(
+            "socket_group", d.socket_group, lambda v: str(_int(v)) if isinstance(v, int) else _string(v)
+        ),
+    )
+    if cfg.listen and cfg.socket:
+        r.problem("socket", "set either metrics.listen (TCP) or metrics.socket (Unix), not both")
+    if cfg.socket_group and not cfg.socket_group.isdigit():
+        try:
+            grp.getgrnam(cfg.socket_group)
+        except KeyError:
+            r.problem("socket_group", f"no group named {cfg.socket_group!r} on this host")
     r.finish()
     return cfg
 

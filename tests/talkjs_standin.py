@@ -20,6 +20,7 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -76,6 +77,8 @@ class StandIn:
         self.ca, cert, private = make_ca(directory)
         self.received: list[Received] = []
         self.script: deque[Action] = deque()
+        # Seconds to wait before answering a path (when no scripted action says otherwise).
+        self.delay_for: Callable[[str], float] | None = None
         self.seen_tokens: set[str] = set()
         self.lock = threading.Lock()
         self.connections = 0
@@ -189,8 +192,9 @@ class StandIn:
                 handler, 401, json.dumps({"errorCode": "UNAUTHORIZED", "reasons": [problem]}).encode()
             )
             return
-        if action.delay:
-            time.sleep(action.delay)
+        delay = action.delay or (self.delay_for(handler.path) if self.delay_for else 0.0)
+        if delay:
+            time.sleep(delay)
         if action.reset:
             sock = handler.connection
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

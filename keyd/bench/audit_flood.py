@@ -55,7 +55,9 @@ async def _flood(workdir: str, count: int) -> dict[str, Any]:
         started = time.perf_counter()
         for first in range(0, count, BATCH):
             connection.data_received(b"".join(_request(i) for i in range(first, min(count, first + BATCH))))
-            await asyncio.sleep(0)
+            while connection.waiting:  # parsed MAX_PER_TURN at a time, one turn after another
+                await asyncio.sleep(0)
+            await asyncio.sleep(0)  # the last turn's answers are written
         seconds = time.perf_counter() - started
         daemon.audit.close()  # writes the summary lines of what was folded
     with open(audit_path, encoding="utf-8") as handle:

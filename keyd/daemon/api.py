@@ -121,6 +121,36 @@ def _invalid(message: str) -> ApiError:
     return ApiError(422, "invalid_field", message)
 
 
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice: which value counts would depend on the reader."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's pairs as a dict, refusing a key given twice (json.loads would keep the last)."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return data
+
+
+# Every JSON keyd reads from a caller goes through this decoder: one meaning per request.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def loads_unique(body: bytes | str) -> Any:
+    """json.loads with duplicate keys refused (DuplicateKey, a ValueError), at every depth."""
+    text = body.decode(json.detect_encoding(body), "surrogatepass") if isinstance(body, bytes) else body
+    return _DECODER.decode(text)
+
+
 def _c_scanner() -> Callable[[str, int], tuple[Any, int]] | None:
     """The C scanner json.loads ends up in, or None where this Python has none to offer.
 
@@ -129,7 +159,7 @@ def _c_scanner() -> Callable[[str, int], tuple[Any, int]] | None:
     ``JSONDecoder.__init__`` (CPython's json.scanner), not a documented API: without it, or with the
     pure-Python scanner (slower than json.loads itself), ``parse_json_object`` uses json.loads.
     """
-    scanner = getattr(json.JSONDecoder(), "scan_once", None)
+    scanner = getattr(json.JSONDecoder(object_pairs_hook=_unique_keys), "scan_once", None)
     c_make_scanner = getattr(json.scanner, "c_make_scanner", None)
     if scanner is None or c_make_scanner is None or not isinstance(scanner, c_make_scanner):
         return None
@@ -154,7 +184,9 @@ def parse_json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]
             if end != len(text):
                 raise ValueError("extra data")
         else:  # whitespace around it, a BOM, UTF-16/32, or not an object: the general path
-            data = json.loads(body)
+            data = loads_unique(body)
+    except DuplicateKey as exc:
+        raise _invalid(f"the field {exc.key[:64]!r} is given twice; give each field once") from None
     except (ValueError, UnicodeDecodeError, StopIteration, RecursionError):
         raise ApiError(400, "malformed_json", "the request body is not valid JSON") from None
     if not isinstance(data, dict):
@@ -269,6 +301,10 @@ class Api:
         self._prefixes.append((prefix, handler))
         if max_body:
             self._body_limits.append((prefix, max_body, may_send_more))
+
+    def has_grant(self, caller: Caller) -> bool:
+        """Whether any grant matches the caller (without one, every request is refused)."""
+        return self._policy.grant_for(caller) is not None
 
     def body_limit(self, target: bytes, caller: Caller | None) -> int:
         """The body limit of the prefix ``target`` is under for ``caller``, 0 for none

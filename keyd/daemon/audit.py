@@ -307,7 +307,7 @@ class AuditLog:
             f'"upstream_status":{"null" if upstream_status is None else int(upstream_status)},'
             f'"duration_ms":{seconds * 1000:.3f},"attempts":{attempts},'
             f'"pid":{caller.pid},"uid":{caller.uid},"gid":{caller.gid},'
-            f'"user":{_json_str(caller.user)},"unit":{_json_str(caller.unit)}}}\n'
+            f'"user":{_json_str(caller.user[:_MAX_NAME])},"unit":{_json_str(caller.unit[:_MAX_NAME])}}}\n'
         )
         self.flush()
         self._write(line.encode("utf-8", "replace"))

@@ -36,6 +36,11 @@ MAX_HEADER_BYTES = 16384
 LINGER_SECONDS = 1.0  # after a 413: how long to discard the rest of an oversized body
 CLOSE_GRACE = 1.0  # after closing: how long a peer that reads nothing may keep its connection
 MAX_HELD = 64  # answers held behind a deferred one before the connection stops reading
+# Fairness between connections: at most about this many pipelined requests of one connection are
+# parsed per event-loop turn; the rest of its bytes wait for the next turn, after everyone else's
+# (a read is parsed in slices of SLICE bytes when it is longer, so the bound holds within a read).
+MAX_PER_TURN = 16
+SLICE = 2048
 _STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _CLOSE_HEADER = b"Connection: close\r\n"
 # encode's prepared start of a JSON answer, per status: the status line, Content-Type, and the
@@ -101,7 +106,7 @@ class Host(Protocol):
 
     def now(self) -> float: ...
     def body_limit(self, target: bytes, caller: Caller | None) -> int: ...
-    def admit(self, conn: Connection, uid: int) -> bool: ...
+    def admit(self, conn: Connection, caller: Caller) -> bool: ...
     def release(self, conn: Connection) -> None: ...
     def count_rejection(self, code: str) -> None: ...
 
@@ -128,6 +133,33 @@ _Later = tuple["asyncio.Future[Response]", bool, bool]  # (pending, keep_alive, 
 _CLOSE = None
 
 
+class FlowControl:
+    """The one owner of pausing reads on a connection (after uvicorn's FlowControl): each reason
+    to pause is named, and reading resumes only once no reason remains.
+
+    Reasons: ``names`` (the caller's names are being looked up), ``held`` (too many answers held
+    behind a deferred one), ``writes`` (the peer is not reading what keyd writes), ``turn`` (this
+    connection had its share of the event loop's turn; the rest of its bytes wait for the next).
+    """
+
+    __slots__ = ("_transport", "reasons")
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self.reasons: set[str] = set()
+
+    def pause(self, reason: str) -> None:
+        if not self.reasons:
+            self._transport.pause_reading()
+        self.reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self.reasons:
+            self.reasons.discard(reason)
+            if not self.reasons and not self._transport.is_closing():
+                self._transport.resume_reading()
+
+
 class Connection(asyncio.Protocol):
     """One client connection; parses requests with httptools and answers them in order."""
 
@@ -137,14 +169,17 @@ class Connection(asyncio.Protocol):
         "_header_bytes",
         "_headers",
         "_held",
+        "_later",
         "_url",
         "busy",
         "caller",
         "deadline",
+        "flow",
         "parser",
         "received",
         "server",
         "transport",
+        "turn",
         "uid",
     )
 
@@ -157,6 +192,10 @@ class Connection(asyncio.Protocol):
         self.deadline = 0.0
         self.received = 0.0  # the clock when data_received last ran
         self.uid: int | None = None  # counted in server.uid_connections while set
+        self.flow: FlowControl | None = None  # set with the transport
+        self.turn = 0  # requests completed in this event-loop turn (see MAX_PER_TURN)
+        # Bytes read but left for the next turn (see _parse); None when there are none.
+        self._later: bytes | None = None
         # Bytes that arrived while the caller's names were still being looked up (see _named);
         # None once they are known.
         self._early: bytearray | None = None
@@ -168,6 +207,11 @@ class Connection(asyncio.Protocol):
         self._held: deque[bytes | _Later | None] | None = None
 
     @property
+    def waiting(self) -> bool:
+        """Bytes read but left for a later event-loop turn (MAX_PER_TURN) are still to be parsed."""
+        return self._later is not None
+
+    @property
     def idle(self) -> bool:
         """Between requests, with no answer owed: what shutdown may half-close at once."""
         return not self.busy and self._held is None
@@ -176,6 +220,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.flow = FlowControl(transport)
         server = self.server
         if server.stopped:
             self._turn_away(SHUTTING_DOWN)
@@ -189,7 +234,7 @@ class Connection(asyncio.Protocol):
         except OSError:
             transport.close()
             return
-        if not server.admit(self, self.caller.uid):
+        if not server.admit(self, self.caller):
             self._turn_away(TOO_MANY_FOR_UID)
             return
         self.parser = httptools.HttpRequestParser(self)
@@ -201,7 +246,7 @@ class Connection(asyncio.Protocol):
             # reading right after connection_made returns, so what arrives first is held in
             # _early (data_received pauses then) and parsed once the names are in.
             self._early = bytearray()
-            transport.pause_reading()
+            self.flow.pause("names")
             server.identities.when_named(self.caller, self._named)
 
     def _turn_away(self, answer: bytes) -> None:
@@ -215,7 +260,8 @@ class Connection(asyncio.Protocol):
         if self.parser is not None and not self.transport.is_closing():
             if not self.busy:  # the first-byte deadline counts from when keyd starts reading
                 self.deadline = self.server.now() + self.server.first_byte_timeout
-            self.transport.resume_reading()
+            assert self.flow is not None  # noqa: S101 - set in connection_made
+            self.flow.resume("names")
             if early:
                 self.data_received(bytes(early))
 
@@ -241,8 +287,42 @@ class Connection(asyncio.Protocol):
             # The caller's names are not in yet (connection_made): hold the bytes; the request's
             # deadline runs already (a 408, not a silent close).
             self._early += data
-            self.transport.pause_reading()
+            self.transport.pause_reading()  # again: uvloop reads once after connection_made's pause
             return
+        if self._later is not None:  # read before the pause took effect: after what waits already
+            self._later += data
+            return
+        self.turn = 0
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        """Feed the parser; a long read in slices, stopping once this turn's share is used."""
+        if len(data) <= SLICE:  # the usual read: one request or a few, parsed at once
+            self._feed(data)
+            return
+        for start in range(0, len(data), SLICE):
+            self._feed(data[start : start + SLICE])
+            if self.parser is None:
+                return
+            if self.turn >= MAX_PER_TURN and start + SLICE < len(data):
+                self._later = data[start + SLICE :]
+                assert self.flow is not None  # noqa: S101 - set in connection_made
+                self.flow.pause("turn")
+                asyncio.get_running_loop().call_soon(self._next_turn)
+                return
+
+    def _next_turn(self) -> None:
+        """The bytes left from an earlier turn, now that every other connection had its turn."""
+        later, self._later = self._later, None
+        assert self.flow is not None  # noqa: S101 - set in connection_made
+        self.flow.resume("turn")
+        if later is None or self.parser is None:
+            return
+        self.received = self.server.now()
+        self.turn = 0
+        self._parse(later)
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -255,10 +335,12 @@ class Connection(asyncio.Protocol):
             self._reject(400, "bad_request", "malformed HTTP request")
 
     def pause_writing(self) -> None:
-        self.transport.pause_reading()
+        if self.flow is not None:
+            self.flow.pause("writes")
 
     def resume_writing(self) -> None:
-        self.transport.resume_reading()
+        if self.flow is not None:
+            self.flow.resume("writes")
 
     # -- httptools callbacks (small; each limit rejects through _fail) -----------------------
 
@@ -355,6 +437,7 @@ class Connection(asyncio.Protocol):
             self._send(encode(response, keep_alive, with_body))
         self.busy = False
         self.deadline = self.received + server.idle_timeout
+        self.turn += 1
         if not keep_alive:
             self._close()
             raise _Stop
@@ -415,8 +498,8 @@ class Connection(asyncio.Protocol):
 
     def _hold(self, held: deque[bytes | _Later | None], item: bytes | _Later) -> None:
         held.append(item)
-        if len(held) == MAX_HELD + 1:
-            self.transport.pause_reading()  # a pipelining client waits for its answers
+        if len(held) == MAX_HELD + 1 and self.flow is not None:
+            self.flow.pause("held")  # a pipelining client waits for its answers
 
     def _release(self, _: object = None) -> None:
         """Write the held answers that are ready, in order, up to the first still pending."""
@@ -450,8 +533,8 @@ class Connection(asyncio.Protocol):
             self._held = None
             if not self.busy:
                 self.deadline = server.now() + server.idle_timeout
-        if paused and len(held) <= MAX_HELD and not self.transport.is_closing():
-            self.transport.resume_reading()
+        if paused and len(held) <= MAX_HELD and self.flow is not None:
+            self.flow.resume("held")
 
     # -- ending ------------------------------------------------------------------------------
 

@@ -371,20 +371,31 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 class TcpListener:
-    """GET /metrics over loopback TCP for a Prometheus that cannot reach the Unix socket.
+    """GET /metrics over loopback TCP, or on a Unix socket of its own, for a Prometheus that cannot
+    reach keyd's socket.
 
     Served by the socket's own connection class (keyd.daemon.connection, through a second
     ``Server``): the same parser, limits, deadlines and shutdown, with ``dispatch`` below in place
     of the API: ``GET``/``HEAD /metrics`` and nothing else (404, 405). Runs on the daemon's event
-    loop, so it reads the same counters without locks.
+    loop, so it reads the same counters without locks. TCP carries no peer credentials: every
+    local user can read a loopback listener; the Unix socket (``metrics.socket``) has a mode and a
+    group instead.
     """
 
-    def __init__(self, listen: str, render: Callable[[], bytes]) -> None:
-        self.host, self.port = parse_listen(listen)
+    def __init__(
+        self, listen: str, render: Callable[[], bytes], unix: ServerConfig | None = None
+    ) -> None:
+        self.host, self.port = parse_listen(listen) if listen else ("", 0)
+        self.unix = unix
         self._render = render
         self._server: Server | None = None
 
     async def start(self) -> None:
+        if self.unix is not None:
+            self._server = Server(self.unix, self.dispatch, identities=_TcpPeers(root="/"), section="metrics")
+            await self._server.start()
+            log.info("serving metrics on unix:%s (GET /metrics)", self.unix.socket)
+            return
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.create_server((self.host, self.port), family=family, backlog=64)
         sock.setblocking(False)

@@ -19,10 +19,11 @@ import hashlib
 import logging
 import os
 import random
+import re
 import time
 import unicodedata
 from bisect import bisect_left
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, unquote, unquote_to_bytes, urlencode
@@ -31,7 +32,18 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 from keyd.config import REST_METHODS, AppConfig, Config, RestRule
 from keyd.daemon import tokens
-from keyd.daemon.api import Keys, Request, Response, deferred, error_body, error_response, refusal_error
+from keyd.daemon.api import (
+    JSON,
+    DuplicateKey,
+    Keys,
+    Request,
+    Response,
+    deferred,
+    error_body,
+    error_response,
+    loads_unique,
+    refusal_error,
+)
 from keyd.daemon.metrics import cumulative_buckets
 from keyd.daemon.peers import Caller, Policy
 from keyd.daemon.upstream import Pool, UpstreamError, UpstreamResponse, UpstreamTimeout
@@ -53,6 +65,9 @@ _MAX_CONTENT_TYPE = 200
 UPSTREAM_HEADER = (b"X-Keyd-Upstream", b"talkjs")
 MAX_REFUSED_PATH = 200  # characters of a refused call's path in its audit line
 MAX_LOGGED_PATH = 1024  # ... of a proxied call's (it matched a grant: seldom longer)
+# Query parameters that method-override middleware (Rails, Laravel, Symfony, Express's
+# method-override) reads as the real method: refused rather than forwarded (lower-cased).
+METHOD_OVERRIDES = frozenset({"_method", "x-http-method-override", "x-http-method", "x-method-override"})
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -76,6 +91,10 @@ def check_path(path: bytes) -> str:
             raise _invalid_path("empty path segments (// or a trailing /) are not accepted")
         if segment in (b".", b".."):
             raise _invalid_path("dot segments (. and ..) are not accepted")
+        if _dot_before_params(segment):
+            raise _invalid_path(
+                "a segment that is empty, . or .. before a ; (path parameters) is not accepted"
+            )
         i = 0
         while i < len(segment):
             char = segment[i]
@@ -94,6 +113,20 @@ def check_path(path: bytes) -> str:
         if b"%" in segment:
             _check_decoded(segment)
     return path.decode("ascii")
+
+
+_PARAMS = re.compile(rb";|%3[bB]")
+
+
+def _dot_before_params(segment: bytes) -> bool:
+    """Whether the segment is "", "." or ".." once its ``;params`` are dropped (raw or as %3B).
+
+    Servers in the Tomcat/Jetty/Spring family drop path parameters and then resolve the dot
+    segment, so ``/users/..;/conversations`` reaches ``/conversations`` there. Other uses of ``;``
+    (a user id holding one) pass as sent.
+    """
+    found = _PARAMS.search(segment)
+    return found is not None and segment[: found.start()] in (b"", b".", b"..")
 
 
 def _check_decoded(segment: bytes) -> None:
@@ -139,14 +172,44 @@ def upstream_query(request: Request) -> bytes:
     that is not percent-encoded UTF-8 is 400 ``invalid_query`` rather than forwarded altered."""
     raw = request.raw_query
     if not raw and request.query:  # a Request built without its raw query (Api.handle's callers)
-        return urlencode(request.query, quote_via=quote).encode()
-    if not raw:
+        pairs = list(request.query.items())
+    elif not raw:
         return b""
-    try:
-        pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, encoding="utf-8", errors="strict")
-    except (UnicodeDecodeError, ValueError):
-        raise ApiError(400, "invalid_query", "the query string must be percent-encoded UTF-8") from None
+    else:
+        try:
+            pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, encoding="utf-8", errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(400, "invalid_query", "the query string must be percent-encoded UTF-8") from None
+    for name, _ in pairs:
+        if name.strip().lower() in METHOD_OVERRIDES:
+            raise ApiError(
+                400,
+                "invalid_query",
+                f"the query parameter {name[:64]!r} overrides the method in some frameworks; it is not forwarded",
+            )
     return urlencode(pairs, quote_via=quote).encode()
+
+
+def check_body(body: bytes, content_type: bytes | None) -> None:
+    """A body is forwarded only as JSON with one meaning: a JSON media type (415 otherwise), valid
+    JSON (400 malformed_json), each object's keys once (422 invalid_field). A form body such as
+    ``_method=DELETE`` would turn a granted POST into a DELETE behind method-override middleware."""
+    if content_type is not None:
+        media = content_type.split(b";", 1)[0].strip().lower()
+        if media != JSON and not (media.startswith(b"application/") and media.endswith(b"+json")):
+            raise ApiError(
+                415, "unsupported_media_type", "the REST proxy forwards JSON bodies only (application/json)"
+            )
+    if not body:
+        return
+    try:
+        loads_unique(body)
+    except DuplicateKey as exc:
+        raise ApiError(
+            422, "invalid_field", f"the field {exc.key[:64]!r} is given twice; give each field once"
+        ) from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ApiError(400, "malformed_json", "the request body is not valid JSON") from None
 
 
 class RestAudit(Protocol):
@@ -228,7 +291,12 @@ class RestCollector:
 
 class Sender(Protocol):
     async def request(
-        self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        caller: Hashable = None,
     ) -> UpstreamResponse: ...
 
     def close(self) -> None: ...
@@ -332,6 +400,7 @@ class RestProxy:
                 raise ApiError(
                     422, "invalid_header", "Content-Type must be at most 200 printable ASCII characters"
                 )
+            check_body(request.body, content_type)
             if content_type is None and request.body:
                 content_type = b"application/json"  # as keyd's own endpoints read a body without one
             if self._in_flight.get(caller.uid, 0) >= app.rest.max_concurrent:
@@ -394,7 +463,7 @@ class RestProxy:
         upstream: UpstreamResponse | None = None
         try:
             async with asyncio.timeout(app.rest.timeout):
-                upstream = await self._attempts(app, method, target, headers, body, attempts)
+                upstream = await self._attempts(app, caller.uid, method, target, headers, body, attempts)
             response = _relay(upstream)
         except TimeoutError:
             code = "upstream_timeout"
@@ -440,6 +509,7 @@ class RestProxy:
     async def _attempts(
         self,
         app: AppConfig,
+        uid: int,
         method: bytes,
         target: bytes,
         headers: list[tuple[bytes, bytes]],
@@ -462,7 +532,7 @@ class RestProxy:
             sent = time.perf_counter()
             try:
                 response = await sender.request(
-                    method, target, [(b"Authorization", bearer), *headers, (b"User-Agent", b"keyd")], body
+                    method, target, [(b"Authorization", bearer), *headers, (b"User-Agent", b"keyd")], body, uid
                 )
             except UpstreamError as exc:
                 self.stats.upstream(app.name, time.perf_counter() - sent)

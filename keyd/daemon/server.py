@@ -39,14 +39,21 @@ class Server:
         identities: Identities | None = None,
         clock: Callable[[], float] = time.monotonic,
         body_limit: Callable[[bytes, Caller | None], int] | None = None,
+        has_grant: Callable[[Caller], bool] | None = None,
+        section: str = "server",
     ) -> None:
         self.config = config
+        self.section = section  # the config section errors about config.socket name
         self.dispatch = dispatch
         self.identities = identities or Identities(config.identity_cache, clock=clock)
         self.connections: set[Connection] = set()
         # uid -> connections it holds now (server.max_connections_per_uid caps each)
         self.uid_connections: dict[int, int] = {}
         self.max_per_uid = config.max_connections_per_uid
+        # A caller no grant matches may only be refused: its uid's cap is the low
+        # server.max_connections_without_grant (Api.has_grant tells; everyone has one without it).
+        self.max_without_grant = config.max_connections_without_grant
+        self.has_grant: Callable[[Caller], bool] = has_grant or (lambda caller: True)
         self.closing = False  # shutdown began: answers carry "Connection: close"
         self.stopped = False  # shutdown drained: no connection is accepted any more
         self.refused_connections = 0
@@ -81,14 +88,17 @@ class Server:
         """A request refused by the connection, before the API (for the metrics)."""
         self.rejections[code] = self.rejections.get(code, 0) + 1
 
-    def admit(self, conn: Connection, uid: int) -> bool:
+    def admit(self, conn: Connection, caller: Caller) -> bool:
         """Count a new connection against its uid's cap; False (not counted) when the cap is reached.
 
         Every uid counts, root and keyd's own included: a cap with an exception is a cap a
-        compromised root-run client could exhaust for everyone else.
+        compromised root-run client could exhaust for everyone else. A caller that no grant
+        matches (it can only be refused) meets the lower ``max_connections_without_grant``, its
+        uid's connections counted as a whole.
         """
+        uid = caller.uid
         held = self.uid_connections.get(uid, 0)
-        if held >= self.max_per_uid:
+        if held >= self.max_per_uid or (held >= self.max_without_grant and not self.has_grant(caller)):
             self.refused_connections += 1
             return False
         self.uid_connections[uid] = held + 1
@@ -114,7 +124,7 @@ class Server:
         loop = asyncio.get_running_loop()
         self.attach(loop)
         if sock is None:
-            sock, inode = bind_socket(self.config)
+            sock, inode = bind_socket(self.config, self.section)
             self._bound = (self.config.socket, inode)
         if sock.family == socket.AF_UNIX:
             self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock, backlog=4096)

@@ -24,7 +24,7 @@ log = logging.getLogger("keyd.server")
 _MAX_SUN_PATH = 107  # sockaddr_un.sun_path, less its terminating NUL
 
 
-def _resolve_group(group: str) -> int:
+def _resolve_group(group: str, section: str = "server") -> int:
     if not group:
         return -1
     if group.isdigit():
@@ -32,10 +32,10 @@ def _resolve_group(group: str) -> int:
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
-        raise StartupError(f"server.socket_group: no group named {group!r}") from None
+        raise StartupError(f"{section}.socket_group: no group named {group!r}") from None
 
 
-def bind_socket(config: ServerConfig) -> tuple[socket.socket, int]:
+def bind_socket(config: ServerConfig, section: str = "server") -> tuple[socket.socket, int]:
     """Bind a listening Unix socket at config.socket with its mode and group; (socket, inode).
 
     The directory must be one no other user can change (safefiles.check_directory). A stale socket
@@ -48,17 +48,17 @@ def bind_socket(config: ServerConfig) -> tuple[socket.socket, int]:
     path = config.socket
     directory = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
-    check_directory("server.socket", directory)
-    gid = _resolve_group(config.socket_group)
+    check_directory(f"{section}.socket", directory)
+    gid = _resolve_group(config.socket_group, section)
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _replaceable(path, name, dir_fd)
+        _replaceable(path, name, dir_fd, section)
         private = f".kd{secrets.token_hex(4)}"
         try:
             os.mkdir(private, 0o700, dir_fd=dir_fd)
         except OSError as exc:
             raise StartupError(
-                f"server.socket: cannot create a directory in {directory!r}: {exc.strerror}"
+                f"{section}.socket: cannot create a directory in {directory!r}: {exc.strerror}"
             ) from None
         inner = f"{private}/s"
         bind_path = os.path.join(directory, inner)
@@ -77,7 +77,7 @@ def bind_socket(config: ServerConfig) -> tuple[socket.socket, int]:
             sock.close()
             with contextlib.suppress(OSError):
                 os.unlink(inner, dir_fd=dir_fd)
-            raise StartupError(f"server.socket: cannot create {path!r}: {exc.strerror}") from None
+            raise StartupError(f"{section}.socket: cannot create {path!r}: {exc.strerror}") from None
         finally:
             os.umask(old_umask)
             with contextlib.suppress(OSError):
@@ -89,17 +89,17 @@ def bind_socket(config: ServerConfig) -> tuple[socket.socket, int]:
     return sock, inode
 
 
-def _replaceable(path: str, name: str, dir_fd: int) -> None:
+def _replaceable(path: str, name: str, dir_fd: int, section: str) -> None:
     """Raise StartupError unless nothing is at ``path`` or a stale socket of keyd's user or root."""
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(f"server.socket: {path!r} exists and is not a socket; not replacing it")
+        raise StartupError(f"{section}.socket: {path!r} exists and is not a socket; not replacing it")
     if st.st_uid not in (0, os.geteuid()):
         raise StartupError(
-            f"server.socket: {path!r} is a socket of uid {st.st_uid}, not of keyd's user or root; "
+            f"{section}.socket: {path!r} is a socket of uid {st.st_uid}, not of keyd's user or root; "
             "another user may have planted it: remove it and keep the directory private"
         )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -108,10 +108,10 @@ def _replaceable(path: str, name: str, dir_fd: int) -> None:
         probe.connect(path)
     except OSError as exc:
         if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise StartupError(f"server.socket: cannot probe {path!r}: {exc.strerror}") from None
+            raise StartupError(f"{section}.socket: cannot probe {path!r}: {exc.strerror}") from None
         log.info("replacing stale socket file %s", path)
     else:
-        raise StartupError(f"server.socket: another process is already serving on {path!r}")
+        raise StartupError(f"{section}.socket: another process is already serving on {path!r}")
     finally:
         probe.close()
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -143,6 +144,80 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+class FairSlots:
+    """A pool's connection slots shared fairly between callers (keys: their uids).
+
+    A caller may take a free slot while it holds fewer than its share, the pool's size divided
+    by the number of other callers holding or waiting for slots plus two: one share always stays
+    free for a caller that has none yet, so one or two callers' slow calls never make a third wait
+    behind them. A freed slot goes to the waiting caller holding the fewest; each caller's own
+    requests keep their order.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._held: dict[Hashable, int] = {}
+        self._waiting: dict[Hashable, deque[asyncio.Future[None]]] = {}
+        self._busy = 0
+
+    def _share(self, key: Hashable) -> int:
+        others = len((self._held.keys() | self._waiting.keys()) - {key})
+        return max(1, self.size // (others + 2))
+
+    def _may_take(self, key: Hashable) -> bool:
+        return self._busy < self.size and self._held.get(key, 0) < self._share(key)
+
+    def _take(self, key: Hashable) -> None:
+        self._busy += 1
+        self._held[key] = self._held.get(key, 0) + 1
+
+    async def acquire(self, key: Hashable) -> None:
+        if key not in self._waiting and self._may_take(key):
+            self._take(key)
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, deque()).append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release(key)  # granted, then cancelled before it was used
+            else:
+                self._forget(key, waiter)
+            raise
+
+    def release(self, key: Hashable) -> None:
+        self._busy -= 1
+        left = self._held[key] - 1
+        if left:
+            self._held[key] = left
+        else:
+            del self._held[key]
+        self._wake()
+
+    def _forget(self, key: Hashable, waiter: asyncio.Future[None]) -> None:
+        queue = self._waiting.get(key)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+            if not queue:
+                del self._waiting[key]
+        self._wake()  # a caller that stopped waiting may leave room for others' shares
+
+    def _wake(self) -> None:
+        while self._busy < self.size and self._waiting:
+            for key in sorted(self._waiting, key=lambda k: self._held.get(k, 0)):
+                if self._held.get(key, 0) < self._share(key):
+                    break
+            else:
+                return
+            queue = self._waiting[key]
+            waiter = queue.popleft()
+            if not queue:
+                del self._waiting[key]
+            self._take(key)
+            waiter.set_result(None)
+
+
 class Pool:
     """Keep-alive HTTPS connections to one ``https://host[:port]``."""
 
@@ -165,23 +240,28 @@ class Pool:
         self._max_body = max_response_body
         self._idle_timeout = idle_timeout
         self._max_connections = max_connections
-        self._slots: asyncio.Semaphore | None = None
+        self.slots = FairSlots(max_connections)
         self._idle: list[_Connection] = []
 
     async def request(
-        self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        caller: Hashable = None,
     ) -> UpstreamResponse:
         """Send one request and read its whole answer; raises UpstreamError or UpstreamTimeout.
 
+        ``caller`` (a uid) is whose share of the pool's slots the request takes (``FairSlots``).
         The caller bounds the total time (``asyncio.timeout``); cancelling closes the connection.
         """
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self._max_connections)
         head = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, self.host_header)]
         head += [name + b": " + value + b"\r\n" for name, value in headers]
         head.append(b"Content-Length: %d\r\n\r\n" % len(body))
         data = b"".join(head) + body
-        async with self._slots:
+        await self.slots.acquire(caller)
+        try:
             conn = self._take_idle() or await self._connect()
             try:
                 response = await conn.send(data)
@@ -194,6 +274,8 @@ class Pool:
             else:
                 conn.close()
             return response
+        finally:
+            self.slots.release(caller)
 
     def _take_idle(self) -> _Connection | None:
         now = time.monotonic()

@@ -20,7 +20,7 @@ from keyd.daemon.api import Api
 from keyd.daemon.audit import AuditLog
 from keyd.daemon.health import VaultHealth, vault_health
 from keyd.daemon.keystore import KeyStore
-from keyd.daemon.metrics import Metrics, RequestStats, Sources, TcpListener
+from keyd.daemon.metrics import LISTENER_CONFIG, Metrics, RequestStats, Sources, TcpListener
 from keyd.daemon.peers import Policy, off_loop
 from keyd.daemon.refresher import Refresher
 from keyd.daemon.server import Server
@@ -48,7 +48,9 @@ class Daemon:
         self.audit = audit or AuditLog(config.audit)
         self.stats = RequestStats()
         self.api = Api(config, self.store, self.policy, self.audit, stats=self.stats)
-        self.server = Server(config.server, self.api.dispatch, body_limit=self.api.body_limit)
+        self.server = Server(
+            config.server, self.api.dispatch, body_limit=self.api.body_limit, has_grant=self.api.has_grant
+        )
         self.notifier = systemd.Notifier()
         self.refresher = Refresher(
             dict(config.apps),
@@ -80,8 +82,18 @@ class Daemon:
                 rest.PREFIX, self.rest.handle, max_body=self.rest.max_body, may_send_more=self.rest.may_use
             )
             self.metrics.registry.register(self.rest.collector())
-        listen = config.metrics.listen
-        self.metrics_tcp = TcpListener(listen, self.metrics.render) if listen else None
+        listen, metrics = config.metrics.listen, config.metrics
+        unix = (
+            dataclasses.replace(
+                LISTENER_CONFIG,
+                socket=metrics.socket,
+                socket_mode=metrics.socket_mode,
+                socket_group=metrics.socket_group,
+            )
+            if metrics.socket
+            else None
+        )
+        self.metrics_tcp = TcpListener(listen, self.metrics.render, unix) if listen or unix else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready_sent = False

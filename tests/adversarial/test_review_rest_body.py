@@ -39,6 +39,9 @@ def _rss(pid: int) -> int:
 def _config(bao: Any, short_dir: Path, path: str) -> dict[str, Any]:
     config = base_config(bao, short_dir, path)
     config["server"]["max_connections"] = 1024
+    # This attack is about the body limit: without the grantless cap (8), which would refuse most
+    # of these connections before any body is read (tests/adversarial/test_grantless_flood.py).
+    config["server"]["max_connections_without_grant"] = 1024
     other = os.getuid() + 1 if os.getuid() != 0 else 65534
     config["grant"] = [{"uid": other, "types": ["user", "rest"], "rest": ["PUT /users/*"]}]
     return config

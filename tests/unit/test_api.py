@@ -486,6 +486,9 @@ JSON_BODIES = [
     b"[1]",
     b"\xef\xbb\xbf{}",
     b'{"n": NaN}',
+    b'{"user_id": "alice", "user_id": "bob"}',
+    b' {"a": {"x": 1, "x": 2}} ',
+    b'{"user_id": "a", "user_\\u0069d": "b"}',
 ]
 
 
@@ -502,11 +505,13 @@ def test_without_the_c_scanner_json_loads_decides_the_same(monkeypatch: pytest.M
     monkeypatch.setattr(api_module, "_scan_json", None)
     assert [_outcome(body) for body in JSON_BODIES] == with_scanner
     assert with_scanner[0] == {"user_id": "a"} and with_scanner[2] == (400, "malformed_json")
+    assert with_scanner[-3:] == [(422, "invalid_field")] * 3, "a key given twice, at any depth or escaped"
 
 
 def test_the_scanner_hook_falls_back_when_this_python_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
     class PlainDecoder:  # a json module without the private scan_once attribute
-        pass
+        def __init__(self, **options: object) -> None:
+            self.options = options
 
     monkeypatch.setattr(json, "JSONDecoder", PlainDecoder)
     assert api_module._c_scanner() is None

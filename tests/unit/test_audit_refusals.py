@@ -113,6 +113,16 @@ def test_a_refused_user_id_and_long_names_are_cut(tmp_path: Path) -> None:
     assert max(len(line) for line in path.read_text().splitlines()) < 2048
 
 
+def test_rest_lines_cut_long_user_and_unit_names_as_token_lines_do(tmp_path: Path) -> None:
+    audit, _, path = make(tmp_path)
+    caller = dataclasses.replace(MALLORY, user="u" * 600)
+    audit.rest(caller, "default", "GET", "/users/x", "proxied", None, 200, 0.01, 1)
+    audit.rest(caller, "default", "GET", "/users/x", "refused", "forbidden", None, 0.0, 0)
+    audit.close()
+    for line in read(path):
+        assert len(line["unit"]) == 256 and len(line["user"]) == 256, line
+
+
 def test_hashed_refusals_hash_the_whole_id(tmp_path: Path) -> None:
     audit, _, path = make(tmp_path, hash_user_ids=True)
     audit.record(Decision(MALLORY, "default", "user", "z" * 200, None, "refused", "forbidden"))

@@ -4,6 +4,8 @@ asyncio client's answer to each kind of malformed head, from a raw socket server
 from __future__ import annotations
 
 import asyncio
+import socket as socket_module
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from keyd import http1
-from keyd.client import AsyncKeydClient, Unreachable
+from keyd.client import AsyncKeydClient, KeydClient, Unreachable
 
 
 def test_a_post_carries_host_headers_in_order_and_its_length() -> None:
@@ -150,3 +152,41 @@ def test_the_async_client_calls_a_malformed_answer_a_bad_response(
 def test_the_async_client_reports_an_answer_cut_short(tmp_path: Path) -> None:
     error = _ask(tmp_path, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}")
     assert (error.status, error.code) == (0, "unreachable")
+
+
+def _ask_sync(tmp_path: Path, answer: bytes) -> Unreachable:
+    """The sync client against a peer that answers ``answer`` to anything, then closes."""
+    path = str(tmp_path / "k.sock")
+    listener = socket_module.socket(socket_module.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(Unreachable) as caught:
+            KeydClient(path, timeout=5).health()
+        return caught.value
+    finally:
+        thread.join(5)
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{}",
+    ],
+)
+def test_the_sync_client_caps_response_sizes_as_the_async_one_does(tmp_path: Path, answer: bytes) -> None:
+    error = _ask_sync(tmp_path, answer)
+    assert (error.status, error.code) == (0, "bad_response")
+    assert "no usable Content-Length" in error.message

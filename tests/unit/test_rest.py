@@ -8,7 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jwt
@@ -83,7 +83,12 @@ class Sender:
         self.in_flight = 0
 
     async def request(
-        self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        caller: Hashable = None,
     ) -> UpstreamResponse:
         self.sent.append((method, target, list(headers), body))
         step = self.script.pop(0) if self.script else ok()

@@ -13,16 +13,16 @@ Both keep keep-alive connections open and reconnect once when keyd closed an idl
 
 - ``Unreachable``: no socket, permission denied, connection refused or reset, timeout (status 0);
 - ``InvalidRequest``: any other 4xx: a malformed or invalid request, an unknown app (400/404/405/413/415/422, ...);
-- ``Forbidden``: 403, no grant allows this caller that request;
-- ``RateLimited``: 429, the caller's grant rate is used up;
+- ``ForbiddenError``: 403, no grant allows this caller that request;
+- ``RateLimitedError``: 429, the caller's grant rate is used up;
 - ``WebhookRejected``: 401 from the webhook check (only if you call ``request`` yourself);
-- ``Unavailable``: 5xx; its subclass ``KeyUnavailable`` (503 ``key_unavailable``) means the key is
+- ``Unavailable``: 5xx; its subclass ``KeyUnavailableError`` (503 ``key_unavailable``) means the key is
   not loaded or could not be refreshed for longer than ``refresh.max_stale``.
 
 ``rest(method, path, json=...)`` calls TalkJS's REST API through keyd's proxy (a grant with type
 ``rest`` must list the endpoint): it returns a ``RestResponse`` for whatever TalkJS answered, 4xx and
-5xx included, and raises the errors above for keyd's own refusals (403 ``forbidden`` is ``Forbidden``,
-429 ``too_many_requests`` is ``RateLimited``, 502 ``upstream_error`` and 504 ``upstream_timeout`` are
+5xx included, and raises the errors above for keyd's own refusals (403 ``forbidden`` is ``ForbiddenError``,
+429 ``too_many_requests`` is ``RateLimitedError``, 502 ``upstream_error`` and 504 ``upstream_timeout`` are
 ``Unavailable``).
 
 ``verify_webhook`` returns True for an authentic, fresh webhook and False for one keyd judges not
@@ -53,11 +53,11 @@ __all__ = [
     "DEFAULT_SOCKET",
     "AsyncKeydClient",
     "ClientError",
-    "Forbidden",
+    "ForbiddenError",
     "InvalidRequest",
-    "KeyUnavailable",
+    "KeyUnavailableError",
     "KeydClient",
-    "RateLimited",
+    "RateLimitedError",
     "RestResponse",
     "Unavailable",
     "Unreachable",
@@ -129,11 +129,11 @@ class InvalidRequest(ClientError):
     """keyd rejected the request itself (400, 404, 405, 413, 415, 422): fix the request."""
 
 
-class Forbidden(ClientError):
+class ForbiddenError(ClientError):
     """403: no grant allows this caller (its uid, group or unit) to make this request."""
 
 
-class RateLimited(ClientError):
+class RateLimitedError(ClientError):
     """429: the caller's grant rate is used up; slow down."""
 
 
@@ -145,7 +145,7 @@ class Unavailable(ClientError):
     """5xx: keyd cannot answer right now (shutting down, at its connection limit, internal error)."""
 
 
-class KeyUnavailable(Unavailable):
+class KeyUnavailableError(Unavailable):
     """503 key_unavailable: the app's key is not loaded, or is past refresh.max_stale."""
 
 
@@ -157,11 +157,11 @@ def error_for(status: int, code: str, message: str) -> ClientError:
     elif status == 401:
         cls = WebhookRejected
     elif status == 403:
-        cls = Forbidden
+        cls = ForbiddenError
     elif status == 429:
-        cls = RateLimited
+        cls = RateLimitedError
     elif code == "key_unavailable":
-        cls = KeyUnavailable
+        cls = KeyUnavailableError
     elif status >= 500:
         cls = Unavailable
     elif status >= 400:

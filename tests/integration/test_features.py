@@ -12,7 +12,7 @@ import time
 import jwt
 import pytest
 
-from keyd.client import Forbidden, KeydClient, KeyUnavailable, Unreachable
+from keyd.client import ForbiddenError, KeydClient, KeyUnavailableError, Unreachable
 from tests.conftest import base_config, new_key
 from tests.helpers import wait_until
 
@@ -76,7 +76,7 @@ def test_signatures_and_webhooks_need_a_grant(bao, secret_path, keyd_factory, sh
     assert status == 403 and doc["error"]["code"] == "forbidden"
     status, doc = webhook(http, key)
     assert status == 403 and doc["error"]["code"] == "forbidden"
-    with KeydClient(keyd.socket) as client, pytest.raises(Forbidden) as caught:
+    with KeydClient(keyd.socket) as client, pytest.raises(ForbiddenError) as caught:
         client.verify_webhook({"X-TalkJS-Timestamp": "1", "X-TalkJS-Signature": "AB"}, b"{}")
     assert caught.value.code == "forbidden" and caught.value.status == 403
 
@@ -202,7 +202,7 @@ def test_a_broken_app_never_stops_another(bao, root, keyd_factory, short_dir):
     jwt.decode(token["token"], keys["test"], algorithms=["HS256"])
     status, err = http.post_json("/v1/tokens", {"user_id": "alice", "app": "live"})
     assert status == 503 and err["error"]["code"] == "key_unavailable"
-    with KeydClient(keyd.socket) as client, pytest.raises(KeyUnavailable):
+    with KeydClient(keyd.socket) as client, pytest.raises(KeyUnavailableError):
         client.user_token("alice", app="live")
 
 

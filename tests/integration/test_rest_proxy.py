@@ -520,7 +520,7 @@ def test_rest_without_tls_verification_is_not_configurable(tmp_path: Path) -> No
 def test_python_client_rest_sync_and_async(start: Start, standin: StandIn) -> None:
     import asyncio
 
-    from keyd.client import AsyncKeydClient, Forbidden, KeydClient, RestResponse, Unavailable
+    from keyd.client import AsyncKeydClient, ForbiddenError, KeydClient, RestResponse, Unavailable
 
     keyd = start(timeout="1s", connect_timeout="1s", retries=0)
     with KeydClient(keyd.socket) as client:
@@ -531,7 +531,7 @@ def test_python_client_rest_sync_and_async(start: Start, standin: StandIn) -> No
         standin.script.append(Action(status=429, headers={"Retry-After": "2"}, body=b'{"errorCode":"R"}'))
         limited = client.rest("GET", "/users/alice")
         assert (limited.status, limited.retry_after, limited.ok) == (429, "2", False)
-        with pytest.raises(Forbidden):
+        with pytest.raises(ForbiddenError):
             client.rest("DELETE", "/users/alice")
         standin.script.append(Action(delay=2.0))
         with pytest.raises(Unavailable) as caught:
@@ -545,7 +545,7 @@ def test_python_client_rest_sync_and_async(start: Start, standin: StandIn) -> No
             assert [a.status for a in answers] == [200] * 6
             posted = await client.rest("POST", "/conversations/c1/messages", json=[{"text": "hi"}])
             assert posted.ok
-            with pytest.raises(Forbidden):
+            with pytest.raises(ForbiddenError):
                 await client.rest("PUT", "/conversations/c1")
 
     asyncio.run(run())

@@ -19,11 +19,11 @@ import pytest
 from keyd.client import (
     AsyncKeydClient,
     ClientError,
-    Forbidden,
+    ForbiddenError,
     InvalidRequest,
     KeydClient,
-    KeyUnavailable,
-    RateLimited,
+    KeyUnavailableError,
+    RateLimitedError,
     Unavailable,
     Unreachable,
     WebhookRejected,
@@ -108,9 +108,9 @@ ERRORS = [
     (415, "unsupported_media_type", InvalidRequest),
     (422, "invalid_field", InvalidRequest),
     (401, "invalid_signature", WebhookRejected),
-    (403, "forbidden", Forbidden),
-    (429, "rate_limited", RateLimited),
-    (503, "key_unavailable", KeyUnavailable),
+    (403, "forbidden", ForbiddenError),
+    (429, "rate_limited", RateLimitedError),
+    (503, "key_unavailable", KeyUnavailableError),
     (503, "too_many_connections", Unavailable),
     (500, "internal_error", Unavailable),
 ]
@@ -193,9 +193,9 @@ WEBHOOK_CASES = [
     ((401, b'{"error": {"code": "stale_timestamp", "message": ""}}'), False),
     ((400, b'{"error": {"code": "missing_header", "message": ""}}'), False),
     ((400, b'{"error": {"code": "invalid_header", "message": ""}}'), False),
-    ((403, b'{"error": {"code": "forbidden", "message": ""}}'), Forbidden),
+    ((403, b'{"error": {"code": "forbidden", "message": ""}}'), ForbiddenError),
     ((404, b'{"error": {"code": "unknown_app", "message": ""}}'), InvalidRequest),
-    ((503, b'{"error": {"code": "key_unavailable", "message": ""}}'), KeyUnavailable),
+    ((503, b'{"error": {"code": "key_unavailable", "message": ""}}'), KeyUnavailableError),
 ]
 
 

@@ -227,6 +227,7 @@ def bench_options(args: argparse.Namespace) -> bench.Options:
         inprocess=args.inprocess,
         warmup=args.warmup,
         rest=args.rest,
+        scale=args.scale,
         plot=args.plot,
     )
 
@@ -337,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--rest",
         action="store_true",
         help="the REST proxy vs calling a TalkJS stand-in directly; signing under proxy load",
+    )
+    p.add_argument(
+        "--scale",
+        action="store_true",
+        help="throughput against grants (1..10,000), apps (1..500) and open connections, one run",
     )
     p.add_argument(
         "--plot",

@@ -35,7 +35,7 @@ def run(options: Options, out: TextIO = sys.stdout) -> tuple[dict[str, Any], boo
     """
     if not options.plot:
         return measure(options, out)
-    if options.inprocess or options.memory or options.startup:
+    if options.inprocess or options.memory or options.startup or options.scale:
         raise BenchError("--plot draws runs under load (the default, --compare, --rest), not this measurement")
     from keyd.bench import plot  # noqa: PLC0415 - matplotlib only when a plot is asked for
 
@@ -53,6 +53,13 @@ def measure(options: Options, out: TextIO) -> tuple[dict[str, Any], bool]:
         from keyd.bench import rest  # noqa: PLC0415 - only this mode needs the TalkJS stand-in
 
         return rest.run_rest(options, out)
+    if options.scale:
+        from keyd.bench import scale  # noqa: PLC0415
+
+        doc = scale.run(options, out)
+        if options.json:
+            print(json.dumps(doc, indent=2), file=out)
+        return doc, True
     if options.inprocess:
         doc = inprocess.run_inprocess(options, out)
         return doc, doc["inprocess"]["non_200"] == 0

@@ -32,4 +32,5 @@ class Options:
     inprocess: bool = False
     warmup: float = WARMUP_SECONDS
     rest: bool = False
+    scale: bool = False  # throughput against grants, apps and open connections (keyd.bench.scale)
     plot: str = ""  # a PNG of the run's throughput and p99 per target (keyd.bench.plot)

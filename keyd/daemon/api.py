@@ -159,7 +159,7 @@ def _c_scanner() -> Callable[[str, int], tuple[Any, int]] | None:
     ``JSONDecoder.__init__`` (CPython's json.scanner), not a documented API: without it, or with the
     pure-Python scanner (slower than json.loads itself), ``parse_json_object`` uses json.loads.
     """
-    scanner = getattr(json.JSONDecoder(object_pairs_hook=_unique_keys), "scan_once", None)
+    scanner = getattr(json.JSONDecoder(), "scan_once", None)
     c_make_scanner = getattr(json.scanner, "c_make_scanner", None)
     if scanner is None or c_make_scanner is None or not isinstance(scanner, c_make_scanner):
         return None
@@ -183,6 +183,10 @@ def parse_json_object(body: bytes, content_type: bytes | None) -> dict[str, Any]
             data, end = _scan_json(text, 0)
             if end != len(text):
                 raise ValueError("extra data")
+            # perf: every key has its colon, so a body with as many colons as the object has keys
+            # has no nested pair and no key twice; any other body is decoded again, checking keys.
+            if body.count(b":") != len(data):
+                data = loads_unique(text)
         else:  # whitespace around it, a BOM, UTF-16/32, or not an object: the general path
             data = loads_unique(body)
     except DuplicateKey as exc:

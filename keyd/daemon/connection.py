@@ -293,13 +293,16 @@ class Connection(asyncio.Protocol):
             self._later += data
             return
         self.turn = 0
-        self._parse(data)
+        if len(data) > SLICE:
+            self._parse(data)
+            return
+        try:  # perf: the usual read (one request or a few) is fed here, without another call
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._parse_failed(exc)
 
     def _parse(self, data: bytes) -> None:
-        """Feed the parser; a long read in slices, stopping once this turn's share is used."""
-        if len(data) <= SLICE:  # the usual read: one request or a few, parsed at once
-            self._feed(data)
-            return
+        """Feed a long read in slices, stopping once this turn's share of requests is used."""
         for start in range(0, len(data), SLICE):
             self._feed(data[start : start + SLICE])
             if self.parser is None:
@@ -325,13 +328,18 @@ class Connection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._parse_failed(exc)
+
+    def _parse_failed(self, exc: Exception) -> None:
+        """The parser stopped: a callback answered already (_Stop), keyd failed, or the bytes did."""
+        if isinstance(exc, httptools.HttpParserCallbackError):
             if not isinstance(exc.__context__, _Stop):
                 log.error("internal error while parsing a request: %s", type(exc.__context__).__name__)
                 self._reject(500, "internal_error", "keyd hit an internal error")
-        except httptools.HttpParserUpgrade:
+        elif isinstance(exc, httptools.HttpParserUpgrade):
             self._reject(400, "bad_request", "protocol upgrades are not supported")
-        except httptools.HttpParserError:
+        else:
             self._reject(400, "bad_request", "malformed HTTP request")
 
     def pause_writing(self) -> None:

@@ -596,6 +596,7 @@ def grant_matches(
 
 DEFAULT_GRANT = GrantConfig(index=-1, apps=("*",), types=("user",))
 MAX_BUCKETS = 4096
+MAX_DECISIONS = 4096  # callers and identities whose first matching grant is remembered (per policy)
 
 
 class RateLimiter:
@@ -679,6 +680,13 @@ class Policy:
         self._limiter = limiter or RateLimiter()
         self._grants: tuple[GrantConfig, ...] = ()
         self._compiled: tuple[tuple[GrantConfig, Selectors], ...] = ()
+        # The first matching grant, remembered until the next install: per Caller (one per
+        # connection, hashed by identity: the usual request costs one dict lookup) and per identity
+        # (uid, gids, unit, user_unit: all a grant's selectors read), so a new connection of a known
+        # identity does not scan 10,000 grants again. Bounded: a local user can start any number of
+        # units; beyond MAX_DECISIONS entries a map starts over (a scan, never unbounded memory).
+        self._by_caller: dict[Caller, GrantConfig | None] = {}
+        self._by_identity: dict[tuple[int, frozenset[int], str, str], GrantConfig | None] = {}
         self.install(self.compile(grants))
 
     @property
@@ -703,6 +711,8 @@ class Policy:
         """Take compiled grants into use: from the next request on, every connection's included."""
         self._compiled = compiled
         self._grants = tuple(g for g, _ in compiled)
+        self._by_caller = {}
+        self._by_identity = {}
 
     async def reresolve(self) -> None:
         """Resolve the grants' names again in a worker thread (a group deleted or renumbered)."""
@@ -714,6 +724,26 @@ class Policy:
 
     def grant_for(self, caller: Caller) -> GrantConfig | None:
         """The first grant whose selectors match the caller, or None."""
+        by_caller = self._by_caller
+        try:
+            return by_caller[caller]
+        except KeyError:
+            pass
+        identity = (caller.uid, caller.gids, caller.unit, caller.user_unit)
+        by_identity = self._by_identity
+        try:
+            found = by_identity[identity]
+        except KeyError:
+            found = self._first_match(caller)
+            if len(by_identity) >= MAX_DECISIONS:
+                by_identity.clear()
+            by_identity[identity] = found
+        if len(by_caller) >= MAX_DECISIONS:
+            by_caller.clear()
+        by_caller[caller] = found
+        return found
+
+    def _first_match(self, caller: Caller) -> GrantConfig | None:
         for grant, selectors in self._compiled:
             if selectors.matches(caller):
                 return grant

@@ -759,3 +759,44 @@ def test_cli_grants_with_a_user_unit(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "matches grant[0] (uid = 0, user_unit = 'sync.service')" in out
     # The same name as a system unit is another thing: no match.
     assert cli.main(["grants", "-c", str(path), "--uid", "0", "--unit", "sync.service"]) == 1
+
+
+# -- the decision cache: the first matching grant, remembered per caller and identity ----------
+
+
+def _many_grants(count: int, last: GrantConfig) -> list[GrantConfig]:
+    return [GrantConfig(index=i, uid=100_000 + i, types=("user",)) for i in range(count)] + [last]
+
+
+def test_the_remembered_grant_is_the_first_match_in_order_with_10000_grants() -> None:
+    target = GrantConfig(index=10_000, uid=1000, types=("app",))
+    grants = _many_grants(10_000, target)
+    grants.insert(5, GrantConfig(index=-2, uid=1000, unit="web.service", types=("user",)))
+    policy = Policy(grants)
+    web = caller(uid=1000, unit="web.service")
+    other = caller(uid=1000, unit="cron.service")
+    for _ in range(3):  # first time scanned, then remembered: the same answer
+        assert policy.grant_for(web) is grants[5]
+        assert policy.grant_for(other) is target
+    # A new connection (a new Caller) of a known identity: remembered by identity.
+    assert policy.grant_for(caller(uid=1000, unit="web.service")) is grants[5]
+    assert policy.grant_for(caller(uid=4242)) is None
+
+
+def test_installing_new_grants_forgets_every_remembered_decision() -> None:
+    policy = Policy([GrantConfig(index=0, uid=1000, types=("user",))])
+    alice = caller(uid=1000)
+    assert policy.grant_for(alice) is not None
+    policy.install(policy.compile([GrantConfig(index=0, uid=2000, types=("user",))]))
+    assert policy.grant_for(alice) is None, "the same connection's next request sees the new grants"
+    policy.install(policy.compile([GrantConfig(index=0, uid=1000, types=("app",))]))
+    grant = policy.grant_for(alice)
+    assert grant is not None and grant.types == ("app",)
+
+
+def test_the_remembered_decisions_are_bounded_whatever_units_a_caller_invents() -> None:
+    policy = Policy([GrantConfig(index=0, uid=1000, types=("user",))])
+    for i in range(3 * peers.MAX_DECISIONS):
+        assert policy.grant_for(caller(uid=1000, user_unit=f"u{i}.service")) is not None
+    assert len(policy._by_caller) <= peers.MAX_DECISIONS
+    assert len(policy._by_identity) <= peers.MAX_DECISIONS

@@ -192,6 +192,17 @@ def cmd_health(args: argparse.Namespace) -> int:
     return EXIT_OK if status == 200 else EXIT_FAILED
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    from keyd.ops import reload  # noqa: PLC0415
+
+    try:
+        path = socket_path(args.socket)
+    except ClientError as exc:
+        _err(exc.message)
+        return reload.EXIT_UNREACHABLE
+    return reload.reload(path, args.pid, args.timeout)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from keyd.ops import status  # noqa: PLC0415
 
@@ -304,6 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("health", cmd_health, "print a running keyd's health; exit 1 when it cannot sign")
     p.add_argument("--socket", help=SOCKET_HELP)
+
+    p = add(
+        "reload",
+        cmd_reload,
+        "SIGHUP keyd and wait for the verdict; exit 0 applied, 1 failed (kept the old), 2 no answer",
+    )
+    p.add_argument("--pid", type=int, required=True, help="keyd's process id (systemd: $MAINPID)")
+    p.add_argument("--socket", help=SOCKET_HELP)
+    p.add_argument("--timeout", type=_duration, default=60.0, help="longest wait for the verdict (60s)")
 
     p = add("status", cmd_status, "summarise a running keyd; exit 0 healthy, 1 degraded, 2 unreachable")
     p.add_argument("--socket", help=SOCKET_HELP)

@@ -98,6 +98,16 @@ def vault_health(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ReloadHealth:
+    """The last SIGHUP reload: whether everything in it was applied (config and every key)."""
+
+    count: int  # reloads since start
+    ok: bool
+    at: float  # unix time it finished
+    error: str  # why it failed ("" when ok): the config file's problems, the apps whose key failed
+
+
 # -- the JSON spelling (the API's; nothing else calls these) -------------------------------------
 
 
@@ -153,5 +163,12 @@ def document(health: Health, sections: dict[str, Any] | None = None) -> dict[str
         "apps": {app.name: app_document(app) for app in health.apps},
     }
     for name, value in (sections or {}).items():
-        doc[name] = vault_document(value) if isinstance(value, VaultHealth) else value
+        if value is None:  # a section with nothing to say yet (no reload so far)
+            continue
+        if isinstance(value, VaultHealth):
+            doc[name] = vault_document(value)
+        elif isinstance(value, ReloadHealth):
+            doc[name] = {"count": value.count, "ok": value.ok, "at": value.at, "error": value.error}
+        else:
+            doc[name] = value
     return doc

@@ -32,7 +32,7 @@ from prometheus_client.process_collector import ProcessCollector
 from keyd.config import ServerConfig
 from keyd.daemon.api import TOKENS_ENDPOINT, Request, Response
 from keyd.daemon.decisions import Decision
-from keyd.daemon.health import Health, VaultHealth
+from keyd.daemon.health import Health, ReloadHealth, VaultHealth
 from keyd.daemon.peers import Caller, Identities
 from keyd.daemon.server import Server
 
@@ -151,6 +151,7 @@ class Sources:
     refused_connections: Callable[[], int]
     # error code -> answers the socket layer gave before a request reached the API
     rejections: Callable[[], Mapping[str, int]] = dict
+    reload: Callable[[], ReloadHealth | None] = lambda: None
 
 
 class KeydCollector:
@@ -213,6 +214,7 @@ class KeydCollector:
         yield latency
 
     def _state_families(self, sources: Sources) -> Iterator[Metric]:
+        yield from _reload_families(sources.reload())
         apps = sources.health().apps
         can_sign = GaugeMetricFamily("keyd_app_can_sign", "1 when the app can sign now.", labels=["app"])
         loaded = GaugeMetricFamily(
@@ -300,6 +302,20 @@ def _node_families(vault: VaultHealth) -> Iterator[Metric]:
         "keyd_vault_failovers",
         "Times keyd moved to another Vault node because the one it used could not serve.",
         vault.failovers,
+    )
+
+
+def _reload_families(reload: ReloadHealth | None) -> Iterator[Metric]:
+    """keyd_reload_success and keyd_reload_timestamp_seconds: absent before the first SIGHUP."""
+    if reload is None:
+        return
+    yield GaugeMetricFamily(
+        "keyd_reload_success",
+        "1 when the last SIGHUP reload applied everything (config and every key), 0 when it failed.",
+        value=1.0 if reload.ok else 0.0,
+    )
+    yield GaugeMetricFamily(
+        "keyd_reload_timestamp_seconds", "Unix time the last SIGHUP reload finished.", value=reload.at
     )
 
 

@@ -18,7 +18,7 @@ from keyd.config import Config
 from keyd.daemon import containment, systemd
 from keyd.daemon.api import Api
 from keyd.daemon.audit import AuditLog
-from keyd.daemon.health import VaultHealth, vault_health
+from keyd.daemon.health import ReloadHealth, VaultHealth, vault_health
 from keyd.daemon.keystore import KeyStore
 from keyd.daemon.metrics import LISTENER_CONFIG, Metrics, RequestStats, Sources, TcpListener
 from keyd.daemon.peers import Policy, off_loop
@@ -33,6 +33,11 @@ log = logging.getLogger("keyd.daemon")
 STATUS_EVERY = 5.0
 # How long keyd keeps connections queued on a socket from systemd while its keys load.
 STARTUP_HOLD = 2.0
+# Longest keyd waits for every app's key before telling systemd it is up anyway (READY=1 with a
+# "waiting for Vault" status): `systemctl restart` with Vault unreachable returns instead of
+# hanging, and keyd keeps retrying (503 key_unavailable meanwhile) instead of being killed in a
+# loop by a start timeout. Below keyd.service's TimeoutStartSec= (90 s).
+READY_WAIT = 60.0
 # After closing an inherited listener: time for connections accepted just before to be answered.
 HANDOVER_GRACE = 0.1
 
@@ -61,6 +66,7 @@ class Daemon:
             probe_interval=config.vault.probe_interval,
         )
         self.api.add_health("vault", self._vault_status)
+        self.api.add_health("reload", lambda: self.last_reload)
         self.metrics = Metrics(
             self.stats,
             Sources(
@@ -69,6 +75,7 @@ class Daemon:
                 connections=lambda: len(self.server.connections),
                 refused_connections=lambda: self.server.refused_connections,
                 rejections=lambda: self.server.rejections,
+                reload=lambda: self.last_reload,
             ),
         )
         self.api.add_route(b"/metrics", b"GET", self.metrics.handle)
@@ -99,6 +106,12 @@ class Daemon:
         self._ready_sent = False
         self._reload_waiting: set[str] = set()
         self._reload_failed: dict[str, str] = {}  # app -> why its key could not be re-read
+        # A SIGHUP reload ends when every key was re-read and the config file was read again.
+        self._reload_active = False
+        self._grants_pending = False
+        self._config_error = ""  # why the config file was not taken (its problems), "" if it was
+        self._reload_count = 0
+        self.last_reload: ReloadHealth | None = None  # /v1/health's and the metrics' "reload"
         self._reload_generation = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._grant_reloads: set[asyncio.Task[None]] = set()
@@ -146,6 +159,7 @@ class Daemon:
             self.notifier.notify("STATUS=waiting for Vault")
             self.refresher.start()
             self._loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self._loop.call_later(READY_WAIT, self._ready_without_every_key)
         self._tasks.append(asyncio.create_task(self._report_status()))
         self._tasks.append(asyncio.create_task(self._resolve_grant_names()))
         interval = systemd.watchdog_interval()
@@ -155,6 +169,17 @@ class Daemon:
             await self._stop.wait()
         finally:
             await self._shutdown()
+
+    def _ready_without_every_key(self) -> None:
+        if self._ready_sent:
+            return
+        self._ready_sent = True
+        log.warning(
+            "not every app has a key after %.0f s: telling systemd keyd is up; those apps answer 503 "
+            "key_unavailable until Vault answers (keyd keeps retrying)",
+            READY_WAIT,
+        )
+        self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
 
     async def _hold_until_ready(self, limit: float) -> None:
         """Wait until every app has a key (READY=1 sent), SIGTERM, or ``limit`` seconds."""
@@ -209,6 +234,10 @@ class Daemon:
         log.info("SIGHUP: refreshing every key now")
         self._reload_waiting = set(self.config.apps)
         self._reload_failed = {}
+        self._reload_active = True
+        self._reload_count += 1
+        self._config_error = ""
+        self._grants_pending = self._loop is not None
         self._reload_generation = self.refresher.generation + 1  # what refresh_now below makes it
         self.notifier.notify(
             "RELOADING=1",
@@ -234,15 +263,24 @@ class Daemon:
         They decide from the next request on, on every connection, kept-alive ones included. A
         file with problems changes nothing: the grants in use stay.
         """
+        try:
+            await self._reread_grants()
+        finally:
+            self._grants_pending = False
+            self._finish_reload()
+
+    async def _reread_grants(self) -> None:
         source = self.config.source
         try:
             fresh = await off_loop(configuration.load, source)
             compiled = await off_loop(self.policy.compile, fresh.grants)
         except ConfigError as exc:
             log.error("SIGHUP: grants not reloaded, keeping those in use: %s", exc)
+            self._config_error = str(exc)
             return
-        except Exception:
+        except Exception as exc:
             log.exception("SIGHUP: grants not reloaded, keeping those in use")
+            self._config_error = f"the config file could not be read ({type(exc).__name__})"
             return
         self.policy.install(compiled)
         log.info("SIGHUP: %d grant(s) reloaded from %s", len(fresh.grants), source)
@@ -301,7 +339,7 @@ class Daemon:
             if self._reload_waiting:
                 return
             if self._ready_sent:
-                self._reload_finished()
+                self._finish_reload()
                 return
             # A SIGHUP before the first READY: the start-up check below still applies.
         if not self._ready_sent and self.store.ready():
@@ -309,23 +347,37 @@ class Daemon:
             log.info("ready: every app has a key loaded")
             self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
 
-    def _reload_finished(self) -> None:
-        """End of a SIGHUP reload: READY=1 (systemd's end of RELOADING=1) with a truthful STATUS."""
-        failed = self._reload_failed
+    def _finish_reload(self) -> None:
+        """End of a SIGHUP reload, once every key was re-read and the config file read again:
+        READY=1 (systemd's end of RELOADING=1) with a truthful STATUS, and ``last_reload`` for
+        /v1/health, ``keyd status``, the metrics and ``keyd reload`` (systemctl reload's verdict)."""
+        if not self._reload_active or self._reload_waiting or self._grants_pending or not self._ready_sent:
+            return
+        self._reload_active = False
+        failed = dict(self._reload_failed)
+        if self._config_error:
+            failed["config"] = self._config_error
+        self.last_reload = ReloadHealth(
+            count=self._reload_count,
+            ok=not failed,
+            at=time.time(),
+            error="; ".join(
+                (why if name == "config" else f"app {name}: {why}") for name, why in sorted(failed.items())
+            ),
+        )
         if not failed:
-            log.info("reload finished: every app's key was re-read")
+            log.info("reload finished: every app's key was re-read and the grants reloaded")
             self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
             return
-        reasons = "; ".join(f"app {app}: {why}" for app, why in sorted(failed.items()))
+        reasons = self.last_reload.error
         log.error(
-            "reload failed for %d of %d app(s): %s",
-            len(failed),
-            len(self.config.apps),
+            "reload failed (%s): %s",
+            ", ".join(sorted(failed)),
             reasons,
-            extra={"event": "reload_failed", "apps": sorted(failed)},
+            extra={"event": "reload_failed", "apps": sorted(k for k in failed if k != "config")},
         )
-        # systemd has no "reload failed" message for Type=notify-reload: READY=1 ends the reload
-        # either way, so the STATUS sent with it says plainly that it failed and why.
+        # READY=1 ends the reload for systemd either way; `keyd reload` (the unit's ExecReload=)
+        # reads last_reload and fails systemctl reload, and the STATUS says plainly why.
         self.notifier.notify("READY=1", f"STATUS=reload failed: {reasons}; now {self.status_line()}")
 
     def status_line(self) -> str:

@@ -29,7 +29,9 @@ class Summary:
 
 
 def exit_code_for(doc: dict[str, Any]) -> int:
-    return EXIT_HEALTHY if doc.get("status") == "ok" else EXIT_DEGRADED
+    """0 only when healthy and the last reload (if any) applied everything."""
+    reload_failed = (doc.get("reload") or {}).get("ok") is False
+    return EXIT_HEALTHY if doc.get("status") == "ok" and not reload_failed else EXIT_DEGRADED
 
 
 def _paint(text: str, colour: str, enabled: bool) -> str:
@@ -110,6 +112,12 @@ def render(doc: dict[str, Any], socket_path: str, colour: bool = False) -> str:
     for name, app in apps.items():
         lines.append(_app_line(f"app {name}", app, width, colour))
     lines += _vault_lines(doc.get("vault") or {}, width, colour)
+    reload = doc.get("reload") or {}
+    if reload.get("ok") is False:
+        text = _paint("FAILED, keeping the config and keys it had", _RED, colour)
+        lines.append(f"  {'last reload':{width}}  {text}: {reload.get('error')}")
+    elif reload:
+        lines.append(f"  {'last reload':{width}}  ok")
     return "\n".join(lines)
 
 

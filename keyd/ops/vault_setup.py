@@ -182,6 +182,7 @@ class Setup:
         self.auth = config.vault.auth
         self.mount = self.auth.mount_point
         self.node = node or config.vault.address
+        self._rebinding = False  # the file's secret_id is valid but bound to other CIDRs
 
     def _step(self, what: str, path: str, action: Callable[[], None]) -> None:
         """Run one step; a failure names the node, the step and the Vault path it used."""
@@ -256,7 +257,6 @@ class Setup:
             "token_num_uses": 0,
             "token_period": 0,
             "token_explicit_max_ttl": 0,
-            "token_bound_cidrs": list(self.options.cidrs),
         }
 
     @staticmethod
@@ -281,13 +281,16 @@ class Setup:
     # AppRole
 
     def write_approle_role(self) -> None:
+        """The role all hosts share: no CIDRs on it (--cidr binds each host's own secret_id, see
+        write_secret_id); CIDRs an earlier keyd wrote onto the role are removed."""
         role = self.options.role
         wanted = {
             **self._token_params(),
+            "token_bound_cidrs": [],
             "bind_secret_id": True,
             "secret_id_ttl": _seconds(self.options.secret_id_ttl),
             "secret_id_num_uses": 0,
-            "secret_id_bound_cidrs": list(self.options.cidrs),
+            "secret_id_bound_cidrs": [],
         }
         found = _or_none(lambda: self.client.auth.approle.read_role(role, mount_point=self.mount))
         current = found["data"] if found else None
@@ -300,8 +303,7 @@ class Setup:
             f"role {role}: {'created' if current is None else 'updated (' + ', '.join(changed) + ')'} "
             f"(token ttl {wanted['token_ttl']}s, max ttl {wanted['token_max_ttl']}s, "
             f"secret_id ttl {wanted['secret_id_ttl'] or 'unlimited'}"
-            f"{'s' if wanted['secret_id_ttl'] else ''}"
-            f"{', bound to ' + ', '.join(self.options.cidrs) if self.options.cidrs else ''})"
+            f"{'s' if wanted['secret_id_ttl'] else ''})"
         )
 
     def write_role_id(self) -> None:
@@ -327,7 +329,16 @@ class Setup:
             raise  # the operator's token may not look it up: say so rather than replace a valid one
         except HvacError:
             return False
-        return isinstance(found, dict) and bool(found.get("data"))
+        data = found.get("data") if isinstance(found, dict) else None
+        if not data:
+            return False
+        # Bound to other CIDRs than asked (a --cidr added, changed or dropped): not the one wanted.
+        rebound = self._differences(
+            {"cidr_list": data.get("cidr_list"), "token_bound_cidrs": data.get("token_bound_cidrs")},
+            {"cidr_list": list(self.options.cidrs), "token_bound_cidrs": list(self.options.cidrs)},
+        )
+        self._rebinding = bool(rebound)
+        return not rebound
 
     def write_secret_id(self) -> None:
         path = self.auth.secret_id_file
@@ -337,18 +348,26 @@ class Setup:
             existing = ""
         except OSError as exc:
             raise KeydError(f"cannot read {path!r}: {exc.strerror}") from None
+        self._rebinding = False
         if existing and not self.options.new_secret_id:
             if self._secret_id_still_valid(existing):
                 self.say(f"secret_id -> {path}: kept (still valid; --new-secret-id issues a fresh one)")
                 return
-            reason = "the one in the file is no longer valid"
+            reason = (
+                "the one in the file is bound to other CIDRs"
+                if self._rebinding
+                else "the one in the file is no longer valid"
+            )
         else:
             reason = "requested" if existing else "none yet"
         wrap = None
         if self.auth.secret_id_wrapped:
             wrap = f"{_seconds(self.options.wrap_ttl or 60.0)}s"
+        cidrs = list(self.options.cidrs) or None
+        # This host's own binding: on its secret_id and the tokens it logs in to, never on the role
+        # every host shares (setting it there for host B locked host A out).
         response = self.client.auth.approle.generate_secret_id(
-            self.options.role, mount_point=self.mount, wrap_ttl=wrap
+            self.options.role, cidr_list=cidrs, token_bound_cidrs=cidrs, mount_point=self.mount, wrap_ttl=wrap
         )
         value = response["wrap_info"]["token"] if wrap else response["data"]["secret_id"]
         write_private_file(path, value + "\n")
@@ -359,7 +378,10 @@ class Setup:
                 "needs a fresh one (keyd vault setup --new-secret-id)"
             )
         else:
-            self.say(f"secret_id -> {path}: new secret_id written (0600; {reason})")
+            self.say(
+                f"secret_id -> {path}: new secret_id written (0600; {reason})"
+                + (f", bound to {', '.join(self.options.cidrs)}" if self.options.cidrs else "")
+            )
         if existing:
             self.say(
                 "  the previous secret_id stays valid until its TTL ends; restart keyd to use the new "
@@ -371,7 +393,8 @@ class Setup:
     def write_cert_role(self) -> None:
         name = self.auth.cert_role or self.options.role
         url = f"/v1/auth/{self.mount}/certs/{name}"
-        wanted = self._token_params()
+        # A cert role is this host's (its certificate's) own: --cidr binds its tokens here.
+        wanted = {**self._token_params(), "token_bound_cidrs": list(self.options.cidrs)}
         found = _or_none(lambda: self.client.adapter.get(url))
         current = found["data"] if found else None
         if self.options.client_ca:

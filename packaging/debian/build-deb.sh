@@ -72,11 +72,9 @@ grep -q '^ExecStart=/usr/bin/keyd ' "$root/lib/systemd/system/keyd.service" ||
 install -m 0644 "$here/keyd.sysusers" "$root/usr/lib/sysusers.d/keyd.conf"
 install -m 0644 "$here/keyd.logrotate" "$root/etc/logrotate.d/keyd"
 # /etc/keyd/config.toml: config.example.toml (every option, commented) with the credential paths
-# that keyd.service's LoadCredential= provides and the audit log in LogsDirectory= (logrotated).
-sed -e 's|^role_id_file = "/etc/keyd/role-id"|role_id_file = "${CREDENTIALS_DIRECTORY}/role-id"|' \
-    -e 's|^secret_id_file = "/etc/keyd/secret-id"|secret_id_file = "${CREDENTIALS_DIRECTORY}/secret-id"|' \
-    -e 's|^file = ""$|file = "/var/log/keyd/audit.log"|' \
-    "$src/config.example.toml" >"$root/etc/keyd/config.toml"
+# that keyd.service's LoadCredential= provides, the audit log in LogsDirectory= (logrotated) and the
+# example grants commented out (packaged-config.sh).
+sh "$here/packaged-config.sh" "$src/config.example.toml" >"$root/etc/keyd/config.toml"
 [ "$(grep -c -e 'CREDENTIALS_DIRECTORY}/\(role\|secret\)-id"$' -e '^file = "/var/log/keyd/audit.log"$' \
     "$root/etc/keyd/config.toml")" = 3 ] ||
     { echo "build-deb: config.example.toml no longer has role_id_file, secret_id_file and audit.file as expected" >&2; exit 1; }

@@ -80,7 +80,7 @@ def test_a_failed_reload_is_reported_as_failed_and_the_status_line_names_the_cau
     new_logs = keyd.logs()[logs_before:]
     assert "every app's key was re-read" not in new_logs
     assert "reload: app bad: the key could not be re-read: reading secret/" + bad in new_logs
-    assert "reload failed for 1 of 2 app(s)" in new_logs
+    assert "reload failed (bad): app bad: " in new_logs
     assert "reload: app default" not in new_logs
 
     # The periodic status line: degraded (still signing), then unavailable past max_stale, with the cause.

@@ -270,7 +270,10 @@ def test_units_set_what_the_deployment_relies_on():
     one = dict(service["Service"])
     assert one["Type"] == "notify" and one["NotifyAccess"] == "main"
     assert one["ExecStart"].endswith(" run -c /etc/keyd/config.toml")
-    assert one["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert one["ExecReload"] == "+/usr/bin/keyd reload --pid $MAINPID --socket /run/keyd/keyd.sock"
+    assert one["TimeoutStartSec"] == "90s"
+    unit = dict(service["Unit"])
+    assert unit["StartLimitIntervalSec"] and int(unit["StartLimitBurst"]) > 0
     assert one["WatchdogSec"] and one["DynamicUser"] == "yes"
     assert one["UMask"] == "0077" and one["LimitCORE"] == "0"
     # DynamicUser= chowns a RuntimeDirectory= recursively at start: /run/keyd, the socket's, stays root's.
@@ -307,7 +310,11 @@ def test_systemd_analyze_verify_accepts_both_units(tmp_path):
     # verify checks that ExecStart's binary exists: point it at this checkout's keyd.
     keyd_bin = Path(sys.executable).parent / "keyd"
     for unit in (SERVICE, SOCKET):
-        text = unit.read_text().replace("ExecStart=/usr/bin/keyd ", f"ExecStart={keyd_bin} ")
+        text = (
+            unit.read_text()
+            .replace("ExecStart=/usr/bin/keyd ", f"ExecStart={keyd_bin} ")
+            .replace("ExecReload=+/usr/bin/keyd ", f"ExecReload=+{keyd_bin} ")
+        )
         (tmp_path / unit.name).write_text(text)
     result = _analyze("verify", str(tmp_path / "keyd.socket"), str(tmp_path / "keyd.service"), cwd=tmp_path)
     complaints = [line for line in (result.stdout + result.stderr).splitlines() if "keyd." in line]

@@ -179,27 +179,47 @@ def test_second_run_changes_nothing_and_new_secret_id_is_explicit(vbao, vroot, s
     approle_login(vbao, short_dir)  # the new one works
 
 
-def test_changed_settings_are_reported_and_cidr_binding_is_enforced(vbao, vroot, short_dir, path):
-    config = approle_config(vbao, short_dir, path)
-    args = ("--role", "keyd-cidr", "--policy", "keyd-cidr")
-    first = run_vault_setup(
-        config, short_dir, vbao.root_token, *args, "--cidr", "10.9.9.9/32", "--token-ttl", "10m"
-    )
-    assert first.returncode == 0, first.stderr
-    role = vroot.auth.approle.read_role("keyd-cidr")["data"]
-    assert role["secret_id_bound_cidrs"] == ["10.9.9.9/32"] and role["token_ttl"] == 600
-    with pytest.raises(hvac.exceptions.VaultError):  # this test talks from 127.0.0.1
-        approle_login(vbao, short_dir)
+def test_cidrs_bind_each_hosts_own_secret_id_never_the_shared_role(vbao, vroot, short_dir, path):
+    """A fleet: hosts A and B share one role and policy, each with its own secret_id and binding.
 
-    second = run_vault_setup(
-        config, short_dir, vbao.root_token, *args, "--cidr", "127.0.0.1/32", "--token-ttl", "10m"
-    )
-    assert second.returncode == 0, second.stderr
-    updated = second.stdout.split("role keyd-cidr: updated (")[1].split(")")[0]
-    assert sorted(updated.split(", ")) == ["secret_id_bound_cidrs", "token_bound_cidrs"]
-    # The secret_id in the file is still valid for the role, so it is kept, and now works from here.
-    assert "kept (still valid" in second.stdout
-    approle_login(vbao, short_dir)
+    Before, --cidr went onto the shared role: setting up B with its CIDR locked A out, and a run
+    without --cidr silently removed every host's binding."""
+    args = ("--role", "keyd-fleet", "--policy", "keyd-fleet", "--token-ttl", "10m")
+    hosts = {name: short_dir / name for name in ("a", "b", "c")}
+    for directory in hosts.values():
+        directory.mkdir()
+    config = approle_config(vbao, short_dir, path)
+
+    def setup(host: str, *extra: str) -> str:
+        result = run_vault_setup(config, hosts[host], vbao.root_token, *args, *extra)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "bound to 127.0.0.1/32" in setup("a", "--cidr", "127.0.0.1/32")
+    setup("b", "--cidr", "10.9.9.9/32")  # this test talks from 127.0.0.1: B's secret_id fails here
+    setup("c")  # no --cidr: unbound, and nobody else's binding changes
+    role = vroot.auth.approle.read_role("keyd-fleet")["data"]
+    assert not role.get("secret_id_bound_cidrs") and not role.get("token_bound_cidrs")
+    assert role["token_ttl"] == 600
+    approle_login(vbao, hosts["a"])  # A still logs in after B's and C's setups
+    approle_login(vbao, hosts["c"])
+    with pytest.raises(hvac.exceptions.VaultError):
+        approle_login(vbao, hosts["b"])
+    token = approle_login(vbao, hosts["a"]).token
+    info = vroot.auth.token.lookup(token)["data"]
+    assert info.get("bound_cidrs") == ["127.0.0.1"] or info.get("bound_cidrs") == ["127.0.0.1/32"], info
+
+    # A's second run with the same CIDR keeps its secret_id; with another CIDR it gets a new one.
+    before = (hosts["a"] / "secret-id").read_text()
+    assert "kept (still valid" in setup("a", "--cidr", "127.0.0.1/32")
+    assert (hosts["a"] / "secret-id").read_text() == before
+    moved = setup("a", "--cidr", "127.0.0.0/8")
+    assert "bound to other CIDRs" in moved and "bound to 127.0.0.0/8" in moved
+    approle_login(vbao, hosts["a"])
+    # Decommissioning B: destroy its secret_id; A and C are untouched.
+    vroot.auth.approle.destroy_secret_id("keyd-fleet", (hosts["b"] / "secret-id").read_text().strip())
+    approle_login(vbao, hosts["a"])
+    approle_login(vbao, hosts["c"])
 
 
 def test_wrapped_secret_id_works_once_and_only_once(vbao, vroot, short_dir, path, keyd_procs):

@@ -345,6 +345,30 @@ def test_reload_rotates_to_the_new_kv_version(machine: Machine, vault: BaoServer
     assert main_pid(box) == pid
 
 
+def test_a_reload_with_a_broken_config_fails_systemctl_reload_and_keeps_serving(machine: Machine) -> None:
+    """systemctl reload used to return 0 (and keyd status say OK) while the journal said "grants
+    not reloaded". Now ExecReload= is `keyd reload`, which waits for keyd's verdict."""
+    box = machine
+    config = box.path(CONFIG)
+    original = config.read_text()
+    pid = main_pid(box)
+    try:
+        config.write_text(original + "\n[[grant]]\nunit = 'not a unit'\ntypes = ['user']\n")
+        done = box.run("systemctl", "reload", "keyd.service", check=False)
+        assert done.returncode != 0, done.stdout + done.stderr
+        journal = box.run("journalctl", "-u", "keyd.service", "-n", "30", "--no-pager").stdout
+        assert "keyd reload failed, keeping what it had" in journal and "grant[" in journal, journal
+        status = box.run("keyd", "status", "--socket", SOCKET, user="webapp", check=False)
+        assert status.returncode == 1 and "last reload" in status.stdout and "FAILED" in status.stdout
+        assert health(box)["reload"]["ok"] is False
+        assert health(box)["status"] == "ok"  # still signing with what it had
+        assert main_pid(box) == pid
+    finally:
+        config.write_text(original)
+    box.run("systemctl", "reload", "keyd.service")  # fixed: succeeds again
+    assert health(box)["reload"]["ok"] is True
+
+
 def test_restart_under_load_fails_no_request(machine: Machine) -> None:
     box = machine
     before = main_pid(box)

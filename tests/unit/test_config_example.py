@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,34 @@ def test_the_example_passes_check_config_with_credential_paths_as_packaged(tmp_p
         if "warning" in line and not re.search(r"warning: no (user|group) named", line)
     ]
     assert warnings == [], warnings
+
+
+def test_the_packaged_config_loads_with_its_example_grants_commented_out(tmp_path: Path) -> None:
+    """/etc/keyd/config.toml as the Debian package ships it (packaging/debian/packaged-config.sh):
+    it loads, keyd check-config warns about nothing, and no grant is switched on (the README's
+    example grants named a user that does not exist and rate-limited a whole web tier)."""
+    import subprocess
+    import sys
+
+    packaged = subprocess.run(
+        ["sh", str(ROOT / "packaging" / "debian" / "packaged-config.sh"), str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "# [[grant]]" in packaged and "grant" not in tomllib.loads(packaged)
+    assert 'file = "/var/log/keyd/audit.log"' in packaged  # the package creates that directory
+    path = tmp_path / "config.toml"
+    path.write_text(packaged.replace('"/var/log/keyd/audit.log"', f'"{tmp_path}/audit.log"'))
+    for name in ("role-id", "secret-id"):
+        (tmp_path / name).write_text("x")
+    run = subprocess.run(
+        [sys.executable, "-m", "keyd", "check-config", "-c", str(path), "--credentials-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        cwd=ROOT,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "warning" not in run.stderr, run.stderr

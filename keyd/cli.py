@@ -107,8 +107,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from keyd.ops import dev  # noqa: PLC0415
 
     logs.setup("info", "text")
+    if bool(args.key_file) != bool(args.app_id):
+        _err("--app-id and --key-file go together: your TalkJS test app's id and its secret key")
+        return EXIT_CONFIG
+    key = dev.read_test_key(args.key_file) if args.key_file else None
     with contextlib.suppress(KeyboardInterrupt):
-        dev.run_dev(args.socket)
+        dev.run_dev(args.socket, app_id=args.app_id or dev.DEMO_APP_ID, key=key)
     return EXIT_OK
 
 
@@ -285,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("dev", cmd_dev, "run keyd on an embedded OpenBao dev server with a demo key")
     p.add_argument("--socket", default=LOCAL_SOCKET, help=f"socket path (default {LOCAL_SOCKET})")
+    p.add_argument("--app-id", default="", help="your TalkJS test app's id (with --key-file)")
+    p.add_argument(
+        "--key-file",
+        metavar="FILE",
+        default="",
+        help="your test app's secret key from FILE, or - for standard input (never on the command line)",
+    )
 
     p = add("check-config", cmd_check_config, "validate a config file without contacting Vault")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG)

@@ -65,6 +65,11 @@ __all__ = [
 ]
 
 DEFAULT_SOCKET = "/run/keyd/keyd.sock"
+
+
+def default_socket() -> str:
+    """$KEYD_SOCKET when set (what `keyd dev` prints to export), else DEFAULT_SOCKET."""
+    return os.environ.get("KEYD_SOCKET") or DEFAULT_SOCKET
 WEBHOOK_HEADERS = ("X-TalkJS-Timestamp", "X-TalkJS-Signature")
 # The answers that mean "this webhook is not authentic": verify_webhook returns False for them.
 WEBHOOK_REJECTIONS = frozenset({"invalid_signature", "stale_timestamp", "missing_header", "invalid_header"})
@@ -283,8 +288,8 @@ class KeydClient:
     One instance is not thread-safe: give each thread its own (they are cheap).
     """
 
-    def __init__(self, socket_path: str = DEFAULT_SOCKET, timeout: float = 5.0) -> None:
-        self.socket_path = socket_path
+    def __init__(self, socket_path: str | None = None, timeout: float = 5.0) -> None:
+        self.socket_path = socket_path or default_socket()
         self.timeout = timeout
         self._conn: _UnixConnection | None = None
 
@@ -423,8 +428,8 @@ class AsyncKeydClient:
     connection, so many coroutines can share one client.
     """
 
-    def __init__(self, socket_path: str = DEFAULT_SOCKET, timeout: float = 5.0, pool_size: int = 8) -> None:
-        self.socket_path = socket_path
+    def __init__(self, socket_path: str | None = None, timeout: float = 5.0, pool_size: int = 8) -> None:
+        self.socket_path = socket_path or default_socket()
         self.timeout = timeout
         self.pool_size = pool_size
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []

@@ -8,6 +8,7 @@ point at ``${CREDENTIALS_DIRECTORY}/secret-id``.
 
 from __future__ import annotations
 
+import difflib
 import grp
 import os
 import re
@@ -330,9 +331,14 @@ class _Reader:
         return _Reader(self.source, self.problems, self.key(name), value)
 
     def finish(self) -> None:
+        """Every key this table holds that nothing read is unknown: say so, with the nearest known
+        key when one is close ("did you mean"). Call after reading every key of the table."""
+        known = sorted(self.seen)
         for name in self.table:
             if name not in self.seen:
-                self.problem(name, "unknown key")
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                hint = f"; did you mean {self.key(close[0])!r}?" if close else ""
+                self.problem(name, f"unknown key{hint}")
 
 
 def _string(value: Any) -> str:

@@ -50,12 +50,14 @@ function rest(method, path, payload) {
   });
 }
 
-function errorCode(answer) {
-  if (answer.fromTalkjs) return `talkjs_${answer.status}`;
+/** {error, message} for a failed call: keyd's code and its message (the helpful part), or TalkJS's. */
+function failure(answer) {
+  if (answer.fromTalkjs) return { error: `talkjs_${answer.status}`, message: answer.body.slice(0, 500) };
   try {
-    return JSON.parse(answer.body).error.code;
+    const { code, message } = JSON.parse(answer.body).error;
+    return { error: code, message };
   } catch (e) {
-    return 'bad_response';
+    return { error: 'bad_response', message: answer.body.slice(0, 200) };
   }
 }
 
@@ -71,7 +73,7 @@ async function putUser(user) {
     await new Promise((r) => setTimeout(r, seconds * 1000));
   }
   const ok = answer.status >= 200 && answer.status < 300;
-  return ok ? { id, status: answer.status } : { id, status: answer.status, error: errorCode(answer) };
+  return ok ? { id, status: answer.status } : { id, status: answer.status, ...failure(answer) };
 }
 
 async function main() {

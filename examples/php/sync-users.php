@@ -74,8 +74,17 @@ function put_user(array $user): array
     if ($status >= 200 && $status < 300) {
         return ['id' => $id, 'status' => $status];
     }
-    $code = $fromTalkjs ? "talkjs_$status" : (json_decode($body, true)['error']['code'] ?? 'bad_response');
-    return ['id' => $id, 'status' => $status, 'error' => $code];
+    if ($fromTalkjs) {
+        return ['id' => $id, 'status' => $status, 'error' => "talkjs_$status", 'message' => substr($body, 0, 500)];
+    }
+    // keyd's own refusal: its code and its message, which says what to change.
+    $error = json_decode($body, true)['error'] ?? null;
+    return [
+        'id' => $id,
+        'status' => $status,
+        'error' => $error['code'] ?? 'bad_response',
+        'message' => $error['message'] ?? substr($body, 0, 200),
+    ];
 }
 
 $users = json_decode((string) stream_get_contents(STDIN), true, 512, JSON_THROW_ON_ERROR);

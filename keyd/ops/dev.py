@@ -7,15 +7,19 @@ variants (a config file with persistent storage or TLS) live in tests/bao.py.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
+from typing import TextIO
 
 import hvac
 
@@ -150,8 +154,8 @@ def demo_key() -> str:
     return "sk_test_" + secrets.token_urlsafe(18)
 
 
-def dev_config(address: str, socket_path: str) -> Config:
-    """The configuration `keyd dev` runs with: token auth (VAULT_TOKEN), one demo app.
+def dev_config(address: str, socket_path: str, app_id: str = DEMO_APP_ID) -> Config:
+    """The configuration `keyd dev` runs with: token auth (VAULT_TOKEN), one app.
 
     The socket is 0600 and the one grant lets its owner (you) ask for everything, so the demo can
     show app tokens, signatures and webhook checks too.
@@ -161,38 +165,96 @@ def dev_config(address: str, socket_path: str) -> Config:
         server=replace(ServerConfig(), socket=socket_path, socket_mode=0o600),
         vault=VaultConfig(address=address, auth=VaultAuthConfig(method="token")),
         refresh=RefreshConfig(interval=30.0, max_stale=600.0),
-        apps={"default": AppConfig(name="default", app_id=DEMO_APP_ID, path=DEMO_PATH, field="secret_key")},
+        apps={"default": AppConfig(name="default", app_id=app_id, path=DEMO_PATH, field="secret_key")},
         grants=(GrantConfig(index=0, uid=os.getuid(), types=TOKEN_TYPES),),
     )
 
 
-def instructions(socket_path: str) -> str:
+def read_test_key(source: str, stdin: TextIO = sys.stdin) -> str:
+    """Your TalkJS test app's secret key from a file, or from standard input with "-" (never argv,
+    where `ps` would show it)."""
+    if source == "-":
+        if stdin.isatty():
+            return getpass.getpass("TalkJS secret key (not echoed): ").strip()
+        return stdin.read().strip()
+    try:
+        return Path(source).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise KeydError(f"--key-file: cannot read {source!r}: {exc.strerror}") from None
+
+
+def write_run_file(directory: str, name: str, content: str) -> str:
+    """A 0600 file in keyd dev's run directory (the throw-away demo's key and dev root token)."""
+    path = os.path.join(directory, name)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(content + "\n")
+    return path
+
+
+def instructions(socket_path: str, bao: BaoServer, app_id: str, key_file: str | None, token_file: str) -> str:
+    """The banner: how to call keyd, verify its tokens, and rotate the key in the dev server."""
+    sock = os.path.abspath(socket_path)
+    key_line = (
+        f"  The demo key is a throw-away: it is in {os.path.relpath(key_file)} (0600) so you can check\n"
+        f"  keyd's tokens with your own JWT library (HS256, that key)."
+        if key_file
+        else f"  Signing with your TalkJS test app {app_id}'s key (not written anywhere by keyd)."
+    )
     return f"""
-keyd is running on {socket_path} with a demo TalkJS app ({DEMO_APP_ID}) whose key lives only in
-an OpenBao dev server and in keyd's memory. Try, in another terminal:
+keyd is running on {socket_path} for TalkJS app {app_id}; the key lives only in an OpenBao dev
+server and in keyd's memory.
+{key_line}
 
-  curl --unix-socket {socket_path} -H 'Content-Type: application/json' \\
+In another terminal:
+
+  export KEYD_SOCKET={sock}
+  curl --unix-socket "$KEYD_SOCKET" -H 'Content-Type: application/json' \\
        -d '{{"user_id": "alice"}}' http://keyd/v1/tokens
+  .venv/bin/keyd token --user-id alice
+  .venv/bin/keyd status
+  node examples/node/keyd.js token alice          # the examples read KEYD_SOCKET too
 
-  .venv/bin/keyd token --socket {socket_path} --user-id alice
-  curl --unix-socket {socket_path} http://keyd/v1/health
+Rotate the key in the dev server, then tell keyd (SIGHUP re-reads it):
 
+  export BAO_ADDR={bao.address} BAO_TOKEN="$(cat {os.path.relpath(token_file)})"
+  {bao_binary()} kv put secret/{DEMO_PATH} secret_key=sk_test_new...
+  pkill -HUP -f 'keyd dev'
+
+Tokens live 1 h by default (TalkJS's own snippet uses 1 day): fetch a fresh one from your backend
+with TalkJS's tokenFetcher so sessions outlast it (README, "Calling keyd").
 Press Ctrl-C to stop keyd and the OpenBao dev server.
 """
 
 
-def run_dev(socket_path: str = "run/keyd.sock") -> None:
-    """Start OpenBao (dev mode), store a demo key, run keyd in the foreground until Ctrl-C."""
+def run_dev(socket_path: str = "run/keyd.sock", app_id: str = DEMO_APP_ID, key: str | None = None) -> None:
+    """Start OpenBao (dev mode), store the key (a demo key unless one is given), run keyd in the
+    foreground until Ctrl-C."""
     from keyd.daemon import wiring as daemon  # noqa: PLC0415 - keeps `keyd --help` light
 
     socket_path = os.path.abspath(socket_path)
-    os.makedirs(os.path.dirname(socket_path), mode=0o700, exist_ok=True)
+    run_dir = os.path.dirname(socket_path)
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    demo = key is None
+    secret = demo_key() if key is None else key
     with BaoServer() as bao:
         bao.client().secrets.kv.v2.create_or_update_secret(
-            path=DEMO_PATH, secret={"secret_key": demo_key()}, mount_point="secret"
+            path=DEMO_PATH, secret={"secret_key": secret}, mount_point="secret"
         )
         print(f"OpenBao dev server on {bao.address} (in memory; stopped with keyd)", flush=True)
+        key_file = write_run_file(run_dir, "demo-key", secret) if demo else None
+        with contextlib.suppress(FileNotFoundError):
+            if not demo:
+                os.unlink(os.path.join(run_dir, "demo-key"))  # not the key in use: no stale copy
+        token_file = write_run_file(run_dir, "bao-token", bao.root_token)
         os.environ["VAULT_TOKEN"] = bao.root_token  # read once and removed by keyd.vault
-        config = dev_config(bao.address, socket_path)
-        print(instructions(os.path.relpath(socket_path)), flush=True)
-        daemon.run(config)
+        config = dev_config(bao.address, socket_path, app_id)
+        print(instructions(os.path.relpath(socket_path), bao, app_id, key_file, token_file), flush=True)
+        try:
+            daemon.run(config)
+        finally:
+            for name in ("demo-key", "bao-token"):  # the dev server is gone: so is what they open
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(run_dir, name))

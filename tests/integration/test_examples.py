@@ -283,5 +283,7 @@ def test_sync_job_examples_use_the_rest_proxy(runtime, request, rest_keyd):
     # Ids keyd refuses to put in a path ("..", an encoded "/") are error lines and a failing exit code.
     done = run(command, rest_keyd.socket, stdin=json.dumps([{"id": ".."}, {"id": "a/../b"}]).encode())
     assert done.returncode == 1
-    assert [json.loads(line)["error"] for line in done.stdout.decode().splitlines()] == ["invalid_path"] * 2
+    lines = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert [line["error"] for line in lines] == ["invalid_path"] * 2
+    assert all(len(line["message"]) > 10 and line["message"] != line["error"] for line in lines), lines
     assert len(standin.received) == 4

@@ -267,11 +267,11 @@ def test_defaults_match_the_documented_contract() -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        ({"sever": {}}, "sever: unknown key"),
-        ({"server": {"sokcet": "/x"}}, "server.sokcet: unknown key"),
-        ({"vault": {"auth": {"metod": "token"}}}, "vault.auth.metod: unknown key"),
-        ({"apps": {"default": {"app_id": "t", "ttl": 5}}}, "apps.default.ttl: unknown key"),
-        ({"grant": [{"types": ["user"], "useer": "x"}]}, "grant[0].useer: unknown key"),
+        ({"sever": {}}, "sever: unknown key; did you mean 'server'?"),
+        ({"server": {"sokcet": "/x"}}, "server.sokcet: unknown key; did you mean 'server.socket'?"),
+        ({"vault": {"auth": {"metod": "token"}}}, "vault.auth.metod: unknown key; did you mean 'vault.auth.method'?"),
+        ({"apps": {"default": {"app_id": "t", "ttl": 5}}}, "apps.default.ttl: unknown key; did you mean 'apps.default.app_ttl'?"),
+        ({"grant": [{"types": ["user"], "useer": "x"}]}, "grant[0].useer: unknown key; did you mean 'grant[0].user'?"),
         ({"refresh": {"every": "1m"}}, "refresh.every: unknown key"),
         ({"log": {"colour": True}}, "log.colour: unknown key"),
     ],
@@ -684,3 +684,17 @@ def test_bad_vault_node_lists_name_the_file_and_key(vault: dict[str, Any], expec
     line = one_problem(data)
     assert line.startswith(f"{SOURCE}: {expected}"), line
     assert "pw" not in line  # a password in the URL is not echoed back either
+
+
+def test_an_unknown_key_names_the_nearest_known_one() -> None:
+    data = {
+        "vault": {"auth": {"method": "token"}, "adress": "http://x"},
+        "apps": {"default": {"app_id": "t", "user_tll": "1h"}},
+        "server": {"zzz": 1},
+    }
+    with pytest.raises(ConfigError) as caught:
+        config.parse(data, "x.toml")
+    text = str(caught.value)
+    assert "x.toml: vault.adress: unknown key; did you mean 'vault.address'?" in text
+    assert "x.toml: apps.default.user_tll: unknown key; did you mean 'apps.default.user_ttl'?" in text
+    assert "x.toml: server.zzz: unknown key\n" in text + "\n" and "server.zzz: unknown key;" not in text

@@ -24,6 +24,7 @@ from keyd.daemon.metrics import Metrics, RequestStats, Sources, TcpListener
 from keyd.daemon.peers import Policy, off_loop
 from keyd.daemon.refresher import Refresher
 from keyd.daemon.server import Server
+from keyd.daemon.transit import TransitMac, TransitStats
 from keyd.daemon.vault import Vault
 from keyd.errors import ConfigError, StartupError
 from keyd.logs import ago
@@ -42,12 +43,18 @@ class Daemon:
 
     def __init__(self, config: Config, audit: AuditLog | None = None) -> None:
         self.config = config
-        self.store = KeyStore(config.apps, config.refresh.max_stale)
+        self.store = KeyStore(
+            config.apps, config.refresh.max_stale, transit=[n for n, a in config.apps.items() if a.transit]
+        )
         self.vault = Vault(config.vault)
         self.policy = Policy(config.grants)
         self.audit = audit or AuditLog(config.audit)
         self.stats = RequestStats()
-        self.api = Api(config, self.store, self.policy, self.audit, stats=self.stats)
+        self.transit_stats = TransitStats(config.apps)
+        self.transit: TransitMac | None = None
+        if any(app.transit for app in config.apps.values()):
+            self.transit = TransitMac(self.vault, config.vault.timeout, self.transit_stats)
+        self.api = Api(config, self.store, self.policy, self.audit, stats=self.stats, transit=self.transit)
         self.server = Server(config.server, self.api.dispatch, body_limit=self.api.body_limit)
         self.notifier = systemd.Notifier()
         self.refresher = Refresher(
@@ -70,6 +77,7 @@ class Daemon:
             ),
         )
         self.api.add_route(b"/metrics", b"GET", self.metrics.handle)
+        self.metrics.registry.register(self.transit_stats.collector())
         self.rest: Any = None
         if config.rest_enabled:
             # Imported only here: without a "rest" grant, `keyd run` loads none of the proxy.
@@ -174,6 +182,8 @@ class Daemon:
             log.exception("error while closing the socket server")
         if self.rest is not None:
             self.rest.close()
+        if self.transit is not None:
+            self.transit.close()
         try:
             self.refresher.stop()
         except Exception:

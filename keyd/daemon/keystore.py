@@ -318,7 +318,8 @@ def _app_health(name: str, record: _AppRecord, now: float, transit: bool = False
     snap = record.snapshot
     return AppHealth(
         name=name,
-        can_sign=snap is not None and now <= record.expires_at,
+        # A transit app has no stale key to sign with: it can sign while its last probe succeeded.
+        can_sign=snap is not None and now <= record.expires_at and not (transit and record.failures),
         key_loaded=snap is not None,
         key_version=snap.version if snap else None,
         kv_version=snap.kv_version if snap else None,

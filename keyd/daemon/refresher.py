@@ -146,6 +146,13 @@ class Refresher:
         for name in self._apps:
             self._schedule_refresh(name, 0.0)
 
+    def transit_failed(self, name: str) -> None:
+        """A Transit HMAC call of app ``name`` failed (the event loop says so): probe it now, so its
+        health shows the failure and the usual backoff and recovery probes take over. Does nothing
+        while the app is already failing (an outage schedules one refresh, not one per batch)."""
+        if name in self._apps and name not in self._store.failing():
+            self._schedule_refresh(name, 0.0)
+
     # -- scheduling ------------------------------------------------------------------------
 
     def _schedule_refresh(self, name: str, delay: float) -> None:

@@ -149,7 +149,9 @@ class TransitMac:
         max_batch: int = MAX_BATCH,
         run: Callable[..., Any] = off_loop,
         clock: Callable[[], float] = time.monotonic,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
+        self._on_failure = on_failure  # told the app of every failed call (the refresher probes it)
         self._vault = vault
         self._timeout = timeout
         self._stats = stats
@@ -229,6 +231,12 @@ class TransitMac:
         log.warning("%s (%d requests failed)", message, len(items), extra={"event": "transit_failed"})
         for item in items:
             self._settle(item, KeyUnavailable(message), "failed")
+        if self._on_failure is not None:
+            for app in {item.app for item in items}:
+                try:
+                    self._on_failure(app)
+                except Exception:
+                    log.exception("reporting a failed Transit call")
 
     def _settle(self, item: _Item[Any], result: TransitItem | KeyUnavailable, outcome: str) -> None:
         if self._stats is not None:

@@ -53,7 +53,9 @@ class Daemon:
         self.transit_stats = TransitStats(config.apps)
         self.transit: TransitMac | None = None
         if any(app.transit for app in config.apps.values()):
-            self.transit = TransitMac(self.vault, config.vault.timeout, self.transit_stats)
+            self.transit = TransitMac(
+                self.vault, config.vault.timeout, self.transit_stats, on_failure=self._transit_failed
+            )
         self.api = Api(config, self.store, self.policy, self.audit, stats=self.stats, transit=self.transit)
         self.server = Server(config.server, self.api.dispatch, body_limit=self.api.body_limit)
         self.notifier = systemd.Notifier()
@@ -83,7 +85,7 @@ class Daemon:
             # Imported only here: without a "rest" grant, `keyd run` loads none of the proxy.
             from keyd.daemon import rest  # noqa: PLC0415
 
-            self.rest = rest.RestProxy(config, self.store, self.policy, self.audit)
+            self.rest = rest.RestProxy(config, self.store, self.policy, self.audit, transit=self.transit)
             self.api.add_prefix(
                 rest.PREFIX, self.rest.handle, max_body=self.rest.max_body, may_send_more=self.rest.may_use
             )
@@ -99,6 +101,9 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._grant_reloads: set[asyncio.Task[None]] = set()
         self._inherited = False
+
+    def _transit_failed(self, app: str) -> None:
+        self.refresher.transit_failed(app)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

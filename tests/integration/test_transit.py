@@ -8,7 +8,9 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import secrets
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -198,3 +200,66 @@ def test_a_policy_without_the_hmac_path_is_named(
     status, body = proc.http().post_json("/v1/tokens", {"user_id": "alice"})
     assert status == 503 and body["error"]["code"] == "key_unavailable"
     assert f"{mount}/hmac/talkjs/sha2-256" in body["error"]["message"]
+
+
+def test_rest_proxy_signs_each_upstream_token_through_transit(
+    short_dir: Path, keyd_factory: Any, imported: tuple[dict[str, Any], str, str]
+) -> None:
+    from tests.talkjs_standin import StandIn
+
+    config, key, token = imported
+    with StandIn(key, APP_ID, short_dir, max_lifetime=5) as standin:
+        config["apps"]["default"]["rest"] = {"base_url": standin.url, "ca_file": str(standin.ca), "token_ttl": 5}
+        config["grant"] = [{"uid": os.getuid(), "types": ["user", "rest"], "rest": ["GET /users/*"]}]
+        keyd = start(keyd_factory, config, token)
+        http = keyd.http()
+        for i in range(3):
+            status, _, data = http.request("GET", f"/v1/rest/default/users/u{i}")
+            assert status == 200, data
+        assert standin.problems() == []  # every bearer token verified with the key, none reused
+        assert len(standin.received) == 3
+        assert all(r.claims is not None and r.claims["tokenType"] == "app" for r in standin.received)
+
+
+def test_a_stalled_vault_fails_requests_promptly_and_signing_resumes_when_it_returns(
+    short_dir: Path, keyd_factory: Any
+) -> None:
+    """OpenBao SIGSTOPped: requests get 503 key_unavailable (Retry-After) within about vault.timeout,
+    nothing hangs; SIGCONT: signing resumes within 2 s, with no restart."""
+    server = BaoServer()
+    try:
+        server.start()
+        assert server.process is not None
+        config = transit_config(server, short_dir, "transit")
+        key = new_key()
+        done = run_vault_setup(config, short_dir, server.root_token, "--store-key", "default", stdin=key)
+        assert done.returncode == 0, done.stderr
+        config["vault"]["timeout"] = "1s"
+        config["vault"]["probe_interval"] = "0.5s"
+        keyd = start(keyd_factory, config, server.root_token)
+        http = keyd.http()
+        assert http.post_json("/v1/tokens", {"user_id": "alice"})[0] == 200
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            status, headers, data = http.request(
+                "POST", "/v1/tokens", json.dumps({"user_id": "bob"}), {"Content-Type": "application/json"}
+            )
+            waited = time.monotonic() - began
+            assert status == 503 and json.loads(data)["error"]["code"] == "key_unavailable", data
+            assert headers.get("retry-after") == "1"
+            assert waited < 3.0, waited  # vault.timeout is 1 s: well before any client gives up
+            keyd.wait_health(503, timeout=10)  # a transit app without Vault cannot sign: health says so
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        while True:
+            status, doc = keyd.http().post_json("/v1/tokens", {"user_id": "carol"})
+            if status == 200:
+                break
+            assert time.monotonic() - resumed < 2.0, doc
+            time.sleep(0.05)
+        jwt.decode(doc["token"], key, algorithms=["HS256"], issuer=APP_ID)
+        keyd.wait_health(200, timeout=10)
+    finally:
+        server.cleanup()

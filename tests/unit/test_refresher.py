@@ -164,7 +164,8 @@ class Harness:
         self.vault = FakeVault(self.clock, ttl=ttl, renewable=renewable)
         for app in self.apps.values():
             self.vault.secrets[(app.kv_mount, app.path, app.field)] = (KEY1, 1)
-        self.store = KeyStore(self.apps, self.refresh.max_stale, clock=self.clock)
+        transit = [name for name, app in self.apps.items() if app.transit]
+        self.store = KeyStore(self.apps, self.refresh.max_stale, clock=self.clock, transit=transit)
         self.changes = 0
         self.changed_apps: list[str] = []
         self.scheduler = FakeScheduler()
@@ -653,3 +654,22 @@ def test_transit_policy_without_the_hmac_path_names_the_path() -> None:
     assert h.refresher.refresh_app("default") is False
     error = h.store.app_health("default").last_error or ""
     assert "does not allow update on transit/hmac/talkjs/sha2-256" in error, error
+
+
+def test_a_failed_transit_batch_probes_the_app_once_and_health_stops_claiming_it_signs() -> None:
+    h = _transit_harness()
+    h.refresh_job()
+    assert h.store.app_health("default").can_sign
+    h.scheduled.clear()
+    h.refresher.transit_failed("default")  # the batcher saw a call fail
+    assert h.scheduled == [(key_job("default"), 0.0)]
+    h.vault.read_errors = [VaultUnavailable("Transit HMAC: cannot connect to Vault", "node unreachable")]
+    h.refresh_job()
+    state = h.store.app_health("default")
+    assert not state.can_sign and state.key_source == "transit"  # no stale key to fall back on
+    h.scheduled.clear()
+    h.refresher.transit_failed("default")  # already failing: the backoff owns the next attempt
+    assert (key_job("default"), 0.0) not in h.scheduled
+    h.clock.now += 600
+    h.refresh_job()
+    assert h.store.app_health("default").can_sign

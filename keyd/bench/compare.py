@@ -25,7 +25,7 @@ from keyd.bench.load import Endpoint
 from keyd.bench.options import BenchError, Options
 from keyd.bench.report import Result
 from keyd.bench.stack import Stack
-from keyd.bench.workload import APP_ID, JSON, TOKEN_TTL, USER_IDS, signing_input, user_ids
+from keyd.bench.workload import APP_ID, JSON, TOKEN_TTL, USER_IDS, keyd_requests, signing_input, user_ids
 from keyd.ops.transit_import import wrap_for_import
 
 
@@ -153,9 +153,15 @@ def transit_run(
         if options.socket is not None:
             how += " (a random key of the same form: keyd never hands out the real one)"
         say(f"transit:   {how}")
+        if options.socket is None:
+            # keyd in transit mode on the same OpenBao and key: the batched design against both.
+            s.start_keyd_transit(transit.mount, Transit.KEY)
+            batched = measure("keyd-transit", Endpoint(unix=s.keyd_transit_socket), keyd_requests(options.kind))
+            batched.note = "keyd with key_source = \"transit\": HMACs batched into Transit calls"
         requests = transit_requests(address, token, transit.mount, Transit.KEY, options.kind)
         result = measure("transit", vault_endpoint(address), requests)
         result.note = how
     finally:
+        s.stop_keyd_transit()  # before its Transit mount goes
         transit.close()
     return {"key": how, "address": address}

@@ -9,9 +9,8 @@ Batching, per Transit key: while a call is in flight, new inputs queue; when it 
 carries everything queued, up to ``MAX_BATCH`` inputs (OpenBao refuses very large JSON bodies; 1024
 items failed in a test, 256 is well inside). When nothing is in flight an input goes out on the
 loop's next turn (``call_soon``: the other requests parsed from the same reads join it), never after
-a timer. A call runs in one worker thread (``off_loop``) through ``Vault.transit_hmac``: hvac's
-pooled keep-alive session, keyd's token, TLS settings, node list and failover. One thread per
-batch, never one per request.
+a timer. A call is a coroutine on the event loop (keyd.daemon.transit_client: pooled keep-alive
+connections, keyd's token, TLS settings, node list and failover); no thread at all.
 
 Every input has a deadline of ``vault.timeout`` from when it was queued: a call that does not
 answer by its oldest input's deadline fails all its inputs with ``KeyUnavailable`` (503
@@ -34,13 +33,13 @@ from typing import Any, Generic, Protocol, TypeVar
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from keyd.config import AppConfig
-from keyd.daemon.peers import off_loop
 from keyd.daemon.vault import TransitItem
 from keyd.errors import KeyUnavailable, VaultAuthError, VaultError
 
 log = logging.getLogger("keyd.transit")
 
 MAX_BATCH = 256
+MAX_IN_FLIGHT = 2  # calls out per Transit key: Vault computes one batch while keyd builds the next
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 PROBE_INPUT = b"keyd transit probe"
@@ -48,10 +47,10 @@ PROBE_INPUT = b"keyd transit probe"
 T = TypeVar("T")
 
 
-class TransitVault(Protocol):
-    """What the batcher needs from keyd's Vault client (keyd.daemon.vault.Vault)."""
+class AsyncTransit(Protocol):
+    """Where the batcher sends its calls (keyd.daemon.transit_client.TransitClient)."""
 
-    def transit_hmac(self, mount: str, key: str, inputs: list[bytes]) -> list[TransitItem]: ...
+    async def hmac(self, mount: str, key: str, inputs: list[bytes]) -> list[TransitItem]: ...
 
 
 Finish = Callable[[TransitItem | KeyUnavailable], T]
@@ -71,7 +70,8 @@ class _Queue:
     mount: str
     key: str
     items: deque[_Item[Any]] = field(default_factory=deque)
-    busy: bool = False  # a call is in flight, or a flush is scheduled
+    in_flight: int = 0  # calls sent and not answered (nor timed out)
+    scheduled: bool = False  # a flush is due on the loop's next turn
 
 
 class TransitStats:
@@ -143,20 +143,20 @@ class TransitMac:
 
     def __init__(
         self,
-        vault: TransitVault,
+        client: AsyncTransit,
         timeout: float,
         stats: TransitStats | None = None,
         max_batch: int = MAX_BATCH,
-        run: Callable[..., Any] = off_loop,
+        max_in_flight: int = MAX_IN_FLIGHT,
         clock: Callable[[], float] = time.monotonic,
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self._on_failure = on_failure  # told the app of every failed call (the refresher probes it)
-        self._vault = vault
+        self._client = client
         self._timeout = timeout
         self._stats = stats
         self._max_batch = max_batch
-        self._run = run
+        self._max_in_flight = max_in_flight
         self._clock = clock
         self._queues: dict[tuple[str, str], _Queue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -175,23 +175,26 @@ class TransitMac:
             queue = self._queues[where] = _Queue(*where)
         answer: asyncio.Future[T] = loop.create_future()
         queue.items.append(_Item(app.name, data, finish, answer, self._clock() + self._timeout))
-        if not queue.busy:
-            queue.busy = True
+        if not queue.scheduled and queue.in_flight < self._max_in_flight:
+            queue.scheduled = True
             loop.call_soon(self._flush, queue)
         return answer
 
     def _flush(self, queue: _Queue) -> None:
-        items: list[_Item[Any]] = []
-        while queue.items and len(items) < self._max_batch:
-            item = queue.items.popleft()
-            if not item.answer.done():  # a caller that went away (its connection closed) drops out
-                items.append(item)
-        if not items:
-            queue.busy = False
-            return
-        task = asyncio.get_running_loop().create_task(self._call(queue, items))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Send what is queued, in calls of at most max_batch, while fewer than max_in_flight are out."""
+        queue.scheduled = False
+        while queue.items and queue.in_flight < self._max_in_flight:
+            items: list[_Item[Any]] = []
+            while queue.items and len(items) < self._max_batch:
+                item = queue.items.popleft()
+                if not item.answer.done():  # a caller that went away (its connection closed) drops out
+                    items.append(item)
+            if not items:
+                return
+            queue.in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._call(queue, items))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _call(self, queue: _Queue, items: list[_Item[Any]]) -> None:
         started = self._clock()
@@ -199,7 +202,7 @@ class TransitMac:
         try:
             budget = max(0.0, min(item.deadline for item in items) - started)
             async with asyncio.timeout(budget):
-                results = await self._run(self._vault.transit_hmac, queue.mount, queue.key, [i.data for i in items])
+                results = await self._client.hmac(queue.mount, queue.key, [i.data for i in items])
         except TimeoutError:
             outcome = "timeout"
             self._fail(items, f"Vault did not answer the Transit HMAC call on {queue.mount}/hmac/{queue.key} in time")
@@ -221,9 +224,8 @@ class TransitMac:
         finally:
             if self._stats is not None:
                 self._stats.call(len(items), outcome, self._clock() - started)
-            queue.busy = False
-            if queue.items:
-                queue.busy = True
+            queue.in_flight -= 1
+            if queue.items and not queue.scheduled:
                 self._flush(queue)
 
     def _fail(self, items: list[_Item[Any]], message: str) -> None:
@@ -247,12 +249,6 @@ class TransitMac:
             item.answer.set_result(item.finish(result))
         except Exception as exc:  # finish is the API's: it should not raise, but a caller must not hang
             item.answer.set_exception(exc)
-
-    async def probe(self, app: AppConfig) -> TransitItem:
-        """One HMAC of a fixed input: can this app sign now, and with which key version."""
-        results = await self._run(self._vault.transit_hmac, app.transit_mount, app.transit_key, [PROBE_INPUT])
-        result: TransitItem = results[0]
-        return result
 
     def close(self) -> None:
         for task in self._tasks:

@@ -39,7 +39,7 @@ import requests
 from keyd.config import VaultConfig
 from keyd.daemon import containment
 from keyd.daemon.keystore import SecretKey
-from keyd.daemon.nodes import SERVING, Failover, NodeView, ProbeResult, health_failure
+from keyd.daemon.nodes import SERVING, Failover, Node, NodeView, ProbeResult, health_failure
 from keyd.errors import (
     SecretError,
     VaultAuthError,
@@ -479,7 +479,26 @@ class Vault:
             raise VaultAuthError(f"{exc}: keyd's Vault policy must grant update on {path}", exc.cause) from None
         except SecretError as exc:
             raise SecretError(f"{exc}: no Transit key {key!r} at mount {mount!r}", exc.cause) from None
-        return [_transit_item(result) for result in results]
+        return [transit_item(result) for result in results]
+
+    # -- for the event loop's Transit client (keyd.daemon.transit_client) ---------------------------
+
+    def current_token(self) -> str | None:
+        """The token of the current login, for a call made outside hvac; never logged or shown."""
+        return self._credential[1] if self.token is not None else None
+
+    def node_order(self) -> list[Node]:
+        return self._failover.order()
+
+    def node_failed(self, node: Node, error: str, cause: str) -> None:
+        self._failover.failed(node, error, cause)
+
+    def node_succeeded(self, node: Node) -> None:
+        self._failover.succeeded(node)
+
+    def tls(self) -> tuple[str, tuple[str, str] | None]:
+        """(ca_cert, client certificate and key or None): what every call to Vault verifies with."""
+        return self._config.ca_cert, self._cert
 
     # -- health probes --------------------------------------------------------------------------
 
@@ -530,7 +549,8 @@ class TransitItem:
     error: str = ""
 
 
-def _transit_item(result: Any) -> TransitItem:
+def transit_item(result: Any) -> TransitItem:
+    """One ``batch_results`` entry as a TransitItem (malformed entries become that item's error)."""
     if not isinstance(result, dict):
         return TransitItem(error="malformed Transit answer")
     if result.get("error"):

@@ -53,8 +53,12 @@ class Daemon:
         self.transit_stats = TransitStats(config.apps)
         self.transit: TransitMac | None = None
         if any(app.transit for app in config.apps.values()):
+            # Imported only here, like the REST proxy: a KV-only keyd loads no upstream client.
+            from keyd.daemon.transit_client import TransitClient  # noqa: PLC0415
+
+            self.transit_client = TransitClient(self.vault, config.vault.timeout)
             self.transit = TransitMac(
-                self.vault, config.vault.timeout, self.transit_stats, on_failure=self._transit_failed
+                self.transit_client, config.vault.timeout, self.transit_stats, on_failure=self._transit_failed
             )
         self.api = Api(config, self.store, self.policy, self.audit, stats=self.stats, transit=self.transit)
         self.server = Server(config.server, self.api.dispatch, body_limit=self.api.body_limit)
@@ -189,6 +193,7 @@ class Daemon:
             self.rest.close()
         if self.transit is not None:
             self.transit.close()
+            self.transit_client.close()
         try:
             self.refresher.stop()
         except Exception:

@@ -32,8 +32,7 @@ class FakeTransit:
         self.refuse: set[bytes] = set()
         self.hang = False
 
-    async def run(self, function: Any, mount: str, key: str, inputs: list[bytes]) -> list[TransitItem]:
-        assert function == self.transit_hmac
+    async def hmac(self, mount: str, key: str, inputs: list[bytes]) -> list[TransitItem]:
         self.calls.append(inputs)
         gate = asyncio.Event()
         self.gates.append(gate)
@@ -57,7 +56,7 @@ class FakeTransit:
 
 
 def _mac(fake: FakeTransit, **kwargs: Any) -> TransitMac:
-    return TransitMac(fake, timeout=kwargs.pop("timeout", 5.0), run=fake.run, **kwargs)
+    return TransitMac(fake, timeout=kwargs.pop("timeout", 5.0), **kwargs)
 
 
 def finish(result: TransitItem | KeyUnavailable) -> Any:
@@ -76,7 +75,7 @@ async def settle() -> None:
 def test_inputs_queued_while_a_call_is_in_flight_go_together_in_the_next_call() -> None:
     async def scenario() -> None:
         fake = FakeTransit()
-        transit = _mac(fake)
+        transit = _mac(fake, max_in_flight=1)
         first = transit.mac(APP, b"a", finish)
         await settle()
         assert fake.calls == [[b"a"]]  # sent on the next loop turn, no timer
@@ -97,7 +96,7 @@ def test_inputs_queued_while_a_call_is_in_flight_go_together_in_the_next_call() 
 def test_a_batch_is_bounded_and_the_rest_follows() -> None:
     async def scenario() -> None:
         fake = FakeTransit()
-        transit = _mac(fake, max_batch=4)
+        transit = _mac(fake, max_batch=4, max_in_flight=1)
         futures = [transit.mac(APP, b"%d" % i, finish) for i in range(10)]
         for _ in range(3):
             await settle()
@@ -170,7 +169,7 @@ def test_a_stalled_call_times_out_promptly_and_the_next_call_starts() -> None:
 def test_a_caller_gone_before_its_batch_leaves_is_not_sent() -> None:
     async def scenario() -> None:
         fake = FakeTransit()
-        transit = _mac(fake)
+        transit = _mac(fake, max_in_flight=1)
         first = transit.mac(APP, b"a", finish)
         await settle()
         gone = transit.mac(APP, b"gone", finish)
@@ -182,5 +181,27 @@ def test_a_caller_gone_before_its_batch_leaves_is_not_sent() -> None:
         fake.release()
         await kept
         assert fake.calls == [[b"a"], [b"kept"]]
+
+    asyncio.run(scenario())
+
+
+def test_two_calls_may_be_in_flight_and_the_third_waits_for_one() -> None:
+    async def scenario() -> None:
+        fake = FakeTransit()
+        transit = _mac(fake)  # MAX_IN_FLIGHT = 2
+        first = transit.mac(APP, b"a", finish)
+        await settle()
+        second = transit.mac(APP, b"b", finish)
+        await settle()
+        assert fake.calls == [[b"a"], [b"b"]]  # the second went at once, while the first is out
+        queued = [transit.mac(APP, b"c", finish), transit.mac(APP, b"d", finish)]
+        await settle()
+        assert len(fake.calls) == 2  # two in flight: these wait, together
+        fake.release()
+        await asyncio.gather(first, second)
+        await settle()
+        assert fake.calls[2] == [b"c", b"d"]
+        fake.release()
+        await asyncio.gather(*queued)
 
     asyncio.run(scenario())

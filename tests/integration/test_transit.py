@@ -263,3 +263,45 @@ def test_a_stalled_vault_fails_requests_promptly_and_signing_resumes_when_it_ret
         keyd.wait_health(200, timeout=10)
     finally:
         server.cleanup()
+
+
+def _memory_holds(pid: int, needles: list[bytes]) -> list[bytes]:
+    """Which of ``needles`` occur in any readable mapping of process ``pid`` (read as root)."""
+    found: set[bytes] = set()
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r"):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                data = mem.read(end - start)
+            except (OSError, OverflowError, ValueError):
+                continue  # [vvar] and the like
+            found.update(n for n in needles if n in data)
+    return sorted(found)
+
+
+def test_a_transit_keyd_holds_no_copy_of_the_key_and_a_kv_keyd_does(
+    bao: BaoServer,
+    root: hvac.Client,
+    short_dir: Path,
+    keyd_factory: Any,
+    imported: tuple[dict[str, Any], str, str],
+) -> None:
+    config, key, token = imported
+    needles = [key.encode(), base64.urlsafe_b64encode(key.encode()).rstrip(b"="), base64.b64encode(key.encode())]
+    transit = start(keyd_factory, config, token)
+    for kind in ("user", "app"):
+        assert transit.http().post_json("/v1/tokens", {"type": kind} | ({"user_id": "alice"} if kind == "user" else {}))[0] == 200
+    assert transit.http().post_json("/v1/signatures", {"user_id": "alice"})[0] == 200
+    assert _memory_holds(transit.pid, needles) == []
+    # The control: the same key in KV, a KV-mode keyd on it, the same scan finds it.
+    path = "talkjs/" + secrets.token_hex(6)
+    root.secrets.kv.v2.create_or_update_secret(path=path, secret={"secret_key": key}, mount_point="secret")
+    kv_dir = short_dir / "kv"
+    kv_dir.mkdir()
+    kv = keyd_factory(base_config(bao, kv_dir, path))
+    assert kv.http().post_json("/v1/tokens", {"user_id": "alice"})[0] == 200
+    assert key.encode() in _memory_holds(kv.pid, needles)

@@ -205,3 +205,15 @@ def test_two_calls_may_be_in_flight_and_the_third_waits_for_one() -> None:
         await asyncio.gather(*queued)
 
     asyncio.run(scenario())
+
+
+def test_keyd_status_names_the_transit_mode() -> None:
+    from keyd.ops import status
+
+    app = {"key_source": "transit", "key_loaded": True, "can_sign": True, "key_version": 2, "since_last_refresh": 3.0}
+    doc = {"status": "ok", "apps": {"default": app}}
+    text = status.render(doc, "/run/keyd/keyd.sock")
+    assert "transit: key v2 in Vault (keyd holds no copy), last probe 3 s ago" in text
+    failing = {**app, "can_sign": False, "refresh_failures": 1, "last_error": "Transit HMAC ...: cannot connect"}
+    text = status.render({"status": "unavailable", "apps": {"default": failing}}, "/run/keyd/keyd.sock")
+    assert "NOT SIGNING" in text and "cannot connect" in text

@@ -305,3 +305,32 @@ def test_a_transit_keyd_holds_no_copy_of_the_key_and_a_kv_keyd_does(
     kv = keyd_factory(base_config(bao, kv_dir, path))
     assert kv.http().post_json("/v1/tokens", {"user_id": "alice"})[0] == 200
     assert key.encode() in _memory_holds(kv.pid, needles)
+
+
+def test_rotation_under_load_fails_nothing_and_new_tokens_carry_the_new_version(
+    bao: BaoServer, short_dir: Path, keyd_factory: Any, imported: tuple[dict[str, Any], str, str]
+) -> None:
+    from tests.resilience.support import Load
+
+    config, key, token = imported
+    keyd = start(keyd_factory, config, token)
+    rotated = new_key()
+    with Load(keyd.socket, connections=8, keep_bodies=True) as load:
+        deadline = time.monotonic() + 20
+        while load.total < 300 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = run_vault_setup(config, short_dir, bao.root_token, "--store-key", "default", stdin=rotated)
+        assert done.returncode == 0, done.stderr
+        rotated_at = time.monotonic()
+        seen_new = None
+        while time.monotonic() - rotated_at < 5:
+            if load.bodies and b'"key_version":2' in load.bodies[-1]:
+                seen_new = time.monotonic() - rotated_at
+                break
+            time.sleep(0.02)
+        time.sleep(0.3)
+    assert load.failures() == 0, load.summary()
+    assert seen_new is not None and seen_new < 3.0, "no token with key_version 2 within 3 s of the import"
+    for body in load.bodies:
+        doc = json.loads(body)
+        jwt.decode(doc["token"], key if doc["key_version"] == 1 else rotated, algorithms=["HS256"], issuer=APP_ID)

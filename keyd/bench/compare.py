@@ -28,6 +28,8 @@ from keyd.bench.stack import Stack
 from keyd.bench.workload import APP_ID, JSON, TOKEN_TTL, USER_IDS, keyd_requests, signing_input, user_ids
 from keyd.ops.transit_import import wrap_for_import
 
+VAULT_DELAY = 0.001  # seconds added each way for the keyd-transit-1ms target (Vault on another machine)
+
 
 def transit_requests(address: str, vault_token: str, mount: str, key: str, kind: str) -> list[bytes]:
     """``POST <mount>/hmac/<key>/sha2-256`` over HTTP/1.1 keep-alive, one per user id.
@@ -158,6 +160,10 @@ def transit_run(
             s.start_keyd_transit(transit.mount, Transit.KEY)
             batched = measure("keyd-transit", Endpoint(unix=s.keyd_transit_socket), keyd_requests(options.kind))
             batched.note = "keyd with key_source = \"transit\": HMACs batched into Transit calls"
+            # The same, with Vault 1 ms away (each way) as on another machine: keyd.bench.delay.
+            s.start_keyd_transit(transit.mount, Transit.KEY, delay=VAULT_DELAY)
+            far = measure("keyd-transit-1ms", Endpoint(unix=s.keyd_transit_socket), keyd_requests(options.kind))
+            far.note = "keyd-transit with 1 ms added each way between keyd and OpenBao (a delay proxy)"
         requests = transit_requests(address, token, transit.mount, Transit.KEY, options.kind)
         result = measure("transit", vault_endpoint(address), requests)
         result.note = how

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from keyd import http1
 from keyd.bench.options import BenchError
@@ -88,6 +89,7 @@ class Stack:
         self.keyd: subprocess.Popen[bytes] | None = None
         self.keyd_transit: subprocess.Popen[bytes] | None = None  # the same keyd, in transit mode
         self.keyd_transit_socket = os.path.join(self.workdir, "keyd-transit.sock")
+        self.delay_proxy: subprocess.Popen[bytes] | None = None
         self.reference: subprocess.Popen[bytes] | None = None
         self.keyd_socket = os.path.join(self.workdir, "keyd.sock")
         self.reference_socket = os.path.join(self.workdir, "ref.sock")
@@ -118,15 +120,20 @@ class Stack:
         self.keyd, listening, ready = self._launch(self.config_path, self.keyd_socket, timeout)
         return listening, ready
 
-    def start_keyd_transit(self, mount: str, key: str, timeout: float = 20.0) -> None:
-        """A second keyd on the same OpenBao whose app signs with the Transit key ``mount/key``."""
+    def start_keyd_transit(self, mount: str, key: str, timeout: float = 20.0, delay: float = 0.0) -> None:
+        """A second keyd on the same OpenBao whose app signs with the Transit key ``mount/key``;
+        with ``delay``, it reaches OpenBao through keyd.bench.delay (that much added each way)."""
+        self.stop_keyd_transit()
+        address = self.bao.address
+        if delay:
+            address = self._start_delay(delay)
         path = os.path.join(self.workdir, "keyd-transit.toml")
         source = f'key_source = "transit"\ntransit_mount = {json.dumps(mount)}\ntransit_key = {json.dumps(key)}'
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(
                 _KEYD_CONFIG.format(
                     socket=json.dumps(self.keyd_transit_socket),
-                    address=json.dumps(self.bao.address),
+                    address=json.dumps(address),
                     app_id=APP_ID,
                     source=source,
                     uid=os.getuid(),
@@ -174,6 +181,24 @@ class Stack:
     def stop_keyd_transit(self) -> None:
         _stop(self.keyd_transit)
         self.keyd_transit = None
+        _stop(self.delay_proxy)
+        self.delay_proxy = None
+
+    def _start_delay(self, delay: float) -> str:
+        """keyd.bench.delay in front of OpenBao; its address."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        target = urlsplit(self.bao.address).port
+        self.delay_proxy = subprocess.Popen(
+            [sys.executable, "-m", "keyd.bench.delay", str(port), str(target), repr(delay)],
+            stdout=subprocess.PIPE,
+            cwd=self.workdir,
+        )
+        assert self.delay_proxy.stdout is not None  # noqa: S101 - stdout=PIPE just above
+        if self.delay_proxy.stdout.readline().strip() != b"ready":
+            raise BenchError("the delay proxy did not start")
+        return f"http://127.0.0.1:{port}"
 
     def stop_keyd(self) -> None:
         _stop(self.keyd)

@@ -39,7 +39,7 @@ from keyd.errors import KeyUnavailable, VaultAuthError, VaultError
 log = logging.getLogger("keyd.transit")
 
 MAX_BATCH = 256
-MAX_IN_FLIGHT = 2  # calls out per Transit key: Vault computes one batch while keyd builds the next
+MAX_IN_FLIGHT = 4  # calls out per Transit key: Vault computes batches while keyd collects the next
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 PROBE_INPUT = b"keyd transit probe"

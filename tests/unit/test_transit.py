@@ -188,7 +188,7 @@ def test_a_caller_gone_before_its_batch_leaves_is_not_sent() -> None:
 def test_two_calls_may_be_in_flight_and_the_third_waits_for_one() -> None:
     async def scenario() -> None:
         fake = FakeTransit()
-        transit = _mac(fake)  # MAX_IN_FLIGHT = 2
+        transit = _mac(fake, max_in_flight=2)
         first = transit.mac(APP, b"a", finish)
         await settle()
         second = transit.mac(APP, b"b", finish)

@@ -217,3 +217,85 @@ def test_keyd_status_names_the_transit_mode() -> None:
     failing = {**app, "can_sign": False, "refresh_failures": 1, "last_error": "Transit HMAC ...: cannot connect"}
     text = status.render({"status": "unavailable", "apps": {"default": failing}}, "/run/keyd/keyd.sock")
     assert "NOT SIGNING" in text and "cannot connect" in text
+
+
+# -- the API in transit mode: the same bytes as KV mode, and nothing reaches Vault before the checks
+
+
+class LocalMacs:
+    """api.Macs computing the HMAC here with KEY: every call recorded, answered at once."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.inputs: list[bytes] = []
+
+    def mac(self, app: AppConfig, data: bytes, finish: Any) -> asyncio.Future[Any]:
+        self.inputs.append(data)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.set_result(finish(TransitItem(digest=hmac.digest(self.key, data, hashlib.sha256), version=3)))
+        return future
+
+
+def _apis(grants: tuple[Any, ...] | None = None) -> tuple[Any, Any, LocalMacs]:
+    from keyd.daemon.api import Api
+    from keyd.daemon.peers import Policy
+    from tests.unit.test_api import ALL_TYPES, FakeKeys, make_config
+    from tests.unit.test_api import KEY as API_KEY
+
+    grants = ALL_TYPES if grants is None else grants
+    kv = Api(make_config(), FakeKeys(), Policy(grants), clock=lambda: 1_700_000_000.0)
+    macs = LocalMacs(API_KEY.encode())  # the key FakeKeys hands KV mode
+    transit_config = make_config(default={"key_source": "transit", "transit_key": "talkjs"})
+    transit = Api(transit_config, FakeKeys(), Policy(grants), clock=lambda: 1_700_000_000.0, transit=macs)
+    return kv, transit, macs
+
+
+def _answer(api: Any, request: Any) -> Any:
+    from keyd.daemon.api import Deferred
+
+    async def run() -> Any:
+        response = api.handle(request)
+        if isinstance(response, Deferred) and response.pending is not None:
+            response = await response.pending
+        return response
+
+    return asyncio.run(run())
+
+
+def test_every_endpoint_answers_byte_for_byte_as_kv_mode() -> None:
+    from tests.unit.test_api import KEY as API_KEY
+    from tests.unit.test_api import request
+
+    kv, transit, macs = _apis()
+    stamp = b"1700000000000"
+    body = b'{"type":"message.sent"}'
+    good = hmac.new(API_KEY.encode(), stamp + b"." + body, hashlib.sha256).hexdigest()
+    cases = [
+        request(body={"user_id": "alice"}),
+        request(body={"user_id": "\u00e9l\u00e8ve \U0001f600", "ttl": 60}),
+        request(body={"type": "app", "ttl": 30}),
+        request(path=b"/v1/signatures", body={"user_id": "bob"}),
+        request(path=b"/v1/signatures", body={"user_id": "bob", "uppercase": True}),
+    ]
+    for headers in ({b"x-talkjs-signature": good.encode()}, {b"x-talkjs-signature": b"00" * 32}):
+        webhook = request(path=b"/v1/webhooks/verify", body=body)
+        webhook.headers = {**webhook.headers, b"x-talkjs-timestamp": stamp, **headers}
+        cases.append(webhook)
+    for case in cases:
+        a, b = _answer(kv, case), _answer(transit, case)
+        assert (a.status, a.body, a.headers) == (b.status, b.body, b.headers), case
+    assert len(macs.inputs) == len(cases)
+
+
+def test_refused_and_malformed_requests_never_reach_transit() -> None:
+    from keyd.config import GrantConfig
+    from tests.unit.test_api import request
+
+    _, transit, macs = _apis(grants=(GrantConfig(index=0, uid=999_999, types=("user", "signature")),))
+    assert _answer(transit, request(body={"user_id": "alice"})).status == 403  # not this caller's grant
+    _, transit, macs = _apis()
+    assert _answer(transit, request(body=b"{not json")).status == 400
+    assert _answer(transit, request(body={"user_id": "a", "ttl": 10**9})).status == 422
+    forged = "eyJhbGciOiJIUzI1NiJ9.x"  # a JWT header: its HMAC would sign a token
+    assert _answer(transit, request(path=b"/v1/signatures", body={"user_id": forged})).status == 422
+    assert macs.inputs == []

@@ -174,6 +174,13 @@ class AppConfig:
     max_app_ttl: float = 300.0
     webhook_tolerance: float = 300.0
     rest: RestConfig = _DEFAULT_REST  # immutable, so one shared instance is safe
+    key_source: str = "kv"  # "kv": the key is read from KV into memory; "transit": it stays in Vault
+    transit_mount: str = "transit"
+    transit_key: str = ""  # the Transit key's name (required for key_source = "transit")
+
+    @property
+    def transit(self) -> bool:
+        return self.key_source == "transit"
 
     @property
     def webhook_source(self) -> tuple[str, str]:
@@ -183,6 +190,17 @@ class AppConfig:
     @property
     def separate_webhook_key(self) -> bool:
         return self.webhook_source != (self.path, self.field)
+
+
+KEY_SOURCES = ("kv", "transit")
+_TRANSIT_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def _transit_key_name(value: Any) -> str:
+    name = _string(value)
+    if name and not _TRANSIT_KEY.match(name):
+        raise ValueError("must be 1 to 128 letters, digits, '_', '.' or '-' (a Transit key name)")
+    return name
 
 
 REST_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
@@ -321,6 +339,11 @@ class _Reader:
         except (ValueError, TypeError) as exc:
             self.problem(name, str(exc))
             return default
+
+    def failed(self, name: str) -> bool:
+        """Whether a problem was already recorded for ``name`` (so one mistake gives one line)."""
+        prefix = f"{self.source}: {self.key(name)}:"
+        return any(problem.startswith(prefix) for problem in self.problems)
 
     def sub(self, name: str) -> _Reader:
         self.seen.add(name)
@@ -611,7 +634,22 @@ def _read_app(name: str, r: _Reader) -> AppConfig:
         max_app_ttl=r.get("max_app_ttl", d.max_app_ttl, _positive_duration),
         webhook_tolerance=r.get("webhook_tolerance", d.webhook_tolerance, _positive_duration),
         rest=_read_rest(r.sub("rest")),
+        key_source=r.get("key_source", d.key_source, _choice(*KEY_SOURCES)),
+        transit_mount=r.get("transit_mount", d.transit_mount, lambda v: _nonempty(v).strip("/")),
+        transit_key=r.get("transit_key", d.transit_key, _transit_key_name),
     )
+    if app.transit and not app.transit_key and not r.failed("transit_key"):
+        r.problem("transit_key", 'is required when key_source = "transit" (the Transit key\'s name)')
+    if not app.transit and app.transit_key:
+        r.problem("transit_key", 'applies only with key_source = "transit"')
+    if app.transit:
+        for unused in ("kv_mount", "kv_version", "path", "field", "webhook_path", "webhook_field"):
+            if unused in r.table:
+                r.problem(
+                    unused,
+                    'is not used with key_source = "transit" (the key and the webhook key are the '
+                    "Transit key transit_key); remove it",
+                )
     if app.user_ttl > app.max_user_ttl:
         r.problem("user_ttl", "must not be greater than max_user_ttl")
     if app.app_ttl > app.max_app_ttl:

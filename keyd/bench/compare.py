@@ -25,7 +25,10 @@ from keyd.bench.load import Endpoint
 from keyd.bench.options import BenchError, Options
 from keyd.bench.report import Result
 from keyd.bench.stack import Stack
-from keyd.bench.workload import APP_ID, JSON, TOKEN_TTL, USER_IDS, signing_input, user_ids
+from keyd.bench.workload import APP_ID, JSON, TOKEN_TTL, USER_IDS, keyd_requests, signing_input, user_ids
+from keyd.ops.transit_import import wrap_for_import
+
+VAULT_DELAY = 0.001  # seconds added each way for the keyd-transit-1ms target (Vault on another machine)
 
 
 def transit_requests(address: str, vault_token: str, mount: str, key: str, kind: str) -> list[bytes]:
@@ -81,22 +84,6 @@ def pyjwt_run(key: bytes, kind: str, seconds: float) -> Result:
     result = Result.from_latencies("pyjwt", latencies, elapsed, {200: len(latencies)}, 0)
     result.note = "in-process, one thread, no I/O"
     return result
-
-
-def wrap_for_import(key: bytes, wrapping_key_pem: str) -> str:
-    """Wrap ``key`` for Transit's BYOK import: RSA-OAEP(SHA-256) of an ephemeral AES-256 key,
-    followed by the key wrapped with that AES key (AES-KWP, RFC 5649); base64 of both."""
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: PLC0415
-    from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding  # noqa: PLC0415
-
-    public = serialization.load_pem_public_key(wrapping_key_pem.encode())
-    if not isinstance(public, rsa.RSAPublicKey):
-        raise BenchError("the Transit wrapping key is not an RSA key")
-    ephemeral = secrets.token_bytes(32)
-    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-    wrapped = public.encrypt(ephemeral, oaep) + aes_key_wrap_with_padding(ephemeral, key)
-    return base64.b64encode(wrapped).decode("ascii")
 
 
 class Transit:
@@ -168,9 +155,19 @@ def transit_run(
         if options.socket is not None:
             how += " (a random key of the same form: keyd never hands out the real one)"
         say(f"transit:   {how}")
+        if options.socket is None:
+            # keyd in transit mode on the same OpenBao and key: the batched design against both.
+            s.start_keyd_transit(transit.mount, Transit.KEY)
+            batched = measure("keyd-transit", Endpoint(unix=s.keyd_transit_socket), keyd_requests(options.kind))
+            batched.note = "keyd with key_source = \"transit\": HMACs batched into Transit calls"
+            # The same, with Vault 1 ms away (each way) as on another machine: keyd.bench.delay.
+            s.start_keyd_transit(transit.mount, Transit.KEY, delay=VAULT_DELAY)
+            far = measure("keyd-transit-1ms", Endpoint(unix=s.keyd_transit_socket), keyd_requests(options.kind))
+            far.note = "keyd-transit with 1 ms added each way between keyd and OpenBao (a delay proxy)"
         requests = transit_requests(address, token, transit.mount, Transit.KEY, options.kind)
         result = measure("transit", vault_endpoint(address), requests)
         result.note = how
     finally:
+        s.stop_keyd_transit()  # before its Transit mount goes
         transit.close()
     return {"key": how, "address": address}

@@ -12,6 +12,9 @@ from typing import Any
 TARGET_VS_TRANSIT = 4.0
 TARGET_VS_REFERENCE = 0.7
 TARGET_P99_MS = 3.0
+TARGET_TRANSIT_VS_KV = 0.7  # issue 18: keyd in transit mode against keyd in KV mode (aim 0.9)
+TARGET_TRANSIT_VS_UNBATCHED = 5.0  # ... and against one Transit call per token
+TARGET_TRANSIT_P99_MS = 5.0
 TARGET_IDLE_RSS_MB = 50.0
 TARGET_GROWTH_MB = 5.0
 TARGET_READY_S = 1.0
@@ -131,6 +134,25 @@ def ratios(results: dict[str, Result]) -> tuple[dict[str, float], dict[str, Any]
         },
         "no_errors": {"target": 0, "got": keyd.non_200, "met": keyd.non_200 == 0},
     }
+    batched = results.get("keyd-transit")
+    if batched is not None:  # issue 18's targets for transit mode
+        unbatched = results.get("transit")
+        vs_kv = round(batched.throughput / keyd.throughput, 3) if keyd.throughput else 0.0
+        vs_transit = round(batched.throughput / unbatched.throughput, 3) if unbatched and unbatched.throughput else 0.0
+        by_target["keyd-transit/keyd"] = vs_kv
+        by_target["keyd-transit/transit"] = vs_transit
+        targets["transit_mode_vs_kv"] = {"target": TARGET_TRANSIT_VS_KV, "got": vs_kv, "met": vs_kv >= TARGET_TRANSIT_VS_KV}
+        targets["transit_mode_vs_unbatched"] = {
+            "target": TARGET_TRANSIT_VS_UNBATCHED,
+            "got": vs_transit,
+            "met": vs_transit >= TARGET_TRANSIT_VS_UNBATCHED,
+        }
+        targets["transit_mode_p99_ms"] = {
+            "target": TARGET_TRANSIT_P99_MS,
+            "got": round(batched.p99_ms, 3),
+            "met": batched.p99_ms <= TARGET_TRANSIT_P99_MS,
+        }
+        targets["transit_mode_no_errors"] = {"target": 0, "got": batched.non_200, "met": batched.non_200 == 0}
     return by_target, targets
 
 

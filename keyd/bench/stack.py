@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from keyd import http1
 from keyd.bench.options import BenchError
@@ -68,7 +69,7 @@ level = "warning"
 
 [apps.default]
 app_id = "{app_id}"
-path = "{path}"
+{source}
 
 [[grant]]
 uid = {uid}
@@ -86,6 +87,9 @@ class Stack:
         self.bao: Any = None
         self.key = b""
         self.keyd: subprocess.Popen[bytes] | None = None
+        self.keyd_transit: subprocess.Popen[bytes] | None = None  # the same keyd, in transit mode
+        self.keyd_transit_socket = os.path.join(self.workdir, "keyd-transit.sock")
+        self.delay_proxy: subprocess.Popen[bytes] | None = None
         self.reference: subprocess.Popen[bytes] | None = None
         self.keyd_socket = os.path.join(self.workdir, "keyd.sock")
         self.reference_socket = os.path.join(self.workdir, "ref.sock")
@@ -106,21 +110,46 @@ class Stack:
                     socket=json.dumps(self.keyd_socket),
                     address=json.dumps(self.bao.address),
                     app_id=APP_ID,
-                    path=self.PATH,
+                    source=f"path = {json.dumps(self.PATH)}",
                     uid=os.getuid(),
                 )
             )
 
     def start_keyd(self, timeout: float = 20.0) -> tuple[float, float]:
         """Start keyd and wait until it can sign: (seconds to listening, seconds to ready)."""
+        self.keyd, listening, ready = self._launch(self.config_path, self.keyd_socket, timeout)
+        return listening, ready
+
+    def start_keyd_transit(self, mount: str, key: str, timeout: float = 20.0, delay: float = 0.0) -> None:
+        """A second keyd on the same OpenBao whose app signs with the Transit key ``mount/key``;
+        with ``delay``, it reaches OpenBao through keyd.bench.delay (that much added each way)."""
+        self.stop_keyd_transit()
+        address = self.bao.address
+        if delay:
+            address = self._start_delay(delay)
+        path = os.path.join(self.workdir, "keyd-transit.toml")
+        source = f'key_source = "transit"\ntransit_mount = {json.dumps(mount)}\ntransit_key = {json.dumps(key)}'
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(
+                _KEYD_CONFIG.format(
+                    socket=json.dumps(self.keyd_transit_socket),
+                    address=json.dumps(address),
+                    app_id=APP_ID,
+                    source=source,
+                    uid=os.getuid(),
+                )
+            )
+        self.keyd_transit, _, _ = self._launch(path, self.keyd_transit_socket, timeout)
+
+    def _launch(self, config: str, sock: str, timeout: float) -> tuple[subprocess.Popen[bytes], float, float]:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID")}
         env["VAULT_TOKEN"] = self.bao.root_token  # a throwaway dev server's token, read once by keyd
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.keyd_socket)
+            os.unlink(sock)
         log = open(os.path.join(self.workdir, "keyd.log"), "ab")  # noqa: SIM115 - owned by the child
         started = time.perf_counter()
-        self.keyd = subprocess.Popen(
-            [sys.executable, "-m", "keyd", "run", "-c", self.config_path],
+        process = subprocess.Popen(
+            [sys.executable, "-m", "keyd", "run", "-c", config],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -130,14 +159,15 @@ class Stack:
         listening = 0.0
         deadline = started + timeout
         while time.perf_counter() < deadline:
-            if self.keyd.poll() is not None:
-                raise BenchError(f"keyd exited with {self.keyd.returncode}:\n{self._keyd_log_tail()}")
-            status = health_status(self.keyd_socket)
+            if process.poll() is not None:
+                raise BenchError(f"keyd exited with {process.returncode}:\n{self._keyd_log_tail()}")
+            status = health_status(sock)
             if status and not listening:
                 listening = time.perf_counter() - started
             if status == 200:
-                return listening, time.perf_counter() - started
+                return process, listening, time.perf_counter() - started
             time.sleep(0.002)
+        _stop(process)
         raise BenchError(f"keyd was not ready within {timeout:.0f}s:\n{self._keyd_log_tail()}")
 
     def _keyd_log_tail(self, lines: int = 15) -> str:
@@ -147,6 +177,28 @@ class Stack:
                 return "".join(handle.readlines()[-lines:]).rstrip() or "(keyd wrote nothing)"
         except OSError:
             return "(no keyd log)"
+
+    def stop_keyd_transit(self) -> None:
+        _stop(self.keyd_transit)
+        self.keyd_transit = None
+        _stop(self.delay_proxy)
+        self.delay_proxy = None
+
+    def _start_delay(self, delay: float) -> str:
+        """keyd.bench.delay in front of OpenBao; its address."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        target = urlsplit(self.bao.address).port
+        self.delay_proxy = subprocess.Popen(
+            [sys.executable, "-m", "keyd.bench.delay", str(port), str(target), repr(delay)],
+            stdout=subprocess.PIPE,
+            cwd=self.workdir,
+        )
+        assert self.delay_proxy.stdout is not None  # noqa: S101 - stdout=PIPE just above
+        if self.delay_proxy.stdout.readline().strip() != b"ready":
+            raise BenchError("the delay proxy did not start")
+        return f"http://127.0.0.1:{port}"
 
     def stop_keyd(self) -> None:
         _stop(self.keyd)
@@ -174,6 +226,7 @@ class Stack:
     def close(self) -> None:
         _stop(self.reference)
         _stop(self.keyd)
+        _stop(self.keyd_transit)
         if self.bao is not None:
             self.bao.cleanup()
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -8,23 +8,28 @@ nothing.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import json.scanner
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import parse_qsl
 
 from keyd.config import Config
-from keyd.daemon import tokens
+from keyd.daemon import oracle, tokens
 from keyd.daemon.decisions import Decision
 from keyd.daemon.health import Health, document
 from keyd.daemon.keystore import KeySnapshot
 from keyd.daemon.oracle import Unsignable
 from keyd.daemon.peers import Caller, Policy
 from keyd.errors import ApiError, Forbidden, KeyUnavailable, RateLimited, Refusal
+
+if TYPE_CHECKING:
+    from keyd.config import AppConfig
+    from keyd.daemon.vault import TransitItem
 
 MAX_USER_ID = 256
 _perf_counter = time.perf_counter
@@ -59,6 +64,15 @@ class Keys(Protocol):
 
     def signing(self, app: str) -> KeySnapshot: ...
     def health(self) -> Health: ...
+
+
+class Macs(Protocol):
+    """Where a transit app's HMACs come from (keyd.daemon.transit.TransitMac): the future of
+    ``finish(result)``, ``result`` being the HMAC of ``data`` or why there is none."""
+
+    def mac(
+        self, app: AppConfig, data: bytes, finish: Callable[[TransitItem | KeyUnavailable], Response]
+    ) -> asyncio.Future[Response]: ...
 
 
 class Audit(Protocol):
@@ -250,8 +264,14 @@ class Api:
         audit: Audit | None = None,
         clock: Callable[[], float] = time.time,
         stats: Stats | None = None,
+        transit: Macs | None = None,
     ) -> None:
         self._stats: Stats = stats or NoStats()
+        # Apps whose key stays in Vault's Transit engine: their HMACs come from ``transit``, later.
+        self._transit = transit
+        self._transit_apps = frozenset(name for name, app in config.apps.items() if app.transit)
+        if self._transit_apps and transit is None:
+            raise ValueError("transit apps are configured but no TransitMac was given")
         self._health_sections: dict[str, Callable[[], Any]] = {}
         self._keys = keys
         self._policy = policy
@@ -371,7 +391,8 @@ class Api:
             except ApiError as exc:
                 self._stats.error(exc.code)
                 response = error_response(exc)
-        self._stats.request(self._endpoints[request.path], response.status, _perf_counter() - started)
+        if response.status:  # a Deferred (transit mode) records its own when it is answered
+            self._stats.request(self._endpoints[request.path], response.status, _perf_counter() - started)
         return response
 
     # -- helpers ---------------------------------------------------------------------------
@@ -442,7 +463,7 @@ class Api:
                 grant = self._policy.authorize(caller, app, kind, ttl if explicit else None, user_id)
                 if not explicit and grant.max_ttl is not None and ttl > grant.max_ttl:
                     ttl = int(grant.max_ttl)  # the caller's own default is its grant's maximum
-                snapshot = self._keys.signing(name)
+                snapshot = self._keys.signing(name) if name not in self._transit_apps else None
             except Refusal as exc:
                 raise self._refuse(exc, caller, name, kind, user_id, ttl) from None
         except ApiError as exc:
@@ -451,6 +472,8 @@ class Api:
             self._stats.request(TOKENS_ENDPOINT, response.status, _perf_counter() - started)
             return response
         iat = int(self._clock())
+        if snapshot is None:
+            return self._issue_transit(caller, name, kind, user_id, ttl, iat, started)
         if user_id is not None:
             token = tokens.user_token(snapshot.signing, app.app_id, user_id, iat, ttl)
         else:
@@ -467,6 +490,64 @@ class Api:
         self._stats.issued(decision, _perf_counter() - started)
         return Response(200, answer)
 
+    def _issue_transit(
+        self, caller: Caller, name: str, kind: str, user_id: str | None, ttl: int, iat: int, started: float
+    ) -> Response:
+        """``issue`` for a transit app: the same token, its HMAC from Vault (a Deferred answer)."""
+        app = self._apps[name]
+        if user_id is not None:
+            unsigned = tokens.user_token(tokens.UNSIGNED, app.app_id, user_id, iat, ttl)
+        else:
+            unsigned = tokens.app_token(tokens.UNSIGNED, app.app_id, iat, ttl)
+        fields = self._token_fields[name][kind]
+
+        def finish(result: TransitItem | KeyUnavailable) -> Response:
+            if isinstance(result, KeyUnavailable) or result.error:
+                error = self._refuse(_transit_refusal(result), caller, name, kind, user_id, ttl)
+                self._stats.error(error.code)
+                response = unavailable(error)
+                self._stats.request(TOKENS_ENDPOINT, response.status, _perf_counter() - started)
+                return response
+            decision = Decision(caller, name, kind, user_id, ttl, "issued", None)
+            self._audit.record(decision)
+            answer = b'{"token":"%b%b%d,"key_version":%d}' % (
+                tokens.complete(unsigned, result.digest),
+                fields,
+                iat + ttl,
+                result.version,
+            )
+            self._stats.issued(decision, _perf_counter() - started)
+            return Response(200, answer)
+
+        assert self._transit is not None  # noqa: S101 - set whenever a transit app is configured
+        return deferred(self._transit.mac(app, tokens.signing_input(unsigned), finish))
+
+    def _later(
+        self, request: Request, name: str, kind: str, sub: str | None, data: bytes,
+        answer: Callable[[TransitItem], Response],
+    ) -> Response:
+        """A transit app's HMAC of ``data``, turned into the response by ``answer`` (which may raise
+        ApiError: recorded as a refusal)."""
+        started = _perf_counter()
+        endpoint = self._endpoints[request.path]
+
+        def finish(result: TransitItem | KeyUnavailable) -> Response:
+            try:
+                if isinstance(result, KeyUnavailable) or result.error:
+                    error = self._refuse(_transit_refusal(result), request.caller, name, kind, sub, None)
+                    self._stats.error(error.code)
+                    response = unavailable(error)
+                else:
+                    response = answer(result)
+            except ApiError as exc:
+                self._stats.error(exc.code)
+                response = error_response(exc)
+            self._stats.request(endpoint, response.status, _perf_counter() - started)
+            return response
+
+        assert self._transit is not None  # noqa: S101 - set whenever a transit app is configured
+        return deferred(self._transit.mac(self._apps[name], data, finish))
+
     def signatures(self, request: Request) -> Response:
         data = parse_json_object(request.body, request.content_type)
         check_fields(data, _SIGNATURE_FIELDS)
@@ -477,6 +558,8 @@ class Api:
         name = self._app(data.get("app"))
         try:
             self._policy.authorize(request.caller, self._apps[name], "signature", None, user_id)
+            if name in self._transit_apps:
+                return self._signature_transit(request, name, user_id, uppercase)
             snapshot = self._keys.signing(name)
         except Refusal as exc:
             raise self._refuse(exc, request.caller, name, "signature", user_id, None) from None
@@ -491,6 +574,24 @@ class Api:
             b'{"signature":"%s","app":%s,"key_version":%s}'
             % (sig.encode(), self._app_json[name][0].encode(), _version(snapshot).encode()),
         )
+
+    def _signature_transit(self, request: Request, name: str, user_id: str, uppercase: bool) -> Response:
+        reason = oracle.refusal(user_id)  # what tokens.signature checks for an in-memory key
+        if reason is not None:
+            why = _invalid(f"keyd does not sign this user_id: {reason}")
+            raise self._refuse(why, request.caller, name, "signature", user_id, None)
+        app_json = self._app_json[name][0].encode()
+
+        def answer(result: TransitItem) -> Response:
+            digest = result.digest.hex()
+            self._decided(Decision(request.caller, name, "signature", user_id, None, "issued", None))
+            return Response(
+                200,
+                b'{"signature":"%s","app":%s,"key_version":%d}'
+                % ((digest.upper() if uppercase else digest).encode(), app_json, result.version),
+            )
+
+        return self._later(request, name, "signature", user_id, user_id.encode("utf-8"), answer)
 
     def verify_webhook(self, request: Request) -> Response:
         name = self._app(request.query.get("app"))
@@ -508,13 +609,25 @@ class Api:
         stamp = float(timestamp)
         try:
             self._policy.authorize(request.caller, app, "webhook", None, None)
-            snapshot = self._keys.signing(name)
+            snapshot = self._keys.signing(name) if name not in self._transit_apps else None
         except Refusal as exc:
             raise self._refuse(exc, request.caller, name, "webhook", None, None) from None
         if stamp > 1e11:
             stamp /= 1000.0  # milliseconds
+        if snapshot is None:  # transit: the same checks, once Vault has computed the HMAC
+
+            def answer(result: TransitItem) -> Response:
+                valid = hmac.compare_digest(result.digest.hex().upper().encode(), given.strip().upper())
+                return self._webhook_answer(request, name, valid, stamp)
+
+            return self._later(request, name, "webhook", None, timestamp + b"." + request.body, answer)
+        valid = tokens.webhook_signature_valid(snapshot.webhook, timestamp, request.body, given)
+        return self._webhook_answer(request, name, valid, stamp)
+
+    def _webhook_answer(self, request: Request, name: str, valid: bool, stamp: float) -> Response:
+        app = self._apps[name]
         rejection = None
-        if not tokens.webhook_signature_valid(snapshot.webhook, timestamp, request.body, given):
+        if not valid:
             rejection = ApiError(401, "invalid_signature", "the webhook signature does not match")
         elif abs(self._clock() - stamp) > app.webhook_tolerance:
             rejection = ApiError(
@@ -529,6 +642,17 @@ class Api:
         health = self._keys.health()
         doc = document(health, {name: section() for name, section in self._health_sections.items()})
         return Response(200 if health.can_sign else 503, json.dumps(doc).encode())
+
+
+def _transit_refusal(result: TransitItem | KeyUnavailable) -> KeyUnavailable:
+    if isinstance(result, KeyUnavailable):
+        return result
+    return KeyUnavailable(f"Vault's Transit engine refused this input: {result.error}")
+
+
+def unavailable(error: ApiError) -> Response:
+    """The answer to a failed Transit call: the error, with Retry-After (Vault may answer soon)."""
+    return Response(error.status, error_body(error.code, error.message), headers=((b"Retry-After", b"1"),))
 
 
 def _version(snapshot: KeySnapshot) -> str:

@@ -32,6 +32,7 @@ class AppHealth:
     refresh_failures: int  # failed refreshes in a row
     last_error: str | None
     cause: str | None  # a short phrase for status lines: "sealed", "permission denied on ..."
+    key_source: str = "kv"  # "transit": the key stays in Vault; key_version is Transit's latest
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,7 @@ class ReloadHealth:
 def app_document(app: AppHealth) -> dict[str, Any]:
     """One entry of the document's ``apps`` object (keyed by the app's name, so without it)."""
     return {
+        "key_source": app.key_source,
         "can_sign": app.can_sign,
         "key_loaded": app.key_loaded,
         "key_version": app.key_version,

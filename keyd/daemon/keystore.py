@@ -115,6 +115,22 @@ class SecretKey:
         raise TypeError("SecretKey cannot be pickled")
 
 
+class _TransitKey(SecretKey):
+    """The stand-in "key" of a transit app's snapshot: no material, and no HMAC ever."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        self._material = bytearray()
+        self._prototype = None
+
+    def hmac(self) -> Any:
+        raise KeyUnavailable("this app's key is in Vault's Transit engine; keyd holds no copy")
+
+
+TRANSIT_KEY = _TransitKey()
+
+
 @dataclass(frozen=True, slots=True)
 class KeySnapshot:
     """Everything needed to sign for one app, from one successful read of Vault."""
@@ -188,7 +204,14 @@ class KeyStore:
     holds it across I/O.
     """
 
-    def __init__(self, apps: Iterable[str], max_stale: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        apps: Iterable[str],
+        max_stale: float,
+        clock: Callable[[], float] = time.time,
+        transit: Iterable[str] = (),
+    ) -> None:
+        self._transit = frozenset(transit)  # apps whose key is in Vault's Transit (health says so)
         self._max_stale = max_stale
         self._clock = clock
         self._records: dict[str, _AppRecord] = {name: _AppRecord() for name in apps}
@@ -274,13 +297,13 @@ class KeyStore:
         return [name for name, record in self._records.items() if record.failures]
 
     def app_health(self, app: str) -> AppHealth:
-        return _app_health(app, self._records[app], self._clock())
+        return _app_health(app, self._records[app], self._clock(), app in self._transit)
 
     def health(self) -> Health:
         """Every app's state and the overall status. Never contains key material."""
         now = self._clock()
         records = list(self._records.items())  # one record per app, each read once
-        apps = tuple(_app_health(name, record, now) for name, record in records)
+        apps = tuple(_app_health(name, record, now, name in self._transit) for name, record in records)
         status: Status
         if all(app.can_sign for app in apps):
             status = "degraded" if any(app.stale for app in apps) else "ok"
@@ -291,11 +314,12 @@ class KeyStore:
         return Health(status=status, apps=apps)
 
 
-def _app_health(name: str, record: _AppRecord, now: float) -> AppHealth:
+def _app_health(name: str, record: _AppRecord, now: float, transit: bool = False) -> AppHealth:
     snap = record.snapshot
     return AppHealth(
         name=name,
-        can_sign=snap is not None and now <= record.expires_at,
+        # A transit app has no stale key to sign with: it can sign while its last probe succeeded.
+        can_sign=snap is not None and now <= record.expires_at and not (transit and record.failures),
         key_loaded=snap is not None,
         key_version=snap.version if snap else None,
         kv_version=snap.kv_version if snap else None,
@@ -307,4 +331,5 @@ def _app_health(name: str, record: _AppRecord, now: float) -> AppHealth:
         refresh_failures=record.failures,
         last_error=record.last_error or None,
         cause=record.cause or None,
+        key_source="transit" if transit else "kv",
     )

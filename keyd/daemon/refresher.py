@@ -31,10 +31,11 @@ from typing import Protocol
 
 from keyd.config import AppConfig, RefreshConfig
 from keyd.daemon.backoff import backoff, jittered
-from keyd.daemon.keystore import KeySnapshot, KeyStore, Refreshed, RefreshFailed
+from keyd.daemon.keystore import TRANSIT_KEY, KeySnapshot, KeyStore, Refreshed, RefreshFailed
 from keyd.daemon.nodes import ProbeResult
 from keyd.daemon.scheduler import ApScheduler, Scheduler
-from keyd.daemon.vault import Secret, TokenInfo
+from keyd.daemon.transit import PROBE_INPUT
+from keyd.daemon.vault import Secret, TokenInfo, TransitItem
 from keyd.errors import SecretError, VaultAuthError, VaultError, VaultLoginError
 
 log = logging.getLogger("keyd.refresher")
@@ -57,6 +58,7 @@ class VaultLike(Protocol):
     def token_generation(self) -> int: ...
     def invalidate(self) -> None: ...
     def read(self, mount: str, path: str, field: str, kv_version: int) -> Secret: ...
+    def transit_hmac(self, mount: str, key: str, inputs: list[bytes]) -> list[TransitItem]: ...
     def probe(self) -> ProbeResult: ...
     def any_node_failed(self) -> bool: ...
 
@@ -64,6 +66,11 @@ class VaultLike(Protocol):
 def key_job(app: str) -> str:
     """The scheduler job id of one app's key refresh."""
     return f"key:{app}"
+
+
+def transit_api_path(app: AppConfig) -> str:
+    """The API path a transit app's HMACs go to (what its Vault policy grants update on)."""
+    return f"{app.transit_mount}/hmac/{app.transit_key}/sha2-256"
 
 
 def kv_api_path(app: AppConfig, path: str) -> str:
@@ -137,6 +144,13 @@ class Refresher:
         """Re-read every key immediately (SIGHUP). Safe to call often and from any thread."""
         self._generation += 1
         for name in self._apps:
+            self._schedule_refresh(name, 0.0)
+
+    def transit_failed(self, name: str) -> None:
+        """A Transit HMAC call of app ``name`` failed (the event loop says so): probe it now, so its
+        health shows the failure and the usual backoff and recovery probes take over. Does nothing
+        while the app is already failing (an outage schedules one refresh, not one per batch)."""
+        if name in self._apps and name not in self._store.failing():
             self._schedule_refresh(name, 0.0)
 
     # -- scheduling ------------------------------------------------------------------------
@@ -219,6 +233,8 @@ class Refresher:
     # -- keys ------------------------------------------------------------------------------
 
     def _read(self, app: AppConfig) -> KeySnapshot:
+        if app.transit:
+            return self._probe_transit(app)
         signing = self._vault.read(app.kv_mount, app.path, app.field, app.kv_version)
         webhook = signing.value
         if app.separate_webhook_key:
@@ -233,8 +249,31 @@ class Refresher:
             loaded_at=self._clock(),
         )
 
+    def _probe_transit(self, app: AppConfig) -> KeySnapshot:
+        """A transit app's "refresh": one HMAC of a fixed input shows it can sign, and the key's
+        latest version. Nothing of the key comes back (``TRANSIT_KEY`` holds no key)."""
+        path = transit_api_path(app)
+        result = self._vault.transit_hmac(app.transit_mount, app.transit_key, [PROBE_INPUT])[0]
+        if result.error:
+            raise SecretError(f"Transit HMAC on {path}: Vault refused it: {result.error}", f"refused at {path}")
+        return KeySnapshot(
+            app=app.name,
+            signing=TRANSIT_KEY,
+            webhook=TRANSIT_KEY,
+            version=result.version,
+            kv_version=0,
+            loaded_at=self._clock(),
+        )
+
     def _policy_error(self, app: AppConfig, exc: VaultAuthError) -> SecretError:
         self._policy_denied[app.name] = self._vault.token_generation
+        if app.transit:
+            path = transit_api_path(app)
+            return SecretError(
+                f"{exc}: check keyd's Vault policy, which does not allow update on {path} (retrying "
+                "on the normal backoff, without logging in again)",
+                f"permission denied on {path}",
+            )
         path = kv_api_path(app, app.path)
         if app.separate_webhook_key:
             path += " or " + kv_api_path(app, app.webhook_source[0])

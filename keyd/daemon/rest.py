@@ -25,7 +25,7 @@ import unicodedata
 from bisect import bisect_left
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, quote, unquote, unquote_to_bytes, urlencode
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -36,6 +36,7 @@ from keyd.daemon.api import (
     JSON,
     DuplicateKey,
     Keys,
+    Macs,
     Request,
     Response,
     deferred,
@@ -48,6 +49,9 @@ from keyd.daemon.metrics import cumulative_buckets
 from keyd.daemon.peers import Caller, Policy
 from keyd.daemon.upstream import Pool, UpstreamError, UpstreamResponse, UpstreamTimeout
 from keyd.errors import ApiError, KeyUnavailable, Refusal
+
+if TYPE_CHECKING:
+    from keyd.daemon.vault import TransitItem
 
 log = logging.getLogger("keyd.rest")
 
@@ -314,7 +318,9 @@ class RestProxy:
         stats: RestStats | None = None,
         clock: Any = time.time,
         senders: Mapping[str, Sender] | None = None,
+        transit: Macs | None = None,
     ) -> None:
+        self._transit = transit  # a transit app's upstream tokens are signed by Vault's Transit
         self._apps = config.apps
         self._keys = keys
         self._policy = policy
@@ -506,6 +512,22 @@ class RestProxy:
         self.stats.request(method.decode(), str(rule), response.status)
         return response
 
+    async def _mint_transit(self, app: AppConfig, ttl: int) -> bytes:
+        """``mint`` for a transit app: the same token, its HMAC computed by Vault (KeyUnavailable
+        when Vault cannot)."""
+        assert self._transit is not None  # noqa: S101 - wiring passes it whenever a transit app exists
+        unsigned = mint(tokens.UNSIGNED, app.app_id, int(self._clock()), ttl)
+
+        def finish(result: TransitItem | KeyUnavailable) -> Response:
+            if isinstance(result, KeyUnavailable):
+                raise result
+            if result.error:
+                raise KeyUnavailable(f"Vault's Transit engine refused the upstream token: {result.error}")
+            return Response(200, tokens.complete(unsigned, result.digest))
+
+        answer = await self._transit.mac(app, tokens.signing_input(unsigned), finish)
+        return answer.body
+
     async def _attempts(
         self,
         app: AppConfig,
@@ -526,9 +548,12 @@ class RestProxy:
                 # Full jitter on an exponential backoff: retries from many callers do not align.
                 await asyncio.sleep(random.uniform(0.5, 1.0) * rest.retry_backoff * 2 ** (attempt - 1))  # noqa: S311 - jitter, not a secret
             attempts[0] = attempt + 1
-            snapshot = self._keys.signing(app.name)
             # A fresh token per attempt, alive for token_ttl seconds, referenced only by this frame.
-            bearer = b"Bearer " + mint(snapshot.signing, app.app_id, int(self._clock()), ttl)
+            if app.transit:
+                bearer = b"Bearer " + await self._mint_transit(app, ttl)
+            else:
+                snapshot = self._keys.signing(app.name)
+                bearer = b"Bearer " + mint(snapshot.signing, app.app_id, int(self._clock()), ttl)
             sent = time.perf_counter()
             try:
                 response = await sender.request(

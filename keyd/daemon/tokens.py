@@ -101,3 +101,33 @@ def webhook_signature_valid(key: Keyed, timestamp: bytes, body: bytes, given: by
     """Constant-time comparison of a received signature (either hex case) with the expected one."""
     expected = webhook_signature(key, timestamp, body).encode("ascii")
     return hmac.compare_digest(expected, given.strip().upper())
+
+
+class _Unsigned:
+    """A Keyed whose MAC is empty (transit mode): a token built with it is its signing input and
+    the final ``.``, byte for byte what the in-memory key's token starts with."""
+
+    def hmac(self) -> _Unsigned:
+        return self
+
+    def update(self, data: bytes, /) -> None:
+        return None
+
+    def digest(self) -> bytes:
+        return b""
+
+    def hexdigest(self) -> str:
+        return ""
+
+
+UNSIGNED = _Unsigned()
+
+
+def signing_input(unsigned: bytes) -> bytes:
+    """What to MAC for a token built with ``UNSIGNED`` (header.payload, without the final dot)."""
+    return unsigned[:-1]
+
+
+def complete(unsigned: bytes, digest: bytes) -> bytes:
+    """The token built with ``UNSIGNED``, signed with ``digest`` (the HMAC of its signing input)."""
+    return unsigned + b64url(digest)

@@ -1,5 +1,8 @@
 """The REST proxy's HTTPS client: pooled keep-alive connections to one upstream, on keyd's loop.
 
+Transit mode (keyd.daemon.transit_client) uses it for Vault too, where ``http://`` is allowed for a
+Vault on loopback (the dev server): the REST proxy's configuration accepts only ``https://``.
+
 asyncio + ssl from the standard library, responses parsed with httptools (already keyd's request
 parser), so the proxy adds no dependency. One ``Pool`` per app: at most ``max_connections`` requests
 in flight (the others wait for a free slot inside the caller's total timeout), idle connections are
@@ -233,9 +236,11 @@ class Pool:
     ) -> None:
         parts = urlsplit(base_url)
         self.host = parts.hostname or ""
-        self.port = parts.port or 443
-        self.host_header = (self.host if self.port == 443 else f"{self.host}:{self.port}").encode("idna")
-        self._context = context or ssl_context(ca_file)
+        plain = parts.scheme == "http"
+        default_port = 80 if plain else 443
+        self.port = parts.port or default_port
+        self.host_header = (self.host if self.port == default_port else f"{self.host}:{self.port}").encode("idna")
+        self._context: ssl.SSLContext | None = None if plain else (context or ssl_context(ca_file))
         self._connect_timeout = connect_timeout
         self._max_body = max_response_body
         self._idle_timeout = idle_timeout
@@ -296,7 +301,7 @@ class Pool:
                     self.host,
                     self.port,
                     ssl=self._context,
-                    server_hostname=self.host,
+                    server_hostname=self.host if self._context is not None else None,
                 )
         except TimeoutError:
             raise UpstreamTimeout("connecting to the upstream timed out", retryable=True) from None

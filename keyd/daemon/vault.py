@@ -22,6 +22,7 @@ lives there and in the clients built with it, never in a log line, a repr or an 
 
 from __future__ import annotations
 
+import base64
 import logging
 import random
 import threading
@@ -38,7 +39,7 @@ import requests
 from keyd.config import VaultConfig
 from keyd.daemon import containment
 from keyd.daemon.keystore import SecretKey
-from keyd.daemon.nodes import SERVING, Failover, NodeView, ProbeResult, health_failure
+from keyd.daemon.nodes import SERVING, Failover, Node, NodeView, ProbeResult, health_failure
 from keyd.errors import (
     SecretError,
     VaultAuthError,
@@ -455,6 +456,50 @@ class Vault:
             kv_version=kv_version,
         )
 
+    def transit_hmac(self, mount: str, key: str, inputs: list[bytes]) -> list[TransitItem]:
+        """HMAC-SHA256 of each input with the Transit key ``mount/key``, in one ``batch_input`` call.
+
+        One answer per input, in order: the digest and the key version of its ``vault:vN:`` prefix,
+        or the error Vault gave for that item alone. A refused call (403, 404, a sealed Vault)
+        raises, naming the path; the node list and failover are ``_call``'s.
+        """
+        path = f"{mount}/hmac/{key}/sha2-256"
+        batch = [{"input": base64.b64encode(data).decode("ascii")} for data in inputs]
+
+        def call(client: Any) -> list[Any]:
+            answer = client.adapter.post(f"/v1/{path}", json={"batch_input": batch})
+            results = answer["data"]["batch_results"]
+            if not isinstance(results, list) or len(results) != len(inputs):
+                raise ValueError("batch_results")  # a malformed answer (translate: VaultUnavailable)
+            return results
+
+        try:
+            results = self._call(f"Transit HMAC on {path}", call)
+        except VaultAuthError as exc:
+            raise VaultAuthError(f"{exc}: keyd's Vault policy must grant update on {path}", exc.cause) from None
+        except SecretError as exc:
+            raise SecretError(f"{exc}: no Transit key {key!r} at mount {mount!r}", exc.cause) from None
+        return [transit_item(result) for result in results]
+
+    # -- for the event loop's Transit client (keyd.daemon.transit_client) ---------------------------
+
+    def current_token(self) -> str | None:
+        """The token of the current login, for a call made outside hvac; never logged or shown."""
+        return self._credential[1] if self.token is not None else None
+
+    def node_order(self) -> list[Node]:
+        return self._failover.order()
+
+    def node_failed(self, node: Node, error: str, cause: str) -> None:
+        self._failover.failed(node, error, cause)
+
+    def node_succeeded(self, node: Node) -> None:
+        self._failover.succeeded(node)
+
+    def tls(self) -> tuple[str, tuple[str, str] | None]:
+        """(ca_cert, client certificate and key or None): what every call to Vault verifies with."""
+        return self._config.ca_cert, self._cert
+
     # -- health probes --------------------------------------------------------------------------
 
     def probe(self) -> ProbeResult:
@@ -493,6 +538,31 @@ class Vault:
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
+
+
+@dataclass(frozen=True, slots=True)
+class TransitItem:
+    """One ``batch_results`` entry: ``digest`` and ``version``, or ``error`` (Vault's own text)."""
+
+    digest: bytes = b""
+    version: int = 0
+    error: str = ""
+
+
+def transit_item(result: Any) -> TransitItem:
+    """One ``batch_results`` entry as a TransitItem (malformed entries become that item's error)."""
+    if not isinstance(result, dict):
+        return TransitItem(error="malformed Transit answer")
+    if result.get("error"):
+        return TransitItem(error=str(result["error"])[:200])
+    text = result.get("hmac")
+    if not isinstance(text, str) or not text.startswith("vault:v"):
+        return TransitItem(error="malformed Transit answer")
+    version, _, encoded = text[len("vault:v") :].partition(":")
+    try:
+        return TransitItem(digest=base64.b64decode(encoded, validate=True), version=int(version))
+    except ValueError:
+        return TransitItem(error="malformed Transit answer")
 
 
 def _auth_block(response: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from keyd.daemon.metrics import LISTENER_CONFIG, Metrics, RequestStats, Sources,
 from keyd.daemon.peers import Policy, off_loop
 from keyd.daemon.refresher import Refresher
 from keyd.daemon.server import Server
+from keyd.daemon.transit import TransitMac, TransitStats
 from keyd.daemon.vault import Vault
 from keyd.errors import ConfigError, StartupError
 from keyd.logs import ago
@@ -47,12 +48,24 @@ class Daemon:
 
     def __init__(self, config: Config, audit: AuditLog | None = None) -> None:
         self.config = config
-        self.store = KeyStore(config.apps, config.refresh.max_stale)
+        self.store = KeyStore(
+            config.apps, config.refresh.max_stale, transit=[n for n, a in config.apps.items() if a.transit]
+        )
         self.vault = Vault(config.vault)
         self.policy = Policy(config.grants)
         self.audit = audit or AuditLog(config.audit)
         self.stats = RequestStats()
-        self.api = Api(config, self.store, self.policy, self.audit, stats=self.stats)
+        self.transit_stats = TransitStats(config.apps)
+        self.transit: TransitMac | None = None
+        if any(app.transit for app in config.apps.values()):
+            # Imported only here, like the REST proxy: a KV-only keyd loads no upstream client.
+            from keyd.daemon.transit_client import TransitClient  # noqa: PLC0415
+
+            self.transit_client = TransitClient(self.vault, config.vault.timeout)
+            self.transit = TransitMac(
+                self.transit_client, config.vault.timeout, self.transit_stats, on_failure=self._transit_failed
+            )
+        self.api = Api(config, self.store, self.policy, self.audit, stats=self.stats, transit=self.transit)
         self.server = Server(
             config.server, self.api.dispatch, body_limit=self.api.body_limit, has_grant=self.api.has_grant
         )
@@ -79,12 +92,13 @@ class Daemon:
             ),
         )
         self.api.add_route(b"/metrics", b"GET", self.metrics.handle)
+        self.metrics.registry.register(self.transit_stats.collector())
         self.rest: Any = None
         if config.rest_enabled:
             # Imported only here: without a "rest" grant, `keyd run` loads none of the proxy.
             from keyd.daemon import rest  # noqa: PLC0415
 
-            self.rest = rest.RestProxy(config, self.store, self.policy, self.audit)
+            self.rest = rest.RestProxy(config, self.store, self.policy, self.audit, transit=self.transit)
             self.api.add_prefix(
                 rest.PREFIX, self.rest.handle, max_body=self.rest.max_body, may_send_more=self.rest.may_use
             )
@@ -116,6 +130,9 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._grant_reloads: set[asyncio.Task[None]] = set()
         self._inherited = False
+
+    def _transit_failed(self, app: str) -> None:
+        self.refresher.transit_failed(app)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -211,6 +228,9 @@ class Daemon:
             log.exception("error while closing the socket server")
         if self.rest is not None:
             self.rest.close()
+        if self.transit is not None:
+            self.transit.close()
+            self.transit_client.close()
         try:
             self.refresher.stop()
         except Exception:

@@ -39,7 +39,19 @@ def _paint(text: str, colour: str, enabled: bool) -> str:
 
 
 def _app_line(name: str, app: dict[str, Any], width: int, colour: bool) -> str:
-    if not app.get("key_loaded"):
+    transit = app.get("key_source") == "transit"
+    if transit and not app.get("key_loaded"):
+        state = "transit: " + _paint("no Transit HMAC has succeeded yet", _RED, colour)
+    elif transit:
+        state = (
+            f"transit: key v{app.get('key_version')} in Vault (keyd holds no copy), "
+            f"last probe {ago(app.get('since_last_refresh'))} ago"
+        )
+        if not app.get("can_sign"):
+            state += ", " + _paint("NOT SIGNING (probes failing past max_stale)", _RED, colour)
+        elif app.get("stale"):
+            state += ", " + _paint("PROBES FAILING", _YELLOW, colour)
+    elif not app.get("key_loaded"):
         state = _paint("no key loaded", _RED, colour)
     else:
         version = app.get("key_version")

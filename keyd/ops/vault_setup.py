@@ -33,6 +33,7 @@ from keyd import config as configuration
 from keyd.config import Config
 from keyd.daemon import containment
 from keyd.errors import ConfigError, KeydError, VaultError
+from keyd.ops import transit_import
 
 DEFAULT_ROLE = "keyd"
 DEFAULT_POLICY = "keyd"
@@ -70,13 +71,21 @@ def kv_read_path(mount: str, path: str, kv_version: int) -> str:
 
 
 def policy_paths(config: Config) -> list[str]:
-    """Every KV path keyd reads (signing keys and separate webhook keys), sorted, without repeats."""
+    """Every KV path keyd reads (signing keys and separate webhook keys), sorted, without repeats.
+    Transit apps have none: their key is never read (``transit_paths``)."""
     paths = set()
     for app in config.apps.values():
+        if app.transit:
+            continue
         paths.add(kv_read_path(app.kv_mount, app.path, app.kv_version))
         if app.separate_webhook_key:
             paths.add(kv_read_path(app.kv_mount, app.webhook_source[0], app.kv_version))
     return sorted(paths)
+
+
+def transit_paths(config: Config) -> list[str]:
+    """The Transit HMAC endpoint of every transit app (keyd only ever asks for sha2-256)."""
+    return sorted({f"{a.transit_mount}/hmac/{a.transit_key}/sha2-256" for a in config.apps.values() if a.transit})
 
 
 def render_policy(config: Config) -> str:
@@ -84,6 +93,8 @@ def render_policy(config: Config) -> str:
     blocks = [POLICY_HEADER]
     for path in policy_paths(config):
         blocks.append(f'path "{path}" {{\n  capabilities = ["read"]\n}}\n')
+    for path in transit_paths(config):
+        blocks.append(f'path "{path}" {{\n  capabilities = ["update"]\n}}\n')
     blocks.append('path "auth/token/renew-self" {\n  capabilities = ["update"]\n}\n')
     blocks.append('path "auth/token/lookup-self" {\n  capabilities = ["read"]\n}\n')
     return "\n".join(blocks)
@@ -212,6 +223,13 @@ class Setup:
         app_name = self.options.store_key
         if key is not None and app_name is not None:
             app = self.config.apps[app_name]
+            if app.transit:
+                path = f"{app.transit_mount}/keys/{app.transit_key}"
+                self._step(
+                    f"importing the key of app {app_name} into Transit", path,
+                    lambda: self.say(transit_import.import_key(self.client, app, key)),
+                )
+                return
             path = kv_read_path(app.kv_mount, app.path, app.kv_version)
             self._step(f"storing the key of app {app_name}", path, lambda: self.store_key(app_name, key))
 

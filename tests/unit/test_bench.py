@@ -29,6 +29,7 @@ from keyd import cli
 from keyd.bench import command as bench_command
 from keyd.bench import compare, load, report, stack, workload
 from keyd.bench import inprocess as bench_inprocess
+from keyd.ops import transit_import
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -159,7 +160,7 @@ def test_wrap_for_import_is_rsa_oaep_sha256_then_aes_kwp() -> None:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     key = b"sk_test_" + os.urandom(20)
-    blob = base64.b64decode(compare.wrap_for_import(key, pem.decode()))
+    blob = base64.b64decode(transit_import.wrap_for_import(key, pem.decode()))
     size = private.key_size // 8
     oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
     ephemeral = private.decrypt(blob[:size], oaep)

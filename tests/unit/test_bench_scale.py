@@ -18,7 +18,7 @@ def test_the_scale_configs_load_with_the_callers_grant_last(tmp_path: Path) -> N
     path.write_text(
         _KEYD_CONFIG.format(
             socket=json.dumps(str(tmp_path / "k.sock")), address='"http://127.0.0.1:1"', app_id=APP_ID,
-            path="talkjs/bench", uid=4242,
+            source='path = "talkjs/bench"', uid=4242,
         )
     )
     stack = SimpleNamespace(config_path=str(path), PATH="talkjs/bench")

@@ -698,3 +698,35 @@ def test_an_unknown_key_names_the_nearest_known_one() -> None:
     assert "x.toml: vault.adress: unknown key; did you mean 'vault.address'?" in text
     assert "x.toml: apps.default.user_tll: unknown key; did you mean 'apps.default.user_ttl'?" in text
     assert "x.toml: server.zzz: unknown key\n" in text + "\n" and "server.zzz: unknown key;" not in text
+
+
+# -- transit mode ---------------------------------------------------------------------------------
+
+
+def test_transit_app_reads_its_mount_and_key() -> None:
+    cfg = config.parse(minimal(key_source="transit", transit_key="talkjs-live"), SOURCE)
+    app = cfg.apps["default"]
+    assert (app.transit, app.transit_mount, app.transit_key) == (True, "transit", "talkjs-live")
+    assert config.parse(minimal(), SOURCE).apps["default"].key_source == "kv"
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"key_source": "hsm"}, "apps.default.key_source: 'hsm' is not one of kv, transit"),
+        ({"key_source": "transit"}, 'apps.default.transit_key: is required when key_source = "transit"'),
+        ({"key_source": "transit", "transit_key": "a/b"}, "apps.default.transit_key: must be 1 to 128"),
+        ({"transit_key": "talkjs"}, 'apps.default.transit_key: applies only with key_source = "transit"'),
+        (
+            {"key_source": "transit", "transit_key": "k", "path": "talkjs/live"},
+            'apps.default.path: is not used with key_source = "transit"',
+        ),
+        (
+            {"key_source": "transit", "transit_key": "k", "webhook_field": "w"},
+            'apps.default.webhook_field: is not used with key_source = "transit"',
+        ),
+    ],
+)
+def test_transit_settings_are_checked_with_file_and_key(extra: dict[str, Any], expected: str) -> None:
+    problem = one_problem(minimal(**extra))
+    assert problem.startswith(f"{SOURCE}: {expected}"), problem

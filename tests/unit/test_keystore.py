@@ -278,6 +278,7 @@ def test_health_starting_ok_degraded_unavailable() -> None:
     ok, doc = health(store)
     assert (ok, doc["status"]) == (True, "ok")
     assert doc["apps"]["default"] == {
+        "key_source": "kv",
         "can_sign": True,
         "key_loaded": True,
         "key_version": 3,

@@ -19,8 +19,15 @@ from keyd.daemon.keystore import KeyStore, SecretKey
 from keyd.daemon.nodes import ProbeResult
 from keyd.daemon.refresher import PROBE_JOB, TOKEN_JOB, Refresher, backoff, jittered, key_job
 from keyd.daemon.scheduler import ApScheduler, Job
-from keyd.daemon.vault import Secret, TokenInfo
-from keyd.errors import SecretError, VaultAuthError, VaultError, VaultLoginError, VaultUnavailable
+from keyd.daemon.vault import Secret, TokenInfo, TransitItem
+from keyd.errors import (
+    KeyUnavailable,
+    SecretError,
+    VaultAuthError,
+    VaultError,
+    VaultLoginError,
+    VaultUnavailable,
+)
 from tests.helpers import wait_until
 
 KEY1 = "sk_test_one_one_one_one_one_one_one"
@@ -98,6 +105,19 @@ class FakeVault:
         value, version = self.secrets[(mount, path, field)]
         return Secret(value=SecretKey.from_str(value), version=version, kv_version=kv_version)
 
+    def transit_hmac(self, mount: str, key: str, inputs: list[bytes]) -> list[TransitItem]:
+        """Transit keys live in ``secrets`` under (mount, key, "transit")."""
+        self.calls.append(f"transit {mount}/{key} x{len(inputs)}")
+        if self.read_errors:
+            raise self.read_errors.pop(0)
+        if (mount, key, "transit") not in self.secrets:
+            raise SecretError(f"Transit HMAC on {mount}/hmac/{key}/sha2-256: not found (404)")
+        value, version = self.secrets[(mount, key, "transit")]
+        return [
+            TransitItem(digest=hmac.new(value.encode(), data, "sha256").digest(), version=version)
+            for data in inputs
+        ]
+
 
 class FakeScheduler:
     """Implements scheduler.Scheduler: one pending run per job id, run when a test asks."""
@@ -144,7 +164,8 @@ class Harness:
         self.vault = FakeVault(self.clock, ttl=ttl, renewable=renewable)
         for app in self.apps.values():
             self.vault.secrets[(app.kv_mount, app.path, app.field)] = (KEY1, 1)
-        self.store = KeyStore(self.apps, self.refresh.max_stale, clock=self.clock)
+        transit = [name for name, app in self.apps.items() if app.transit]
+        self.store = KeyStore(self.apps, self.refresh.max_stale, clock=self.clock, transit=transit)
         self.changes = 0
         self.changed_apps: list[str] = []
         self.scheduler = FakeScheduler()
@@ -598,3 +619,57 @@ def test_a_probe_never_pulls_forward_a_refresh_that_is_running() -> None:
     h.refresh_job()
     assert during and key_job("default") not in [j for j, _ in during]
     assert h.last(key_job("default")) >= 1.0  # the running refresh reschedules itself on its backoff
+
+
+# -- transit apps: the refresh is a probe HMAC, the snapshot holds no key -------------------------
+
+
+def _transit_harness() -> Harness:
+    app = AppConfig(name="default", app_id="tApp", key_source="transit", transit_key="talkjs")
+    h = Harness(apps={"default": app})
+    h.vault.secrets[("transit", "talkjs", "transit")] = (KEY1, 3)
+    return h
+
+
+def test_transit_refresh_probes_and_records_the_key_version_without_holding_a_key() -> None:
+    h = _transit_harness()
+    h.refresh_job()
+    assert "transit transit/talkjs x1" in h.vault.calls
+    assert not any(call.startswith("read ") for call in h.vault.calls)  # no KV read at all
+    state = h.store.app_health("default")
+    assert state.can_sign and state.key_version == 3
+    snapshot = h.store.signing("default")
+    with pytest.raises(KeyUnavailable):
+        snapshot.signing.hmac()  # the stand-in never MACs (nothing could sign with an empty key)
+    h.vault.secrets[("transit", "talkjs", "transit")] = (KEY2, 4)
+    h.clock.now += 300
+    h.refresh_job()
+    assert h.store.app_health("default").key_version == 4
+
+
+def test_transit_policy_without_the_hmac_path_names_the_path() -> None:
+    h = _transit_harness()
+    h.refresh_job()  # logs in
+    h.vault.read_errors = [VaultAuthError("permission denied (403)"), VaultAuthError("permission denied (403)")]
+    assert h.refresher.refresh_app("default") is False
+    error = h.store.app_health("default").last_error or ""
+    assert "does not allow update on transit/hmac/talkjs/sha2-256" in error, error
+
+
+def test_a_failed_transit_batch_probes_the_app_once_and_health_stops_claiming_it_signs() -> None:
+    h = _transit_harness()
+    h.refresh_job()
+    assert h.store.app_health("default").can_sign
+    h.scheduled.clear()
+    h.refresher.transit_failed("default")  # the batcher saw a call fail
+    assert h.scheduled == [(key_job("default"), 0.0)]
+    h.vault.read_errors = [VaultUnavailable("Transit HMAC: cannot connect to Vault", "node unreachable")]
+    h.refresh_job()
+    state = h.store.app_health("default")
+    assert not state.can_sign and state.key_source == "transit"  # no stale key to fall back on
+    h.scheduled.clear()
+    h.refresher.transit_failed("default")  # already failing: the backoff owns the next attempt
+    assert (key_job("default"), 0.0) not in h.scheduled
+    h.clock.now += 600
+    h.refresh_job()
+    assert h.store.app_health("default").can_sign

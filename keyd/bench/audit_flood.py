@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Any
 
 from keyd.bench.inprocess import StandInTransport, _keyd, warm_identity
-from keyd.daemon.connection import Connection
+from keyd.daemon.http.connection import Connection
 
 TARGET_BYTES = 2 * 1024 * 1024
 TARGET_REQUESTS = 20_000

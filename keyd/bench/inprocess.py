@@ -30,8 +30,8 @@ from keyd.bench.options import Options
 from keyd.bench.reference import ReferenceConnection
 from keyd.bench.report import machine
 from keyd.bench.workload import APP_ID, keyd_requests
-from keyd.daemon.connection import Connection
-from keyd.daemon.keystore import KeySnapshot, SecretKey
+from keyd.daemon.http.connection import Connection
+from keyd.daemon.keys.keystore import KeySnapshot, SecretKey
 from keyd.daemon.wiring import Daemon
 
 DEFAULT_REQUESTS = 100_000

@@ -1,7 +1,7 @@
 """What the signing-oracle check costs: ``python -m keyd.bench.oracle``.
 
 Times ``POST /v1/signatures`` through ``Api.handle`` in-process (no sockets, a random key, a grant
-for every type) for a few kinds of user id, with the check (keyd.daemon.oracle.refusal) and with it
+for every type) for a few kinds of user id, with the check (keyd.daemon.signing.oracle.refusal) and with it
 replaced by one that refuses nothing, and the check alone. Best of several rounds, microseconds.
 The numbers quoted in docs/security.md come from this script.
 """
@@ -15,11 +15,12 @@ from typing import Any
 
 from keyd import config as configuration
 from keyd.config import GrantConfig
-from keyd.daemon import oracle
-from keyd.daemon.api import Api, Request
-from keyd.daemon.health import Health
-from keyd.daemon.keystore import KeySnapshot, SecretKey
-from keyd.daemon.peers import Caller, Policy
+from keyd.daemon.callers.caller import Caller
+from keyd.daemon.keys.health import Health
+from keyd.daemon.keys.keystore import KeySnapshot, SecretKey
+from keyd.daemon.policy.grants import Policy
+from keyd.daemon.signing import oracle
+from keyd.daemon.signing.api import Api, Request
 
 IDS = (
     "alice",  # no dot: the check is one str.find

@@ -31,7 +31,7 @@ from keyd.bench.load import Endpoint, loop_run, run_load
 from keyd.bench.options import DEFAULT_DURATION, BenchError, Options
 from keyd.bench.report import Result
 from keyd.bench.standin import make_certificates
-from keyd.daemon import tokens
+from keyd.daemon.signing import tokens
 
 TARGET_ADDED_P50_MS = 0.5
 TARGET_SIGNING_UNDER_LOAD = 0.9

@@ -1,6 +1,6 @@
 """The REST proxy's HTTPS client: pooled keep-alive connections to one upstream, on keyd's loop.
 
-Transit mode (keyd.daemon.transit_client) uses it for Vault too, where ``http://`` is allowed for a
+Transit mode (keyd.daemon.keys.transit_client) uses it for Vault too, where ``http://`` is allowed for a
 Vault on loopback (the dev server): the REST proxy's configuration accepts only ``https://``.
 
 asyncio + ssl from the standard library, responses parsed with httptools (already keyd's request

@@ -16,16 +16,17 @@ from typing import Any
 from keyd import config as configuration
 from keyd.config import Config
 from keyd.daemon import containment, systemd
-from keyd.daemon.api import Api
-from keyd.daemon.audit import AuditLog
-from keyd.daemon.health import ReloadHealth, VaultHealth, vault_health
-from keyd.daemon.keystore import KeyStore
-from keyd.daemon.metrics import LISTENER_CONFIG, Metrics, RequestStats, Sources, TcpListener
-from keyd.daemon.peers import Policy, off_loop
-from keyd.daemon.refresher import Refresher
-from keyd.daemon.server import Server
-from keyd.daemon.transit import TransitMac, TransitStats
-from keyd.daemon.vault import Vault
+from keyd.daemon.http.server import Server
+from keyd.daemon.keys.health import ReloadHealth, VaultHealth, vault_health
+from keyd.daemon.keys.keystore import KeyStore
+from keyd.daemon.keys.refresher import Refresher
+from keyd.daemon.keys.transit import TransitMac, TransitStats
+from keyd.daemon.keys.vault import Vault
+from keyd.daemon.observe.audit import AuditLog
+from keyd.daemon.observe.metrics import LISTENER_CONFIG, Metrics, RequestStats, Sources, TcpListener
+from keyd.daemon.policy.grants import Policy
+from keyd.daemon.signing.api import Api
+from keyd.daemon.threads import off_loop
 from keyd.errors import ConfigError, StartupError
 from keyd.logs import ago
 
@@ -59,7 +60,7 @@ class Daemon:
         self.transit: TransitMac | None = None
         if any(app.transit for app in config.apps.values()):
             # Imported only here, like the REST proxy: a KV-only keyd loads no upstream client.
-            from keyd.daemon.transit_client import TransitClient  # noqa: PLC0415
+            from keyd.daemon.keys.transit_client import TransitClient  # noqa: PLC0415
 
             self.transit_client = TransitClient(self.vault, config.vault.timeout)
             self.transit = TransitMac(
@@ -96,11 +97,11 @@ class Daemon:
         self.rest: Any = None
         if config.rest_enabled:
             # Imported only here: without a "rest" grant, `keyd run` loads none of the proxy.
-            from keyd.daemon import rest  # noqa: PLC0415
+            from keyd.daemon.rest import proxy as proxy_module  # noqa: PLC0415
 
-            self.rest = rest.RestProxy(config, self.store, self.policy, self.audit, transit=self.transit)
+            self.rest = proxy_module.RestProxy(config, self.store, self.policy, self.audit, transit=self.transit)
             self.api.add_prefix(
-                rest.PREFIX, self.rest.handle, max_body=self.rest.max_body, may_send_more=self.rest.may_use
+                proxy_module.PREFIX, self.rest.handle, max_body=self.rest.max_body, may_send_more=self.rest.may_use
             )
             self.metrics.registry.register(self.rest.collector())
         listen, metrics = config.metrics.listen, config.metrics

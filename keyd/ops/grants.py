@@ -11,7 +11,9 @@ import pwd
 from collections.abc import Callable, Iterable
 
 from keyd.config import Config, GrantConfig
-from keyd.daemon.peers import Caller, Policy, format_rate, lookup_names
+from keyd.daemon.callers.caller import Caller
+from keyd.daemon.callers.names import lookup_names
+from keyd.daemon.policy.grants import Policy, format_rate
 from keyd.errors import ConfigError
 
 # A grant that lets a group with more members than this mint app tokens gets a warning.

@@ -197,7 +197,7 @@ class Setup:
 
     def _step(self, what: str, path: str, action: Callable[[], None]) -> None:
         """Run one step; a failure names the node, the step and the Vault path it used."""
-        from keyd.daemon.vault import translate  # noqa: PLC0415 - imports hvac; see the module docstring
+        from keyd.daemon.keys.vault import translate  # noqa: PLC0415 - imports hvac; see the module docstring
 
         with translate(f"keyd vault setup at {self.node}: {what} ({path})"):
             action()

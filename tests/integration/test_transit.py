@@ -21,8 +21,8 @@ import hvac
 import jwt
 import pytest
 
-from keyd.daemon import tokens
-from keyd.daemon.keystore import SecretKey
+from keyd.daemon.keys.keystore import SecretKey
+from keyd.daemon.signing import tokens
 from keyd.ops.dev import BaoServer
 from tests.conftest import base_config, new_key
 from tests.helpers import KeydProcess, run_vault_setup

@@ -21,12 +21,15 @@ from hypothesis import strategies as st
 
 from keyd import config as configuration
 from keyd.config import Config, GrantConfig
-from keyd.daemon import api as api_module
-from keyd.daemon.api import MAX_USER_ID, Api, Request, Response, valid_user_id
-from keyd.daemon.health import Health
-from keyd.daemon.keystore import KeySnapshot, SecretKey
-from keyd.daemon.peers import Caller, Policy
-from keyd.daemon.server import Server
+from keyd.daemon.callers.caller import Caller
+from keyd.daemon.http.server import Server
+from keyd.daemon.http.types import Response
+from keyd.daemon.keys.health import Health
+from keyd.daemon.keys.keystore import KeySnapshot, SecretKey
+from keyd.daemon.policy.grants import Policy
+from keyd.daemon.signing import requests
+from keyd.daemon.signing.api import Api, Request
+from keyd.daemon.signing.requests import MAX_USER_ID, valid_user_id
 from keyd.errors import ApiError, KeyUnavailable
 
 KEY = "sk_test_api_api_api_api_api_api_api_api"
@@ -494,15 +497,15 @@ JSON_BODIES = [
 
 def _outcome(body: bytes) -> object:
     try:
-        return api_module.parse_json_object(body, None)
+        return requests.parse_json_object(body, None)
     except ApiError as exc:
         return (exc.status, exc.code)
 
 
 def test_without_the_c_scanner_json_loads_decides_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
     with_scanner = [_outcome(body) for body in JSON_BODIES]
-    assert api_module._scan_json is not None, "CPython's C scanner is used where it exists"
-    monkeypatch.setattr(api_module, "_scan_json", None)
+    assert requests._scan_json is not None, "CPython's C scanner is used where it exists"
+    monkeypatch.setattr(requests, "_scan_json", None)
     assert [_outcome(body) for body in JSON_BODIES] == with_scanner
     assert with_scanner[0] == {"user_id": "a"} and with_scanner[2] == (400, "malformed_json")
     assert with_scanner[-3:] == [(422, "invalid_field")] * 3, "a key given twice, at any depth or escaped"
@@ -514,7 +517,7 @@ def test_the_scanner_hook_falls_back_when_this_python_has_none(monkeypatch: pyte
             self.options = options
 
     monkeypatch.setattr(json, "JSONDecoder", PlainDecoder)
-    assert api_module._c_scanner() is None
+    assert requests._c_scanner() is None
     monkeypatch.undo()
     monkeypatch.setattr(json.scanner, "c_make_scanner", None)  # no C accelerator at all
-    assert api_module._c_scanner() is None
+    assert requests._c_scanner() is None

@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 
 from keyd.config import AppConfig, AuditConfig, Config, GrantConfig, RefreshConfig, ServerConfig, VaultConfig
-from keyd.daemon.api import Api, Request
-from keyd.daemon.audit import AuditLog
-from keyd.daemon.decisions import Decision
-from keyd.daemon.health import Health
-from keyd.daemon.keystore import KeySnapshot, SecretKey
-from keyd.daemon.peers import Caller, Policy
+from keyd.daemon.callers.caller import Caller
+from keyd.daemon.keys.health import Health
+from keyd.daemon.keys.keystore import KeySnapshot, SecretKey
+from keyd.daemon.observe.audit import AuditLog
+from keyd.daemon.policy.grants import Policy
+from keyd.daemon.signing.api import Api, Request
+from keyd.daemon.signing.decisions import Decision
 from keyd.errors import StartupError
 
 CALLER = Caller(

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from keyd.config import AuditConfig
-from keyd.daemon import audit as audit_module
-from keyd.daemon.audit import MAX_REFUSED_SUB, AuditLog
-from keyd.daemon.decisions import Decision
-from keyd.daemon.peers import Caller
+from keyd.daemon.callers.caller import Caller
+from keyd.daemon.observe import audit as audit_module
+from keyd.daemon.observe.audit import MAX_REFUSED_SUB, AuditLog
+from keyd.daemon.signing.decisions import Decision
 from keyd.errors import StartupError
 
 MALLORY = Caller(

@@ -7,9 +7,9 @@ import asyncio
 import socket
 from collections.abc import Mapping
 
-from keyd.daemon.api import Response, deferred
-from keyd.daemon.connection import MAX_HELD, MAX_PER_TURN, Connection
-from keyd.daemon.peers import Caller
+from keyd.daemon.callers.caller import Caller
+from keyd.daemon.http.connection import MAX_HELD, MAX_PER_TURN, Connection
+from keyd.daemon.http.types import Response, deferred
 from tests.unit.test_server import FakeTransport, answers, connect, echo, make
 from tests.unit.test_server import sock as sock  # noqa: PLC0414 - the fixture
 

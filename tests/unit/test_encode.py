@@ -6,8 +6,7 @@ from http import HTTPStatus
 
 import pytest
 
-from keyd.daemon.api import JSON, Response
-from keyd.daemon.connection import encode
+from keyd.daemon.http.types import JSON, Response, encode
 
 BODY = b'{"token":"a.b.c","key_version":1}'
 

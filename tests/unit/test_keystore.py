@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from keyd.daemon.health import document
-from keyd.daemon.keystore import KeySnapshot, KeyStore, SecretKey
+from keyd.daemon.keys.health import document
+from keyd.daemon.keys.keystore import KeySnapshot, KeyStore, SecretKey
 from keyd.errors import KeyUnavailable
 
 OLD = "sk_test_old_old_old_old_old_old_old"
@@ -357,7 +357,7 @@ def test_separate_webhook_key_is_wiped_with_its_snapshot() -> None:
 
 
 def test_without_the_private_hashlib_hook_the_public_hmac_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    from keyd.daemon import keystore
+    from keyd.daemon.keys import keystore
 
     monkeypatch.setitem(sys.modules, "_hashlib", None)  # what `import _hashlib` finds on a Python without it
     assert keystore._hmac_factory() is keystore._public_hmac
@@ -366,7 +366,8 @@ def test_without_the_private_hashlib_hook_the_public_hmac_is_used(monkeypatch: p
 def test_the_public_fallback_keeps_the_invariants_secret_key_relies_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from keyd.daemon import keystore, tokens
+    from keyd.daemon.keys import keystore
+    from keyd.daemon.signing import tokens
 
     hooked = SecretKey.from_str(OLD)
     monkeypatch.setattr(keystore, "_new_hmac", keystore._public_hmac)

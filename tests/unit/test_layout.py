@@ -41,7 +41,7 @@ def _graph() -> dict[str, set[str]]:
 def test_the_graph_sees_the_packages() -> None:
     graph = _graph()
     assert "keyd.daemon.wiring" in graph
-    assert "keyd.daemon.server" in graph["keyd.daemon.wiring"]
+    assert "keyd.daemon.http.server" in graph["keyd.daemon.wiring"]
 
 
 def test_daemon_never_imports_operator_benchmark_or_client_code() -> None:
@@ -92,3 +92,65 @@ def test_no_import_cycles() -> None:
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+# -- per-package rules (docs/design.md, "Modules"): the tree carries the design's layers ---------
+
+DAEMON = "keyd.daemon."
+
+
+def _package(module: str) -> str | None:
+    """keyd.daemon.http.connection -> "http"; a top-level daemon module -> None."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 3 and module.startswith(DAEMON) else None
+
+
+def _offenders(packages: set[str], allowed: set[str]) -> dict[str, list[str]]:
+    """Modules of ``packages`` importing a keyd.daemon module outside ``allowed`` (module prefixes)."""
+    found: dict[str, list[str]] = {}
+    for name, deps in _graph().items():
+        if _package(name) not in packages:
+            continue
+        bad = sorted(
+            dep
+            for dep in deps
+            if dep.startswith(DAEMON) and not any(dep == a or dep.startswith(a + ".") for a in allowed)
+        )
+        if bad:
+            found[name] = bad
+    return found
+
+
+def test_the_socket_layer_never_imports_signing_keys_policy_rest_or_observe() -> None:
+    """http/ knows callers (the value type and who they are), not routes or keys."""
+    allowed = {"keyd.daemon.http", "keyd.daemon.callers", "keyd.daemon.safefiles", "keyd.daemon.threads"}
+    assert _offenders({"http"}, allowed) == {}
+
+
+def test_callers_and_policy_import_nothing_above_them() -> None:
+    allowed = {"keyd.daemon.callers", "keyd.daemon.policy", "keyd.daemon.threads"}
+    assert _offenders({"callers", "policy"}, allowed) == {}
+
+
+def test_the_key_side_never_imports_the_socket_layer_signing_or_the_rest_proxy() -> None:
+    graph = _graph()
+    bad = {
+        name: sorted(d for d in deps if _package(d) in ("http", "signing", "rest"))
+        for name, deps in graph.items()
+        if _package(name) == "keys"
+    }
+    assert {name: deps for name, deps in bad.items() if deps} == {}
+
+
+def test_the_packages_exist_and_are_seen() -> None:
+    packages = {_package(name) for name in _graph()}
+    assert {"http", "callers", "policy", "signing", "keys", "observe", "rest"} <= packages
+
+
+def test_no_module_is_over_700_lines() -> None:
+    long = {
+        str(path.relative_to(ROOT)): n
+        for path in ROOT.rglob("*.py")
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > 700 and path.name != "config.py"
+    }
+    assert long == {}, "split these (config.py is the one exception, docs/design.md says why)"

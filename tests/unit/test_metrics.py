@@ -13,10 +13,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from keyd import config as configuration
 from keyd.config import GrantConfig
-from keyd.daemon.api import Api, Request
-from keyd.daemon.health import Health, document, vault_health
-from keyd.daemon.keystore import KeySnapshot, KeyStore, SecretKey
-from keyd.daemon.metrics import (
+from keyd.daemon.callers.caller import Caller
+from keyd.daemon.keys.health import Health, document, vault_health
+from keyd.daemon.keys.keystore import KeySnapshot, KeyStore, SecretKey
+from keyd.daemon.keys.vault import TokenInfo
+from keyd.daemon.observe.metrics import (
     _TCP_PEER,
     CONTENT_TYPE,
     LATENCY_BUCKETS,
@@ -26,8 +27,8 @@ from keyd.daemon.metrics import (
     TcpListener,
     parse_listen,
 )
-from keyd.daemon.peers import Caller, Policy
-from keyd.daemon.vault import TokenInfo
+from keyd.daemon.policy.grants import Policy
+from keyd.daemon.signing.api import Api, Request
 
 KEY = "sk_test_metrics_metrics_metrics_metrics"
 NOW = 1_700_000_000.0
@@ -267,7 +268,7 @@ def test_tcp_listener_serves_over_loopback_through_the_socket_connection_class()
 
 
 def test_vault_nodes_in_health_and_metrics_name_the_node_in_use_and_each_ones_last_error():
-    from keyd.daemon.nodes import NodeView
+    from keyd.daemon.keys.nodes import NodeView
     from keyd.ops.status import render
 
     nodes = [

@@ -1,4 +1,4 @@
-"""The signing-oracle check (keyd.daemon.oracle): what /v1/signatures refuses to HMAC, and what it signs.
+"""The signing-oracle check (keyd.daemon.signing.oracle): what /v1/signatures refuses to HMAC, and what it signs.
 
 Property tests build JWT signing inputs (any JSON object as header, any payload, both base64
 alphabets, with and without padding, whitespace, BOMs and UTF-16/32, extra dots) and webhook signing
@@ -20,12 +20,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyd.daemon import oracle, tokens
-from keyd.daemon.api import Api
-from keyd.daemon.decisions import Decision
-from keyd.daemon.keystore import SecretKey
-from keyd.daemon.oracle import Unsignable, refusal
-from keyd.daemon.peers import Policy
+from keyd.daemon.keys.keystore import SecretKey
+from keyd.daemon.policy.grants import Policy
+from keyd.daemon.signing import oracle, tokens
+from keyd.daemon.signing.api import Api
+from keyd.daemon.signing.decisions import Decision
+from keyd.daemon.signing.oracle import Unsignable, refusal
 from tests.unit.test_api import ALL_TYPES, CALLER, KEY, FakeKeys, make_config, request
 
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")

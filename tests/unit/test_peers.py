@@ -19,27 +19,23 @@ import pytest
 
 from keyd import cli
 from keyd.config import AppConfig, Config, GrantConfig, RefreshConfig, ServerConfig, VaultConfig
-from keyd.daemon import peers
-from keyd.daemon.api import Response
-from keyd.daemon.peers import (
-    DEFAULT_GRANT,
-    Caller,
-    Identities,
-    Policy,
-    RateLimiter,
+from keyd.daemon.callers import credentials
+from keyd.daemon.callers.caller import Caller
+from keyd.daemon.callers.credentials import peer_credentials, peer_groups, process_file
+from keyd.daemon.callers.names import Identities
+from keyd.daemon.callers.units import (
     cgroup_root,
-    format_rate,
-    grant_matches,
-    peer_credentials,
-    peer_groups,
-    process_file,
     systemd_cgroup,
     unit_from_cgroup,
     unit_from_path,
     units_of,
     user_unit_from_path,
 )
-from keyd.daemon.server import Server
+from keyd.daemon.http.server import Server
+from keyd.daemon.http.types import Response
+from keyd.daemon.policy import grants as grants_module
+from keyd.daemon.policy.grants import DEFAULT_GRANT, Policy, format_rate, grant_matches
+from keyd.daemon.policy.ratelimit import RateLimiter
 from keyd.errors import Forbidden, RateLimited
 from keyd.ops import grants
 
@@ -245,7 +241,7 @@ def test_the_cgroup_of_a_peer_that_has_exited_is_never_read(listener: socket.soc
 def test_without_so_peerpidfd_a_pidfd_opened_after_accept_guards_the_read(
     listener: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(peers, "SO_PEERPIDFD", 4095)  # no such option: ENOPROTOOPT, as before Linux 6.5
+    monkeypatch.setattr(credentials, "SO_PEERPIDFD", 4095)  # no such option: ENOPROTOOPT, as before Linux 6.5
     conn, pid = _connected_child(listener, lambda: None)
     with conn:
         assert process_file(conn, pid, "cgroup") == Path(f"/proc/{pid}/cgroup").read_text()
@@ -555,10 +551,10 @@ def test_buckets_of_a_unit_grant_are_per_uid_and_unit() -> None:
         policy.authorize(caller(pid=7), APP, "user", None, "a")
     # The same uid outside the unit falls to grant[1] and its own bucket.
     policy.authorize(caller(unit="cron.service"), APP, "user", None, "a")
-    assert peers.rate_identity(grant, caller()) == 1000
+    assert grants_module.rate_identity(grant, caller()) == 1000
     # Not the unit the grant leaves open: units of one uid's own manager share its bucket.
     manager = GrantConfig(index=2, unit="user@1000.service", rate=1.0)
-    assert peers.rate_identity(manager, caller(user_unit="a.service")) == peers.rate_identity(
+    assert grants_module.rate_identity(manager, caller(user_unit="a.service")) == grants_module.rate_identity(
         manager, caller(user_unit="b.service")
     )
 
@@ -796,7 +792,7 @@ def test_installing_new_grants_forgets_every_remembered_decision() -> None:
 
 def test_the_remembered_decisions_are_bounded_whatever_units_a_caller_invents() -> None:
     policy = Policy([GrantConfig(index=0, uid=1000, types=("user",))])
-    for i in range(3 * peers.MAX_DECISIONS):
+    for i in range(3 * grants_module.MAX_DECISIONS):
         assert policy.grant_for(caller(uid=1000, user_unit=f"u{i}.service")) is not None
-    assert len(policy._by_caller) <= peers.MAX_DECISIONS
-    assert len(policy._by_identity) <= peers.MAX_DECISIONS
+    assert len(policy._by_caller) <= grants_module.MAX_DECISIONS
+    assert len(policy._by_identity) <= grants_module.MAX_DECISIONS

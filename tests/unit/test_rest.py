@@ -18,11 +18,14 @@ from hypothesis import strategies as st
 
 from keyd import config as configuration
 from keyd.config import parse_rest_rule
-from keyd.daemon import rest
-from keyd.daemon.api import Deferred, Request, Response
-from keyd.daemon.health import Health
-from keyd.daemon.keystore import KeySnapshot, SecretKey
-from keyd.daemon.peers import Caller, Policy
+from keyd.daemon.callers.caller import Caller
+from keyd.daemon.http.types import Deferred, Response
+from keyd.daemon.keys.health import Health
+from keyd.daemon.keys.keystore import KeySnapshot, SecretKey
+from keyd.daemon.policy.grants import Policy
+from keyd.daemon.rest import paths as paths_module
+from keyd.daemon.rest import proxy as proxy_module
+from keyd.daemon.signing.api import Request
 from keyd.daemon.upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
 from keyd.errors import ApiError, ConfigError, KeyUnavailable
 
@@ -112,10 +115,10 @@ def ok(status: int = 200, body: bytes = b'{"ok":true}', retry_after: bytes | Non
     return UpstreamResponse(status, body, b"application/json", retry_after)
 
 
-def _proxy(sender: Sender, keys: Keys | None = None, **settings: Any) -> tuple[rest.RestProxy, Audit]:
+def _proxy(sender: Sender, keys: Keys | None = None, **settings: Any) -> tuple[proxy_module.RestProxy, Audit]:
     config = _config(**settings)
     audit = Audit()
-    proxy = rest.RestProxy(
+    proxy = proxy_module.RestProxy(
         config,
         keys or Keys(),
         Policy(config.grants),
@@ -137,7 +140,7 @@ def _request(
     return Request(method, b"/v1/rest/default" + path, query or {}, headers or {}, body, caller or _caller())
 
 
-async def _answer(proxy: rest.RestProxy, request: Request) -> Response:
+async def _answer(proxy: proxy_module.RestProxy, request: Request) -> Response:
     answer = proxy.handle(request)
     if isinstance(answer, Deferred):
         assert answer.pending is not None
@@ -145,7 +148,7 @@ async def _answer(proxy: rest.RestProxy, request: Request) -> Response:
     return answer
 
 
-def _run(proxy: rest.RestProxy, request: Request) -> Response:
+def _run(proxy: proxy_module.RestProxy, request: Request) -> Response:
     return asyncio.run(_answer(proxy, request))
 
 
@@ -202,13 +205,13 @@ BAD = [
 
 @pytest.mark.parametrize("path", GOOD)
 def test_check_path_accepts_unambiguous_paths_unchanged(path: bytes) -> None:
-    assert rest.check_path(path) == path.decode()
+    assert paths_module.check_path(path) == path.decode()
 
 
 @pytest.mark.parametrize("path", BAD)
 def test_check_path_rejects_anything_with_a_second_meaning(path: bytes) -> None:
     with pytest.raises(ApiError) as caught:
-        rest.check_path(path)
+        paths_module.check_path(path)
     assert (caught.value.status, caught.value.code) == (400, "invalid_path")
 
 
@@ -218,7 +221,7 @@ def test_an_accepted_path_decodes_to_the_segments_that_were_matched(raw: bytes) 
     from urllib.parse import unquote
 
     try:
-        path = rest.check_path(b"/" + raw)
+        path = paths_module.check_path(b"/" + raw)
     except ApiError:
         return
     segments = path[1:].split("/")
@@ -231,8 +234,8 @@ def test_an_accepted_path_decodes_to_the_segments_that_were_matched(raw: bytes) 
 def test_redact_hashes_every_id_segment_like_sub_sha256() -> None:
     digest = hashlib.sha256(b"al ice").hexdigest()
     conv = hashlib.sha256(b"c1").hexdigest()
-    assert rest.redact("/users/al%20ice") == f"/users/sha256:{digest}"
-    assert rest.redact("/conversations/c1/messages") == f"/conversations/sha256:{conv}/messages"
+    assert paths_module.redact("/users/al%20ice") == f"/users/sha256:{digest}"
+    assert paths_module.redact("/conversations/c1/messages") == f"/conversations/sha256:{conv}/messages"
 
 
 # -- grant patterns --------------------------------------------------------------------------
@@ -342,7 +345,7 @@ def test_defaults_and_rest_enabled() -> None:
 
 def test_mint_gives_exactly_talkjs_app_claims_and_distinct_tokens_in_one_second() -> None:
     secret = SecretKey(bytearray(KEY.encode()))
-    tokens = {rest.mint(secret, "tApp", 1_800_000_000, 5) for _ in range(200)}
+    tokens = {proxy_module.mint(secret, "tApp", 1_800_000_000, 5) for _ in range(200)}
     assert len(tokens) == 200
     token = next(iter(tokens)).decode()
     claims = jwt.decode(token, KEY, algorithms=["HS256"], options={"verify_exp": False, "verify_iat": False})
@@ -502,17 +505,17 @@ grants = %s
 cfg = config.parse({"server": {"socket": "%s/k.sock"}, "vault": {"auth": {"method": "token"}},
                     "apps": {"default": {"app_id": "t"}}, "grant": grants}, "x.toml")
 daemon = Daemon(cfg)
-print(sorted(m for m in sys.modules if m in ("keyd.daemon.rest", "keyd.daemon.upstream", "ssl")))
+print(sorted(m for m in sys.modules if m in ("keyd.daemon.rest.proxy", "keyd.daemon.upstream", "ssl")))
 """
     without = subprocess.run(
         [sys.executable, "-c", script % ("[]", tmp_path)], capture_output=True, text=True, check=True
     )
-    assert "keyd.daemon.rest" not in without.stdout and "keyd.daemon.upstream" not in without.stdout
+    assert "keyd.daemon.rest.proxy" not in without.stdout and "keyd.daemon.upstream" not in without.stdout
     rules = '[{"uid": 1, "types": ["rest"], "rest": ["GET /users/*"]}]'
     with_rest = subprocess.run(
         [sys.executable, "-c", script % (rules, tmp_path)], capture_output=True, text=True, check=True
     )
-    assert "'keyd.daemon.rest'" in with_rest.stdout and "'keyd.daemon.upstream'" in with_rest.stdout
+    assert "'keyd.daemon.rest.proxy'" in with_rest.stdout and "'keyd.daemon.upstream'" in with_rest.stdout
 
 
 def test_bench_standin_accepts_keyds_tokens_and_nothing_else() -> None:
@@ -521,14 +524,14 @@ def test_bench_standin_accepts_keyds_tokens_and_nothing_else() -> None:
     checker = Checker(KEY.encode(), "tApp", max_lifetime=10)
     secret = SecretKey(bytearray(KEY.encode()))
     now = int(__import__("time").time())
-    good = b"Bearer " + rest.mint(secret, "tApp", now, 5)
+    good = b"Bearer " + proxy_module.mint(secret, "tApp", now, 5)
     assert checker.ok(b"/v1/tApp/users/a", good)
     assert not checker.ok(b"/v1/tOther/users/a", good)
-    assert not checker.ok(b"/v1/tApp/users/a", b"Bearer " + rest.mint(secret, "tOther", now, 5))
-    assert not checker.ok(b"/v1/tApp/users/a", b"Bearer " + rest.mint(secret, "tApp", now, 60))
-    assert not checker.ok(b"/v1/tApp/users/a", b"Bearer " + rest.mint(secret, "tApp", now - 100, 5))
+    assert not checker.ok(b"/v1/tApp/users/a", b"Bearer " + proxy_module.mint(secret, "tOther", now, 5))
+    assert not checker.ok(b"/v1/tApp/users/a", b"Bearer " + proxy_module.mint(secret, "tApp", now, 60))
+    assert not checker.ok(b"/v1/tApp/users/a", b"Bearer " + proxy_module.mint(secret, "tApp", now - 100, 5))
     other = SecretKey(bytearray(b"sk_test_another_key_0123456789abcdef"))
-    assert not checker.ok(b"/v1/tApp/users/a", b"Bearer " + rest.mint(other, "tApp", now, 5))
+    assert not checker.ok(b"/v1/tApp/users/a", b"Bearer " + proxy_module.mint(other, "tApp", now, 5))
     assert not checker.ok(b"/v1/tApp/users/a", None)
 
 

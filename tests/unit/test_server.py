@@ -15,11 +15,12 @@ from typing import Any
 import pytest
 
 from keyd.config import ServerConfig
-from keyd.daemon import peers as peers_module
-from keyd.daemon.api import Response, deferred
-from keyd.daemon.connection import Connection
-from keyd.daemon.peers import Caller, Identities
-from keyd.daemon.server import Server
+from keyd.daemon.callers import names
+from keyd.daemon.callers.caller import Caller
+from keyd.daemon.callers.names import Identities
+from keyd.daemon.http.connection import Connection
+from keyd.daemon.http.server import Server
+from keyd.daemon.http.types import Response, deferred
 
 
 class FakeTransport:
@@ -287,7 +288,7 @@ def test_the_first_byte_deadline_ends_with_the_first_byte(sock: socket.socket) -
 
 def test_one_uid_cannot_take_every_slot(sock: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
     uid = {"value": 1001}
-    monkeypatch.setattr(peers_module, "peer_credentials", lambda _sock: (4242, uid["value"], 100))
+    monkeypatch.setattr(names, "peer_credentials", lambda _sock: (4242, uid["value"], 100))
     server, _ = make(sock, max_connections=8, max_connections_per_uid=3)
     held = [connect(server, sock) for _ in range(3)]
     assert all(not t.closed for _, t in held)

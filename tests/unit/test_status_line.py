@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from keyd import config as configuration
-from keyd.daemon.keystore import KeySnapshot, KeyStore, SecretKey
-from keyd.daemon.refresher import Refresher, key_job
+from keyd.daemon.keys.keystore import KeySnapshot, KeyStore, SecretKey
+from keyd.daemon.keys.refresher import Refresher, key_job
 from keyd.daemon.wiring import Daemon
 from keyd.errors import SecretError
 from tests.unit.test_refresher import FakeScheduler, FakeVault

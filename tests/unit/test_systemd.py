@@ -13,7 +13,7 @@ import pytest
 
 from keyd import config as configuration
 from keyd.daemon import systemd
-from keyd.daemon.keystore import KeySnapshot, SecretKey
+from keyd.daemon.keys.keystore import KeySnapshot, SecretKey
 from keyd.daemon.wiring import Daemon
 
 

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keyd.daemon import oracle, tokens
-from keyd.daemon.keystore import SecretKey
+from keyd.daemon.keys.keystore import SecretKey
+from keyd.daemon.signing import oracle, tokens
 
 # PyJWT warns about HMAC keys shorter than 32 bytes; TalkJS keys are longer, random test keys are not.
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")

@@ -1,4 +1,4 @@
-"""keyd.daemon.transit.TransitMac with a fake Transit: how inputs are batched, and what fails alone.
+"""keyd.daemon.keys.transit.TransitMac with a fake Transit: how inputs are batched, and what fails alone.
 
 The fake's calls are coroutines the test releases one at a time, so "a call in flight" is exact and
 nothing here sleeps to see a batch form.
@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from keyd.config import AppConfig
-from keyd.daemon.transit import TransitMac, TransitStats
-from keyd.daemon.vault import TransitItem
+from keyd.daemon.keys.transit import TransitMac, TransitStats
+from keyd.daemon.keys.vault import TransitItem
 from keyd.errors import KeyUnavailable, VaultAuthError, VaultUnavailable
 
 KEY = b"sk_test_transit"
@@ -237,8 +237,8 @@ class LocalMacs:
 
 
 def _apis(grants: tuple[Any, ...] | None = None) -> tuple[Any, Any, LocalMacs]:
-    from keyd.daemon.api import Api
-    from keyd.daemon.peers import Policy
+    from keyd.daemon.policy.grants import Policy
+    from keyd.daemon.signing.api import Api
     from tests.unit.test_api import ALL_TYPES, FakeKeys, make_config
     from tests.unit.test_api import KEY as API_KEY
 
@@ -251,7 +251,7 @@ def _apis(grants: tuple[Any, ...] | None = None) -> tuple[Any, Any, LocalMacs]:
 
 
 def _answer(api: Any, request: Any) -> Any:
-    from keyd.daemon.api import Deferred
+    from keyd.daemon.http.types import Deferred
 
     async def run() -> Any:
         response = api.handle(request)

@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from keyd.config import VaultAuthConfig, VaultConfig
-from keyd.daemon import vault as vault_module
-from keyd.daemon.vault import TokenInfo, Vault, translate
+from keyd.daemon.keys import vault as vault_module
+from keyd.daemon.keys.vault import TokenInfo, Vault, translate
 from keyd.errors import SecretError, VaultAuthError, VaultError, VaultLoginError, VaultUnavailable
 
 BODY_SECRET = "hvs.LEAKED-TOKEN-IN-BODY"
@@ -165,7 +165,7 @@ def test_env_token_is_scrubbed_from_proc_environ() -> None:
     code = (
         "import os\n"
         "from keyd.config import VaultAuthConfig, VaultConfig\n"
-        "from keyd.daemon.vault import Vault\n"
+        "from keyd.daemon.keys.vault import Vault\n"
         "v = Vault(VaultConfig(auth=VaultAuthConfig(method='token')))\n"
         "block = open(f'/proc/{os.getpid()}/environ', 'rb').read()\n"
         "print(b's.scrub-me-please' in block, b'KEYD_NEIGHBOUR=intact' in block, v._static_token())\n"

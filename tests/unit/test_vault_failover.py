@@ -15,8 +15,8 @@ import pytest
 import requests
 
 from keyd.config import VaultAuthConfig, VaultConfig
-from keyd.daemon.nodes import NODE_RETRY_MAX, Failover
-from keyd.daemon.vault import Vault
+from keyd.daemon.keys.nodes import NODE_RETRY_MAX, Failover
+from keyd.daemon.keys.vault import Vault
 from keyd.errors import SecretError, VaultAuthError, VaultLoginError, VaultUnavailable
 
 A, B, C = "https://v1:8200", "https://v2:8200", "https://v3:8200"

@@ -18,18 +18,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
-from http import HTTPStatus
 from typing import Any, Protocol
 
 import httptools
 
 from keyd.config import ServerConfig
-from keyd.daemon.api import JSON, Deferred, Response, error_body
-from keyd.daemon.outbox import Outbox
-from keyd.daemon.peers import Caller, Identities
+from keyd.daemon.callers.caller import Caller
+from keyd.daemon.callers.names import Identities
+from keyd.daemon.http.outbox import Outbox
+from keyd.daemon.http.types import Deferred, Dispatch, Response, encode, error_body
 
 log = logging.getLogger("keyd.server")
+
 
 MAX_URL_BYTES = 8192
 MAX_HEADER_BYTES = 16384
@@ -41,35 +41,6 @@ MAX_HELD = 64  # answers held behind a deferred one before the connection stops 
 # (a read is parsed in slices of SLICE bytes when it is longer, so the bound holds within a read).
 MAX_PER_TURN = 16
 SLICE = 2048
-_STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
-_CLOSE_HEADER = b"Connection: close\r\n"
-# encode's prepared start of a JSON answer, per status: the status line, Content-Type, and the
-# name of Content-Length, exactly as its general form writes them.
-_JSON_HEADS = {status: line + b"Content-Type: " + JSON + b"\r\nContent-Length: " for status, line in _STATUS.items()}
-
-
-# Where a parsed request goes (Api.dispatch: caller, method, target, headers, body); it never
-# raises for a bad request.
-Dispatch = Callable[[Caller, bytes, bytes, Mapping[bytes, bytes], bytes], Response]
-
-
-def encode(response: Response, keep_alive: bool, with_body: bool = True) -> bytes:
-    """The bytes of one answer: status line, headers, body (none for HEAD, RFC 9110 9.3.2)."""
-    body = response.body
-    if keep_alive and with_body and not response.headers and response.content_type == JSON:
-        # The usual answer (every token): the same bytes as the general form below, with the
-        # status line and Content-Type prepared once (_JSON_HEADS) rather than formatted per answer
-        # (about 550 instructions less per token; tests/unit/test_encode.py checks both agree).
-        return b"%s%d\r\n\r\n%s" % (_JSON_HEADS[response.status], len(body), body)
-    extra = b"".join(b"%s: %s\r\n" % pair for pair in response.headers) if response.headers else b""
-    return b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n%s" % (
-        _STATUS[response.status],
-        response.content_type,
-        len(body),
-        extra,
-        b"" if keep_alive else _CLOSE_HEADER,
-        body if with_body else b"",
-    )
 
 
 def error_answer(status: int, code: str, message: str) -> bytes:
@@ -89,7 +60,7 @@ SHUTTING_DOWN = error_answer(503, "shutting_down", "keyd is shutting down")
 
 
 class Host(Protocol):
-    """What a connection uses of the server that accepted it (keyd.daemon.server.Server)."""
+    """What a connection uses of the server that accepted it (keyd.daemon.http.server.Server)."""
 
     config: ServerConfig
     identities: Identities

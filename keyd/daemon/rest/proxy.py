@@ -15,149 +15,40 @@ returns it and the connection writes its answer when it is done (connection.py k
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import random
-import re
 import time
-import unicodedata
-from bisect import bisect_left
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import parse_qsl, quote, unquote, unquote_to_bytes, urlencode
-
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from urllib.parse import quote
 
 from keyd.config import REST_METHODS, AppConfig, Config, RestRule
-from keyd.daemon import tokens
-from keyd.daemon.api import (
-    JSON,
-    DuplicateKey,
-    Keys,
-    Macs,
-    Request,
-    Response,
-    deferred,
-    error_body,
-    error_response,
-    loads_unique,
-    refusal_error,
-)
-from keyd.daemon.metrics import cumulative_buckets
-from keyd.daemon.peers import Caller, Policy
+from keyd.daemon.signing import tokens
 from keyd.daemon.upstream import Pool, UpstreamError, UpstreamResponse, UpstreamTimeout
 from keyd.errors import ApiError, KeyUnavailable, Refusal
 
 if TYPE_CHECKING:
-    from keyd.daemon.vault import TransitItem
+    from keyd.daemon.keys.vault import TransitItem
+from keyd.daemon.callers.caller import Caller
+from keyd.daemon.http.types import Response, deferred, error_body
+from keyd.daemon.policy.grants import Policy
+from keyd.daemon.rest.paths import check_body, check_path, redact, upstream_query
+from keyd.daemon.rest.stats import RestCollector, RestStats
+from keyd.daemon.signing.api import Keys, Macs, Request, error_response, refusal_error
 
 log = logging.getLogger("keyd.rest")
+
 
 PREFIX = b"/v1/rest/"
 IDEMPOTENT = frozenset({b"GET", b"PUT", b"DELETE"})
 _METHODS = frozenset(m.encode() for m in REST_METHODS)
 _ALLOW = ",".join(REST_METHODS).encode()
-# RFC 3986 pchar without "%" (checked separately): what a path segment may hold.
-_PCHAR = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-# Percent-encodings that are refused: "/" "\" "%" "." (a hidden separator, escape or dot segment),
-# control characters, and unreserved characters (which have one spelling only, RFC 3986 6.2.2.2).
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _MAX_CONTENT_TYPE = 200
 UPSTREAM_HEADER = (b"X-Keyd-Upstream", b"talkjs")
 MAX_REFUSED_PATH = 200  # characters of a refused call's path in its audit line
 MAX_LOGGED_PATH = 1024  # ... of a proxied call's (it matched a grant: seldom longer)
-# Query parameters that method-override middleware (Rails, Laravel, Symfony, Express's
-# method-override) reads as the real method: refused rather than forwarded (lower-cased).
-METHOD_OVERRIDES = frozenset({"_method", "x-http-method-override", "x-http-method", "x-method-override"})
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-def _invalid_path(message: str) -> ApiError:
-    return ApiError(400, "invalid_path", message)
-
-
-def check_path(path: bytes) -> str:
-    """The request's path below the app, unchanged, if it has exactly one meaning; else ApiError 400.
-
-    Refused: empty segments (``//``, a trailing ``/``), ``.`` and ``..``, a backslash, anything
-    outside RFC 3986's path characters, and percent-encodings of ``/``, ``\\``, ``%``, ``.``,
-    control characters or unreserved characters, bytes that are not UTF-8 (an overlong "/"), and
-    characters NFKC turns into "/", "\\" or a dot segment. Other percent-encodings (a space, UTF-8)
-    pass through as sent: TalkJS decodes them once, as keyd's matching assumes.
-    """
-    if not path.startswith(b"/") or len(path) < 2:
-        raise _invalid_path("the path must name a TalkJS resource, e.g. /v1/rest/default/users/alice")
-    for segment in path[1:].split(b"/"):
-        if not segment:
-            raise _invalid_path("empty path segments (// or a trailing /) are not accepted")
-        if segment in (b".", b".."):
-            raise _invalid_path("dot segments (. and ..) are not accepted")
-        if _dot_before_params(segment):
-            raise _invalid_path(
-                "a segment that is empty, . or .. before a ; (path parameters) is not accepted"
-            )
-        i = 0
-        while i < len(segment):
-            char = segment[i]
-            if char == 0x25:  # %
-                pair = segment[i + 1 : i + 3]
-                if len(pair) != 2 or not _HEX.issuperset(pair):
-                    raise _invalid_path("a % must start a percent-encoding such as %20")
-                value = int(pair, 16)
-                if value in (0x2F, 0x5C, 0x25, 0x2E) or value < 0x20 or value == 0x7F or value in _UNRESERVED:
-                    raise _invalid_path(f"the percent-encoding %{pair.decode()} is not accepted here")
-                i += 3
-                continue
-            if char not in _PCHAR:
-                raise _invalid_path("the path holds a character that must be percent-encoded")
-            i += 1
-        if b"%" in segment:
-            _check_decoded(segment)
-    return path.decode("ascii")
-
-
-_PARAMS = re.compile(rb";|%3[bB]")
-
-
-def _dot_before_params(segment: bytes) -> bool:
-    """Whether the segment is "", "." or ".." once its ``;params`` are dropped (raw or as %3B).
-
-    Servers in the Tomcat/Jetty/Spring family drop path parameters and then resolve the dot
-    segment, so ``/users/..;/conversations`` reaches ``/conversations`` there. Other uses of ``;``
-    (a user id holding one) pass as sent.
-    """
-    found = _PARAMS.search(segment)
-    return found is not None and segment[: found.start()] in (b"", b".", b"..")
-
-
-def _check_decoded(segment: bytes) -> None:
-    """A segment's percent-encoded bytes must be UTF-8 with no second spelling of "/", "\\" or a dot
-    segment: an overlong sequence (%C0%AF is "/" to a lenient decoder) or a compatibility character
-    that NFKC normalisation turns into one (%EF%BC%8F, the fullwidth solidus) is refused."""
-    try:
-        text = unquote_to_bytes(segment).decode("utf-8")
-    except UnicodeDecodeError:
-        raise _invalid_path(
-            "percent-encoded bytes must be UTF-8 (no overlong or invalid sequences)"
-        ) from None
-    folded = unicodedata.normalize("NFKC", text)
-    if folded != text and ("/" in folded or "\\" in folded or folded in (".", "..")):
-        raise _invalid_path("the path holds a character that normalises to / or \\ or a dot segment")
-
-
-def redact(path: str) -> str:
-    """The path with every id segment (the 2nd, 4th, ... as in /users/ID/conversations/ID) hashed.
-
-    TalkJS's REST paths alternate collection and id; an id is the SHA-256 hex of its decoded text,
-    the same hash ``sub_sha256`` uses, so one user id can be followed across both kinds of line.
-    """
-    segments = path[1:].split("/")
-    for i in range(1, len(segments), 2):
-        segments[i] = "sha256:" + hashlib.sha256(unquote(segments[i]).encode("utf-8", "replace")).hexdigest()
-    return "/" + "/".join(segments)
 
 
 def mint(key: tokens.Keyed, app_id: str, iat: int, ttl: int) -> bytes:
@@ -168,52 +59,6 @@ def mint(key: tokens.Keyed, app_id: str, iat: int, ttl: int) -> bytes:
     every token distinct without adding a claim.
     """
     return tokens.app_token(key, app_id, iat, ttl, nonce=os.urandom(12))
-
-
-def upstream_query(request: Request) -> bytes:
-    """The query string sent to TalkJS: every parameter of the caller's, in order (repeated keys
-    and keys without a value kept), decoded and percent-encoded again; b"" for none. A query
-    that is not percent-encoded UTF-8 is 400 ``invalid_query`` rather than forwarded altered."""
-    raw = request.raw_query
-    if not raw and request.query:  # a Request built without its raw query (Api.handle's callers)
-        pairs = list(request.query.items())
-    elif not raw:
-        return b""
-    else:
-        try:
-            pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, encoding="utf-8", errors="strict")
-        except (UnicodeDecodeError, ValueError):
-            raise ApiError(400, "invalid_query", "the query string must be percent-encoded UTF-8") from None
-    for name, _ in pairs:
-        if name.strip().lower() in METHOD_OVERRIDES:
-            raise ApiError(
-                400,
-                "invalid_query",
-                f"the query parameter {name[:64]!r} overrides the method in some frameworks; it is not forwarded",
-            )
-    return urlencode(pairs, quote_via=quote).encode()
-
-
-def check_body(body: bytes, content_type: bytes | None) -> None:
-    """A body is forwarded only as JSON with one meaning: a JSON media type (415 otherwise), valid
-    JSON (400 malformed_json), each object's keys once (422 invalid_field). A form body such as
-    ``_method=DELETE`` would turn a granted POST into a DELETE behind method-override middleware."""
-    if content_type is not None:
-        media = content_type.split(b";", 1)[0].strip().lower()
-        if media != JSON and not (media.startswith(b"application/") and media.endswith(b"+json")):
-            raise ApiError(
-                415, "unsupported_media_type", "the REST proxy forwards JSON bodies only (application/json)"
-            )
-    if not body:
-        return
-    try:
-        loads_unique(body)
-    except DuplicateKey as exc:
-        raise ApiError(
-            422, "invalid_field", f"the field {exc.key[:64]!r} is given twice; give each field once"
-        ) from None
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise ApiError(400, "malformed_json", "the request body is not valid JSON") from None
 
 
 class RestAudit(Protocol):
@@ -229,68 +74,6 @@ class RestAudit(Protocol):
         seconds: float,
         attempts: int,
     ) -> None: ...
-
-
-class RestStats:
-    """Counters for the proxy's metrics, written on the loop, read at scrape time."""
-
-    def __init__(self) -> None:
-        # (method, route pattern, status) -> requests answered
-        self.requests: dict[tuple[str, str, int], int] = {}
-        # app -> [bucket counts..., +Inf, sum of seconds]: each upstream attempt's latency
-        self.latency: dict[str, list[float]] = {}
-        # (app, reason) -> retries
-        self.retries: dict[tuple[str, str], int] = {}
-
-    def request(self, method: str, route: str, status: int) -> None:
-        key = (method, route, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-
-    def upstream(self, app: str, seconds: float) -> None:
-        buckets = self.latency.get(app)
-        if buckets is None:
-            buckets = self.latency[app] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-        buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        buckets[-1] += seconds
-
-    def retry(self, app: str, reason: str) -> None:
-        key = (app, reason)
-        self.retries[key] = self.retries.get(key, 0) + 1
-
-
-class RestCollector:
-    """The proxy's metric families, registered beside keyd's own collector."""
-
-    def __init__(self, stats: RestStats) -> None:
-        self._stats = stats
-
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        stats = self._stats
-        requests = CounterMetricFamily(
-            "keyd_rest_requests", "REST proxy answers", labels=["method", "route", "status"]
-        )
-        for (method, route, status), count in sorted(stats.requests.items()):
-            requests.add_metric([method, route, str(status)], count)
-        yield requests
-        latency = HistogramMetricFamily(
-            "keyd_rest_upstream_seconds",
-            "Time of each upstream attempt, to the whole response",
-            labels=["app"],
-        )
-        for app, buckets in sorted(stats.latency.items()):
-            latency.add_metric([app], cumulative_buckets(LATENCY_BUCKETS, buckets), buckets[-1])
-        yield latency
-        retries = CounterMetricFamily(
-            "keyd_rest_retries",
-            "Upstream attempts repeated (idempotent methods only)",
-            labels=["app", "reason"],
-        )
-        for (app, reason), count in sorted(stats.retries.items()):
-            retries.add_metric([app, reason], count)
-        yield retries
 
 
 class Sender(Protocol):

@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable
 
 from keyd.config import ServerConfig
-from keyd.daemon.connection import CLOSE_GRACE, Connection, Dispatch
-from keyd.daemon.outbox import Outbox
-from keyd.daemon.peers import Caller, Identities
-from keyd.daemon.socketfile import bind_socket, remove_socket_file
+from keyd.daemon.callers.caller import Caller
+from keyd.daemon.callers.names import Identities
+from keyd.daemon.http.connection import CLOSE_GRACE, Connection
+from keyd.daemon.http.outbox import Outbox
+from keyd.daemon.http.socketfile import bind_socket, remove_socket_file
+from keyd.daemon.http.types import Dispatch
 
 log = logging.getLogger("keyd.server")
 

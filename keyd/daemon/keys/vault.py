@@ -38,8 +38,8 @@ import requests
 
 from keyd.config import VaultConfig
 from keyd.daemon import containment
-from keyd.daemon.keystore import SecretKey
-from keyd.daemon.nodes import SERVING, Failover, Node, NodeView, ProbeResult, health_failure
+from keyd.daemon.keys.keystore import SecretKey
+from keyd.daemon.keys.nodes import SERVING, Failover, Node, NodeView, ProbeResult, health_failure
 from keyd.errors import (
     SecretError,
     VaultAuthError,
@@ -481,7 +481,7 @@ class Vault:
             raise SecretError(f"{exc}: no Transit key {key!r} at mount {mount!r}", exc.cause) from None
         return [transit_item(result) for result in results]
 
-    # -- for the event loop's Transit client (keyd.daemon.transit_client) ---------------------------
+    # -- for the event loop's Transit client (keyd.daemon.keys.transit_client) ---------------------------
 
     def current_token(self) -> str | None:
         """The token of the current login, for a call made outside hvac; never logged or shown."""

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from keyd.daemon.health import AppHealth, Health, Status
+from keyd.daemon.keys.health import AppHealth, Health, Status
 from keyd.errors import KeyUnavailable
 
 log = logging.getLogger("keyd.keystore")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from keyd.daemon.nodes import NodeView
+from keyd.daemon.keys.nodes import NodeView
 
 Status = Literal["ok", "degraded", "unavailable", "starting"]
 

@@ -9,7 +9,7 @@ Batching, per Transit key: while a call is in flight, new inputs queue; when it 
 carries everything queued, up to ``MAX_BATCH`` inputs (OpenBao refuses very large JSON bodies; 1024
 items failed in a test, 256 is well inside). When nothing is in flight an input goes out on the
 loop's next turn (``call_soon``: the other requests parsed from the same reads join it), never after
-a timer. A call is a coroutine on the event loop (keyd.daemon.transit_client: pooled keep-alive
+a timer. A call is a coroutine on the event loop (keyd.daemon.keys.transit_client: pooled keep-alive
 connections, keyd's token, TLS settings, node list and failover); no thread at all.
 
 Every input has a deadline of ``vault.timeout`` from when it was queued: a call that does not
@@ -33,7 +33,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from keyd.config import AppConfig
-from keyd.daemon.vault import TransitItem
+from keyd.daemon.keys.vault import TransitItem
 from keyd.errors import KeyUnavailable, VaultAuthError, VaultError
 
 log = logging.getLogger("keyd.transit")
@@ -48,7 +48,7 @@ T = TypeVar("T")
 
 
 class AsyncTransit(Protocol):
-    """Where the batcher sends its calls (keyd.daemon.transit_client.TransitClient)."""
+    """Where the batcher sends its calls (keyd.daemon.keys.transit_client.TransitClient)."""
 
     async def hmac(self, mount: str, key: str, inputs: list[bytes]) -> list[TransitItem]: ...
 
@@ -109,7 +109,7 @@ class _Collector:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        from keyd.daemon.metrics import cumulative_buckets  # noqa: PLC0415 - metrics imports api
+        from keyd.daemon.observe.metrics import cumulative_buckets  # noqa: PLC0415 - metrics imports api
 
         stats = self._stats
         source = GaugeMetricFamily(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keyd.daemon.peers import Caller
+from keyd.daemon.callers.caller import Caller
 
 
 # Not frozen: one is built per request, and a frozen dataclass's __init__ costs five times as much

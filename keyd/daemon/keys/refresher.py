@@ -4,7 +4,7 @@ Each app has its own job, so one app's Vault trouble never delays another's refr
 itself when it finishes: after a success at ``refresh.interval`` (plus or minus 10 % jitter), after a
 failure at an exponential backoff with full jitter between ``retry_min`` and ``retry_max``. The token
 job renews at about two thirds of the token's TTL and logs in again when renewal is impossible.
-Jobs run on the scheduler's worker threads (keyd.daemon.scheduler: APScheduler behind a small
+Jobs run on the scheduler's worker threads (keyd.daemon.keys.scheduler: APScheduler behind a small
 protocol), never on the event loop. Each outcome goes to the key store (``record_success``,
 ``record_failure``), whose answer says what to log and how long to back off.
 
@@ -31,11 +31,11 @@ from typing import Protocol
 
 from keyd.config import AppConfig, RefreshConfig
 from keyd.daemon.backoff import backoff, jittered
-from keyd.daemon.keystore import TRANSIT_KEY, KeySnapshot, KeyStore, Refreshed, RefreshFailed
-from keyd.daemon.nodes import ProbeResult
-from keyd.daemon.scheduler import ApScheduler, Scheduler
-from keyd.daemon.transit import PROBE_INPUT
-from keyd.daemon.vault import Secret, TokenInfo, TransitItem
+from keyd.daemon.keys.keystore import TRANSIT_KEY, KeySnapshot, KeyStore, Refreshed, RefreshFailed
+from keyd.daemon.keys.nodes import ProbeResult
+from keyd.daemon.keys.scheduler import ApScheduler, Scheduler
+from keyd.daemon.keys.transit import PROBE_INPUT
+from keyd.daemon.keys.vault import Secret, TokenInfo, TransitItem
 from keyd.errors import SecretError, VaultAuthError, VaultError, VaultLoginError
 
 log = logging.getLogger("keyd.refresher")

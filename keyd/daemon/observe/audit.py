@@ -40,9 +40,9 @@ from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as _json_str
 
 from keyd.config import AuditConfig
-from keyd.daemon.decisions import Decision
-from keyd.daemon.peers import Caller
+from keyd.daemon.callers.caller import Caller
 from keyd.daemon.safefiles import open_audit_file
+from keyd.daemon.signing.decisions import Decision
 from keyd.errors import StartupError
 
 log = logging.getLogger("keyd.audit")

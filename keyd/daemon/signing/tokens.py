@@ -14,7 +14,7 @@ import hmac
 from json.encoder import encode_basestring_ascii as _json_str
 from typing import Protocol
 
-from keyd.daemon import oracle
+from keyd.daemon.signing import oracle
 
 HEADER = b'{"alg":"HS256","typ":"JWT"}'
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
@@ -79,7 +79,7 @@ def app_token(key: Keyed, app_id: str, iat: int, ttl: int, nonce: bytes | None =
 def signature(key: Keyed, user_id: str, uppercase: bool = False) -> str:
     """Legacy identity verification: hex HMAC-SHA256 of the user id.
 
-    Raises Unsignable for a user id shaped like a JWT or webhook signing input (keyd.daemon.oracle):
+    Raises Unsignable for a user id shaped like a JWT or webhook signing input (keyd.daemon.signing.oracle):
     its HMAC would be an admin token's or a webhook's signature."""
     reason = oracle.refusal(user_id)
     if reason is not None:

@@ -1,6 +1,6 @@
 """The nodes of a Vault cluster as keyd sees them: the order to try them in, each one's backoff after a
 failure, what its sys/health said, and the views health, metrics and `keyd status` show. No I/O:
-keyd.daemon.vault does the calls and reports here."""
+keyd.daemon.keys.vault does the calls and reports here."""
 
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ import json
 import ssl
 from typing import Protocol
 
-from keyd.daemon.nodes import Node
+from keyd.daemon.keys.nodes import Node
+from keyd.daemon.keys.vault import TransitItem, transit_item
 from keyd.daemon.upstream import Pool, UpstreamError, UpstreamTimeout, ssl_context
-from keyd.daemon.vault import TransitItem, transit_item
 from keyd.errors import SecretError, VaultAuthError, VaultError, VaultUnavailable
 
 _JSON = b"application/json"
@@ -29,7 +29,7 @@ _b64 = binascii.b2a_base64
 
 
 class VaultNodes(Protocol):
-    """What the client needs of keyd.daemon.vault.Vault."""
+    """What the client needs of keyd.daemon.keys.vault.Vault."""
 
     def current_token(self) -> str | None: ...
     def node_order(self) -> list[Node]: ...

@@ -30,11 +30,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
 
 from keyd.config import ServerConfig
-from keyd.daemon.api import TOKENS_ENDPOINT, Request, Response
-from keyd.daemon.decisions import Decision
-from keyd.daemon.health import Health, ReloadHealth, VaultHealth
-from keyd.daemon.peers import Caller, Identities
-from keyd.daemon.server import Server
+from keyd.daemon.callers.caller import Caller
+from keyd.daemon.callers.names import Identities
+from keyd.daemon.http.server import Server
+from keyd.daemon.http.types import Response
+from keyd.daemon.keys.health import Health, ReloadHealth, VaultHealth
+from keyd.daemon.signing.api import TOKENS_ENDPOINT, Request
+from keyd.daemon.signing.decisions import Decision
 
 log = logging.getLogger("keyd.metrics")
 

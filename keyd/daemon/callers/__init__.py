@@ -1,0 +1,1 @@
+"""Who is calling: the caller value, peer credentials, units, names."""

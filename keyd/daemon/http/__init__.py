@@ -1,0 +1,1 @@
+"""The socket layer: connections, the server, socket files. Knows callers, not routes."""

@@ -1,0 +1,1 @@
+"""The other world: keys, their health, the refresher, Vault and its nodes."""

@@ -1,0 +1,1 @@
+"""What keyd tells operators: the audit log and the metrics."""

@@ -1,0 +1,1 @@
+"""The REST proxy: path checks, the proxy, its statistics."""

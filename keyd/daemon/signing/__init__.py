@@ -1,0 +1,1 @@
+"""The API keyd exists for: routes, request checks, tokens, signatures, decisions."""

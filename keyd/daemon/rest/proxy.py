@@ -37,6 +37,7 @@ from keyd.daemon.policy.grants import Policy
 from keyd.daemon.rest.paths import check_body, check_path, redact, upstream_query
 from keyd.daemon.rest.stats import RestCollector, RestStats
 from keyd.daemon.signing.api import Keys, Macs, Request, error_response, refusal_error
+from keyd.daemon.signing.decisions import RestCall
 
 log = logging.getLogger("keyd.rest")
 
@@ -62,18 +63,7 @@ def mint(key: tokens.Keyed, app_id: str, iat: int, ttl: int) -> bytes:
 
 
 class RestAudit(Protocol):
-    def rest(
-        self,
-        caller: Caller,
-        app: str | None,
-        method: str,
-        path: str | None,
-        outcome: str,
-        code: str | None,
-        upstream_status: int | None,
-        seconds: float,
-        attempts: int,
-    ) -> None: ...
+    def rest(self, call: RestCall) -> None: ...
 
 
 class Sender(Protocol):
@@ -207,15 +197,17 @@ class RestProxy:
                 response.headers = ((b"Allow", _ALLOW),)
             self.stats.request(method if request.method in _METHODS else "other", "none", exc.status)
             self._audit.rest(
-                caller,
-                app_name,
-                method[:16],
-                self._log_path(path, MAX_REFUSED_PATH),
-                "refused",
-                exc.code,
-                None,
-                time.perf_counter() - started,
-                0,
+                RestCall(
+                    caller,
+                    app_name,
+                    method[:16],
+                    self._log_path(path, MAX_REFUSED_PATH),
+                    "refused",
+                    exc.code,
+                    None,
+                    time.perf_counter() - started,
+                    0,
+                )
             )
             return response
         self._in_flight[caller.uid] = self._in_flight.get(caller.uid, 0) + 1
@@ -282,15 +274,17 @@ class RestProxy:
                 self._in_flight.pop(caller.uid, None)
             status = upstream.status if upstream is not None else None
             self._audit.rest(
-                caller,
-                app.name,
-                method.decode(),
-                self._log_path(path),
-                "proxied" if upstream is not None else "failed",
-                code,
-                status,
-                time.perf_counter() - started,
-                attempts[0],
+                RestCall(
+                    caller,
+                    app.name,
+                    method.decode(),
+                    self._log_path(path),
+                    "proxied" if upstream is not None else "failed",
+                    code,
+                    status,
+                    time.perf_counter() - started,
+                    attempts[0],
+                )
             )
         self.stats.request(method.decode(), str(rule), response.status)
         return response

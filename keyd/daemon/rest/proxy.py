@@ -19,7 +19,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
@@ -31,6 +31,7 @@ from keyd.errors import ApiError, KeyUnavailable, Refusal
 
 if TYPE_CHECKING:
     from keyd.daemon.keys.vault import TransitItem
+from keyd.daemon.backoff import backoff
 from keyd.daemon.callers.caller import Caller
 from keyd.daemon.http.types import Response, deferred, error_body
 from keyd.daemon.policy.grants import Policy
@@ -92,7 +93,9 @@ class RestProxy:
         clock: Any = time.time,
         senders: Mapping[str, Sender] | None = None,
         transit: Macs | None = None,
+        rand: Callable[[], float] = random.random,
     ) -> None:
+        self._rand = rand  # the retries' jitter (backoff.py)
         self._transit = transit  # a transit app's upstream tokens are signed by Vault's Transit
         self._apps = config.apps
         self._keys = keys
@@ -323,7 +326,9 @@ class RestProxy:
         for attempt in range(tries):
             if attempt:
                 # Full jitter on an exponential backoff: retries from many callers do not align.
-                await asyncio.sleep(random.uniform(0.5, 1.0) * rest.retry_backoff * 2 ** (attempt - 1))  # noqa: S311 - jitter, not a secret
+                # The one retry policy (backoff.py): exponential from retry_backoff, jittered, so
+                # retries from many callers do not align; the whole call stays inside its timeout.
+                await asyncio.sleep(backoff(attempt, rest.retry_backoff, rest.timeout, self._rand))
             attempts[0] = attempt + 1
             # A fresh token per attempt, alive for token_ttl seconds, referenced only by this frame.
             if app.transit:

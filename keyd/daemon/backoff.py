@@ -1,4 +1,4 @@
-"""Retry spacing shared by the refresher (key and token jobs) and vault.py (failed nodes)."""
+"""The one retry policy: the refresher (key and token jobs), the node failover and the REST proxy."""
 
 from __future__ import annotations
 

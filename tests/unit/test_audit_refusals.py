@@ -16,7 +16,7 @@ from keyd.config import AuditConfig
 from keyd.daemon.callers.caller import Caller
 from keyd.daemon.observe import audit as audit_module
 from keyd.daemon.observe.audit import MAX_REFUSED_SUB, AuditLog
-from keyd.daemon.signing.decisions import Decision
+from keyd.daemon.signing.decisions import Decision, RestCall
 from keyd.errors import StartupError
 
 MALLORY = Caller(
@@ -116,8 +116,8 @@ def test_a_refused_user_id_and_long_names_are_cut(tmp_path: Path) -> None:
 def test_rest_lines_cut_long_user_and_unit_names_as_token_lines_do(tmp_path: Path) -> None:
     audit, _, path = make(tmp_path)
     caller = dataclasses.replace(MALLORY, user="u" * 600)
-    audit.rest(caller, "default", "GET", "/users/x", "proxied", None, 200, 0.01, 1)
-    audit.rest(caller, "default", "GET", "/users/x", "refused", "forbidden", None, 0.0, 0)
+    audit.rest(RestCall(caller, "default", "GET", "/users/x", "proxied", None, 200, 0.01, 1))
+    audit.rest(RestCall(caller, "default", "GET", "/users/x", "refused", "forbidden", None, 0.0, 0))
     audit.close()
     for line in read(path):
         assert len(line["unit"]) == 256 and len(line["user"]) == 256, line

@@ -15,9 +15,10 @@ from collections.abc import Callable
 import pytest
 
 from keyd.config import AppConfig, RefreshConfig
+from keyd.daemon.backoff import backoff, jittered
 from keyd.daemon.keys.keystore import KeyStore, SecretKey
 from keyd.daemon.keys.nodes import ProbeResult
-from keyd.daemon.keys.refresher import PROBE_JOB, TOKEN_JOB, Refresher, backoff, jittered, key_job
+from keyd.daemon.keys.refresher import PROBE_JOB, TOKEN_JOB, Refresher, key_job
 from keyd.daemon.keys.scheduler import ApScheduler, Job
 from keyd.daemon.keys.vault import Secret, TokenInfo, TransitItem
 from keyd.errors import (

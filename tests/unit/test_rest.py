@@ -26,6 +26,7 @@ from keyd.daemon.policy.grants import Policy
 from keyd.daemon.rest import paths as paths_module
 from keyd.daemon.rest import proxy as proxy_module
 from keyd.daemon.signing.api import Request
+from keyd.daemon.signing.decisions import RestCall
 from keyd.daemon.upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
 from keyd.errors import ApiError, ConfigError, KeyUnavailable
 
@@ -73,8 +74,8 @@ class Audit:
     def __init__(self) -> None:
         self.lines: list[tuple[Any, ...]] = []
 
-    def rest(self, *fields: Any) -> None:
-        self.lines.append(fields)
+    def rest(self, call: RestCall) -> None:
+        self.lines.append(dataclasses.astuple(call))
 
 
 class Sender:

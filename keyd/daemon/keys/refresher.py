@@ -42,7 +42,7 @@ log = logging.getLogger("keyd.refresher")
 
 TOKEN_JOB = "vault-token"  # noqa: S105 - a job id, not a secret
 PROBE_JOB = "vault-probe"
-__all__ = ["PROBE_JOB", "TOKEN_JOB", "Refresher", "VaultLike", "backoff", "jittered", "key_job"]
+__all__ = ["PROBE_JOB", "TOKEN_JOB", "Refresher", "VaultLike", "key_job"]
 
 
 class VaultLike(Protocol):

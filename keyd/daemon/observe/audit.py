@@ -42,7 +42,7 @@ from json.encoder import encode_basestring_ascii as _json_str
 from keyd.config import AuditConfig
 from keyd.daemon.callers.caller import Caller
 from keyd.daemon.safefiles import open_audit_file
-from keyd.daemon.signing.decisions import Decision
+from keyd.daemon.signing.decisions import Decision, RestCall
 from keyd.errors import StartupError
 
 log = logging.getLogger("keyd.audit")
@@ -281,31 +281,18 @@ class AuditLog:
         )
         return middle
 
-    def rest(
-        self,
-        caller: Caller,
-        app: str | None,
-        method: str,
-        path: str | None,
-        outcome: str,
-        code: str | None,
-        upstream_status: int | None,
-        seconds: float,
-        attempts: int,
-    ) -> None:
-        """One REST proxy call (``"type":"rest"``): written at once, after the pending decisions.
-
-        ``path`` arrives already redacted when ``hash_user_ids`` is on (rest.redact); no token, body
-        or header value is ever passed here.
-        """
+    def rest(self, call: RestCall) -> None:
+        """One REST proxy call (``"type":"rest"``): written at once, after the pending decisions."""
+        caller = call.caller
         now = self._clock()
-        if outcome == "refused" and not self._refusal_allowed(caller, code, now):
+        if call.outcome == "refused" and not self._refusal_allowed(caller, call.code, now):
             return  # counted in the (uid, code) summary, as token refusals are
+        status = call.upstream_status
         line = (
-            f'{{"time":"{_timestamp(now)}","outcome":{_json_str(outcome)},"code":{_opt(code)},"app":{_opt(app)},'
-            f'"type":"rest","method":{_json_str(method)},"path":{_opt(path)},'
-            f'"upstream_status":{"null" if upstream_status is None else int(upstream_status)},'
-            f'"duration_ms":{seconds * 1000:.3f},"attempts":{attempts},'
+            f'{{"time":"{_timestamp(now)}","outcome":{_json_str(call.outcome)},"code":{_opt(call.code)},'
+            f'"app":{_opt(call.app)},"type":"rest","method":{_json_str(call.method)},"path":{_opt(call.path)},'
+            f'"upstream_status":{"null" if status is None else int(status)},'
+            f'"duration_ms":{call.seconds * 1000:.3f},"attempts":{call.attempts},'
             f'"pid":{caller.pid},"uid":{caller.uid},"gid":{caller.gid},'
             f'"user":{_json_str(caller.user[:_MAX_NAME])},"unit":{_json_str(caller.unit[:_MAX_NAME])}}}\n'
         )

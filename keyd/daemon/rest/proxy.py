@@ -19,7 +19,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
@@ -31,12 +31,14 @@ from keyd.errors import ApiError, KeyUnavailable, Refusal
 
 if TYPE_CHECKING:
     from keyd.daemon.keys.vault import TransitItem
+from keyd.daemon.backoff import backoff
 from keyd.daemon.callers.caller import Caller
 from keyd.daemon.http.types import Response, deferred, error_body
 from keyd.daemon.policy.grants import Policy
 from keyd.daemon.rest.paths import check_body, check_path, redact, upstream_query
 from keyd.daemon.rest.stats import RestCollector, RestStats
 from keyd.daemon.signing.api import Keys, Macs, Request, error_response, refusal_error
+from keyd.daemon.signing.decisions import RestCall
 
 log = logging.getLogger("keyd.rest")
 
@@ -62,18 +64,7 @@ def mint(key: tokens.Keyed, app_id: str, iat: int, ttl: int) -> bytes:
 
 
 class RestAudit(Protocol):
-    def rest(
-        self,
-        caller: Caller,
-        app: str | None,
-        method: str,
-        path: str | None,
-        outcome: str,
-        code: str | None,
-        upstream_status: int | None,
-        seconds: float,
-        attempts: int,
-    ) -> None: ...
+    def rest(self, call: RestCall) -> None: ...
 
 
 class Sender(Protocol):
@@ -102,7 +93,9 @@ class RestProxy:
         clock: Any = time.time,
         senders: Mapping[str, Sender] | None = None,
         transit: Macs | None = None,
+        rand: Callable[[], float] = random.random,
     ) -> None:
+        self._rand = rand  # the retries' jitter (backoff.py)
         self._transit = transit  # a transit app's upstream tokens are signed by Vault's Transit
         self._apps = config.apps
         self._keys = keys
@@ -207,15 +200,17 @@ class RestProxy:
                 response.headers = ((b"Allow", _ALLOW),)
             self.stats.request(method if request.method in _METHODS else "other", "none", exc.status)
             self._audit.rest(
-                caller,
-                app_name,
-                method[:16],
-                self._log_path(path, MAX_REFUSED_PATH),
-                "refused",
-                exc.code,
-                None,
-                time.perf_counter() - started,
-                0,
+                RestCall(
+                    caller,
+                    app_name,
+                    method[:16],
+                    self._log_path(path, MAX_REFUSED_PATH),
+                    "refused",
+                    exc.code,
+                    None,
+                    time.perf_counter() - started,
+                    0,
+                )
             )
             return response
         self._in_flight[caller.uid] = self._in_flight.get(caller.uid, 0) + 1
@@ -282,15 +277,17 @@ class RestProxy:
                 self._in_flight.pop(caller.uid, None)
             status = upstream.status if upstream is not None else None
             self._audit.rest(
-                caller,
-                app.name,
-                method.decode(),
-                self._log_path(path),
-                "proxied" if upstream is not None else "failed",
-                code,
-                status,
-                time.perf_counter() - started,
-                attempts[0],
+                RestCall(
+                    caller,
+                    app.name,
+                    method.decode(),
+                    self._log_path(path),
+                    "proxied" if upstream is not None else "failed",
+                    code,
+                    status,
+                    time.perf_counter() - started,
+                    attempts[0],
+                )
             )
         self.stats.request(method.decode(), str(rule), response.status)
         return response
@@ -329,7 +326,9 @@ class RestProxy:
         for attempt in range(tries):
             if attempt:
                 # Full jitter on an exponential backoff: retries from many callers do not align.
-                await asyncio.sleep(random.uniform(0.5, 1.0) * rest.retry_backoff * 2 ** (attempt - 1))  # noqa: S311 - jitter, not a secret
+                # The one retry policy (backoff.py): exponential from retry_backoff, jittered, so
+                # retries from many callers do not align; the whole call stays inside its timeout.
+                await asyncio.sleep(backoff(attempt, rest.retry_backoff, rest.timeout, self._rand))
             attempts[0] = attempt + 1
             # A fresh token per attempt, alive for token_ttl seconds, referenced only by this frame.
             if app.transit:

@@ -18,6 +18,22 @@ from keyd.daemon.callers.caller import Caller
 # fields read slower, on the hot path (audit.record, RequestStats.issued): about 2,400 instructions
 # per token in all (docs/benchmarks.md). The invariant that stands in for frozen: a Decision is
 # built whole by the API and never changed after (the audit log keeps it until it flushes).
+@dataclass(frozen=True, slots=True)
+class RestCall:
+    """One REST proxy call, as the audit log receives it (``"type":"rest"``). Never holds a token,
+    a body or a header value; ``path`` is already redacted when ``hash_user_ids`` is on."""
+
+    caller: Caller
+    app: str | None
+    method: str
+    path: str | None
+    outcome: str  # "proxied", "failed" or "refused"
+    code: str | None
+    upstream_status: int | None
+    seconds: float
+    attempts: int
+
+
 @dataclass(slots=True)
 class Decision:
     """One decision, as the audit log and the metrics receive it. Never holds a token or key."""

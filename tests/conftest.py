@@ -15,6 +15,7 @@ import pytest
 
 from keyd.ops.dev import BaoServer
 from tests.helpers import KeydProcess
+from tests.integration.sysusers import SysUsers, sysusers
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +92,11 @@ def keyd_factory(
         return proc
 
     return make
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[SysUsers]:
+    """Real Unix users and groups for a module's tests (created with useradd/groupadd, removed after;
+    skips unless root). Tests run clients as them with setpriv (SysUsers.as_user, SysUsers.client)."""
+    with sysusers() as created:
+        yield created

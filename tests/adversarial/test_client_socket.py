@@ -20,7 +20,7 @@ import pytest
 from keyd import client
 from tests.conftest import base_config
 from tests.helpers import ROOT, KeydProcess
-from tests.integration.sysusers import SysUsers, sysusers
+from tests.integration.sysusers import SysUsers
 
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 
@@ -147,11 +147,6 @@ def test_the_local_socket_is_used_when_it_is_yours(
 
 # -- EACCES ---------------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[SysUsers]:
-    with sysusers() as created:
-        yield created
 
 
 @pytest.fixture(scope="module")

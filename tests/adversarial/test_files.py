@@ -10,7 +10,6 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,17 +17,12 @@ import pytest
 
 from tests.conftest import base_config
 from tests.helpers import KeydProcess, wait_until
-from tests.integration.sysusers import SysUsers, sysusers
+from tests.integration.sysusers import SysUsers
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: runs the attacker as another uid")
 
 CREDENTIAL = "role-id: 0123456789abcdef\n"
 
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[SysUsers]:
-    with sysusers() as created:
-        yield created
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,7 @@ import pytest
 
 from keyd.bench import flood
 from tests.conftest import base_config
-from tests.integration.sysusers import SysUsers, sysusers
-
-
-@pytest.fixture
-def users() -> Iterator[SysUsers]:
-    with sysusers() as created:
-        yield created
+from tests.integration.sysusers import SysUsers
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates a user and runs the flood as it")

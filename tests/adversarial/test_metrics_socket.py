@@ -11,7 +11,6 @@ from __future__ import annotations
 import grp
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 from keyd import config as keyd_config
 from keyd.errors import ConfigError
 from tests.conftest import base_config
-from tests.integration.sysusers import SysUsers, sysusers
+from tests.integration.sysusers import SysUsers
 
 READ = r"""
 import socket, sys
@@ -37,11 +36,6 @@ while chunk := s.recv(65536):
 print(data.split(b"\r\n", 1)[0].decode(), b"keyd_requests_total" in data)
 """
 
-
-@pytest.fixture
-def users() -> Iterator[SysUsers]:
-    with sysusers() as created:
-        yield created
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates users and runs clients as them")

@@ -31,7 +31,7 @@ import pytest
 from tests.adversarial.support_peers import FORKS, Cgroups, KeptAlive, client_in_cgroup, groups_of
 from tests.conftest import base_config
 from tests.helpers import to_toml, wait_until
-from tests.integration.sysusers import SysUsers, sysusers
+from tests.integration.sysusers import SysUsers
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: creates users, groups and cgroups, runs clients with setpriv"
@@ -39,11 +39,6 @@ pytestmark = pytest.mark.skipif(
 
 TOKENS = "/v1/tokens"
 
-
-@pytest.fixture
-def users() -> Iterator[SysUsers]:
-    with sysusers() as created:
-        yield created
 
 
 @pytest.fixture

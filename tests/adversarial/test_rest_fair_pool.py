@@ -24,17 +24,12 @@ import pytest
 
 from tests.conftest import base_config
 from tests.helpers import Http
-from tests.integration.sysusers import CLIENT, SysUsers, sysusers
+from tests.integration.sysusers import CLIENT, SysUsers
 from tests.talkjs_standin import StandIn
 
 SLOW = 2.0
 PER_UID = 8
 
-
-@pytest.fixture
-def users() -> Iterator[SysUsers]:
-    with sysusers() as created:
-        yield created
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,10 @@ import pytest
 from tests.adversarial.support_server import Eof, Hog, flood, open_config, read_response, token_request
 from tests.conftest import base_config
 from tests.helpers import wait_until
-from tests.integration.sysusers import SysUsers, sysusers
+from tests.integration.sysusers import SysUsers
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: runs attackers as other uids")
 
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[SysUsers]:
-    with sysusers() as created:
-        yield created
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,10 @@ import pytest
 
 from tests.conftest import base_config
 from tests.helpers import wait_until
-from tests.integration.sysusers import SysUsers, sysusers
+from tests.integration.sysusers import SysUsers
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates users and groups")
 
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[SysUsers]:
-    with sysusers() as created:
-        yield created
 
 
 @pytest.fixture(scope="module")

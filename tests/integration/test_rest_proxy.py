@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import base_config
 from tests.helpers import Http, KeydProcess
-from tests.integration.sysusers import SysUsers, sysusers
+from tests.integration.sysusers import SysUsers
 from tests.talkjs_standin import Action, StandIn
 
 APP_ID = "tTestApp"
@@ -431,11 +431,6 @@ def test_check_config_and_grants_describe_rest(start: Start, short_dir: Path, st
 
 # -- grants over real uids -------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[SysUsers]:
-    with sysusers() as created:
-        yield created
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates users and runs clients as them")

@@ -383,7 +383,7 @@ class Connection(asyncio.Protocol):
         # The usual one-piece body is kept as it came: no copy. A body in pieces (bounded by the
         # body limit) grows in a bytearray: bytes + bytes copies all received so far for every
         # piece, which made a REST-sized body sent in small pieces on a few dozen connections
-        # stall the loop, token signing with it (tests/adversarial/test_review_body_pieces.py).
+        # stall the loop, token signing with it (tests/adversarial/test_body_in_pieces.py).
         if not self._body:
             self._body = body
         elif self._body.__class__ is bytes:

@@ -23,17 +23,12 @@ import pytest
 
 from tests.adversarial.support_peers import Cgroups, client_in_cgroup
 from tests.conftest import base_config
-from tests.integration.sysusers import SysUsers, sysusers
+from tests.integration.sysusers import SysUsers
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: creates users and cgroups, runs clients with setpriv"
 )
 
-
-@pytest.fixture
-def users() -> Iterator[SysUsers]:
-    with sysusers() as created:
-        yield created
 
 
 @pytest.fixture

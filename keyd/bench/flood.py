@@ -1,8 +1,9 @@
 """A grantless flood and a victim's fresh connections: how long another uid waits for its token.
 
-The attack (adversarial round two): one process of a uid that no grant matches opens many
-connections to keyd's socket, each pipelining refused ``POST /v1/tokens`` (64 per write) and
-reading the answers as fast as they come. Meanwhile another uid opens fresh connections, one at a
+The attack (adversarial round two): one process of a uid whose requests are all refused (no
+grant, or one that refuses everything it asks) opens many connections to keyd's socket, each
+pipelining refused ``POST /v1/tokens`` (64 per write), reading the answers as fast as they come
+and opening a new connection whenever keyd closes one. Meanwhile another uid opens fresh connections, one at a
 time, and times its first answer. Before keyd bounded each connection's share of an event-loop
 turn and capped grantless uids' connections, that wait was 1.3 s with 30 flooding connections
 and the whole flood with 200.
@@ -28,24 +29,36 @@ REQUEST = b'POST /v1/tokens HTTP/1.1\r\nHost: k\r\nContent-Type: application/jso
 PIPELINE = 64
 
 
-def flood(path: str, connections: int, seconds: float) -> dict[str, int]:
+def flood(path: str, connections: int, seconds: float, reconnect: bool = False) -> dict[str, int]:
+    """``connections`` connections (with ``reconnect``, opened again whenever keyd closes one),
+    each writing PIPELINE refused requests whenever it can and reading the answers."""
     selector = selectors.DefaultSelector()
-    opened = refused = 0
-    for _ in range(connections):
+    counts = {"opened": 0, "refused_connect": 0, "closed_by_keyd": 0, "bytes_received": 0}
+
+    def open_one() -> None:
         sock = socket.socket(socket.AF_UNIX)
         try:
             sock.connect(path)
         except OSError:
-            refused += 1
+            counts["refused_connect"] += 1
             sock.close()
-            continue
+            return
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
-        opened += 1
+        counts["opened"] += 1
+
+    def close(sock: socket.socket) -> None:
+        selector.unregister(sock)
+        sock.close()
+        counts["closed_by_keyd"] += 1
+
+    for _ in range(connections):
+        open_one()
     burst = REQUEST * PIPELINE
-    received = 0
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and selector.get_map():
+    while time.monotonic() < deadline:
+        for _ in range(connections - len(selector.get_map()) if reconnect else 0):
+            open_one()  # as many as keyd closed: again
         for key, events in selector.select(timeout=0.1):
             if not isinstance(key.fileobj, socket.socket):
                 continue
@@ -54,18 +67,19 @@ def flood(path: str, connections: int, seconds: float) -> dict[str, int]:
                 if events & selectors.EVENT_READ:
                     data = sock.recv(1 << 20)
                     if not data:  # turned away (503) or closed
-                        selector.unregister(sock)
-                        sock.close()
+                        close(sock)
                         continue
-                    received += len(data)
+                    counts["bytes_received"] += len(data)
                 if events & selectors.EVENT_WRITE:
                     sock.send(burst)
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError:
-                selector.unregister(sock)
-                sock.close()
-    return {"opened": opened, "refused_connect": refused, "bytes_received": received}
+                close(sock)
+    for key in list(selector.get_map().values()):
+        if isinstance(key.fileobj, socket.socket):
+            key.fileobj.close()
+    return counts
 
 
 def _first_answer(path: str) -> float:
@@ -106,13 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     attacker.add_argument("socket")
     attacker.add_argument("--connections", type=int, default=200)
     attacker.add_argument("--seconds", type=float, default=10.0)
+    attacker.add_argument("--reconnect", action="store_true", help="open a new connection whenever keyd closes one")
     target = sub.add_parser("victim", help="fresh connections of a granted uid, timed")
     target.add_argument("socket")
     target.add_argument("--count", type=int, default=200)
     target.add_argument("--pause", type=float, default=0.01)
     args = parser.parse_args(argv)
     if args.role == "flood":
-        result: dict[str, float] = dict(flood(args.socket, args.connections, args.seconds))
+        result: dict[str, float] = dict(flood(args.socket, args.connections, args.seconds, args.reconnect))
     else:
         result = victim(args.socket, args.count, args.pause)
     print(json.dumps(result))

@@ -157,6 +157,9 @@ def read_key(stream: TextIO, app: str) -> str:
 # -- the steps -----------------------------------------------------------------------------------
 
 
+SETUP_TIMEOUT = 10.0
+
+
 def _or_none(read: Callable[[], Any]) -> Any:
     """The result of a Vault read, or None when the thing does not exist (404)."""
     from hvac.exceptions import InvalidPath  # noqa: PLC0415 - see the module docstring
@@ -611,8 +614,13 @@ def run_with_failover(
 
     failures: list[str] = []
     for node in nodes:
+        # At least SETUP_TIMEOUT per call: a BYOK import or a mount change is slower than the KV
+        # read vault.timeout is sized for (a loaded server took over 2 s here).
         client = hvac.Client(
-            url=node, token=token, verify=config.vault.ca_cert or True, timeout=config.vault.timeout
+            url=node,
+            token=token,
+            verify=config.vault.ca_cert or True,
+            timeout=max(config.vault.timeout, SETUP_TIMEOUT),
         )
         say(f"keyd vault setup on {node} for {config.source}:")
         try:

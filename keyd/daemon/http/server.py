@@ -29,6 +29,11 @@ log = logging.getLogger("keyd.server")
 # On shutdown: how long requests already sent (or arriving) are still read and answered with
 # "Connection: close" before idle connections get an EOF (Server.shutdown).
 DRAIN_SECONDS = 0.1
+# Refused answers a uid gets before its connections close after each answer (and it meets
+# max_connections_without_grant): a burst, then a rate. Honest clients are refused rarely.
+REFUSAL_BURST = 200
+REFUSAL_RATE = 100.0
+MAX_REFUSAL_BUCKETS = 65536
 
 
 class Server:
@@ -56,6 +61,7 @@ class Server:
         # server.max_connections_without_grant (Api.has_grant tells; everyone has one without it).
         self.max_without_grant = config.max_connections_without_grant
         self.has_grant: Callable[[Caller], bool] = has_grant or (lambda caller: True)
+        self._refusals: dict[int, list[float]] = {}  # uid -> [tokens left, when last refused]
         self.closing = False  # shutdown began: answers carry "Connection: close"
         self.stopped = False  # shutdown drained: no connection is accepted any more
         self.refused_connections = 0
@@ -100,13 +106,43 @@ class Server:
         """
         uid = caller.uid
         held = self.uid_connections.get(uid, 0)
-        if held >= self.max_per_uid or (held >= self.max_without_grant and not self.has_grant(caller)):
+        if held >= self.max_per_uid or (
+            held >= self.max_without_grant and (self.refusing(uid) or not self.has_grant(caller))
+        ):
             self.refused_connections += 1
             return False
         self.uid_connections[uid] = held + 1
         conn.uid = uid
         self.connections.add(conn)
         return True
+
+    def refused(self, caller: Caller) -> bool:
+        """A refusal (a 4xx/5xx answer) for a caller that has a grant: True once its uid is over
+        its refusal budget (REFUSAL_RATE a second, bursts of REFUSAL_BURST), so the connection
+        closes after this answer and the uid meets max_connections_without_grant, as if it had no
+        grant, until its budget refills. A grant that refuses everything asked (a user_id_pattern
+        nobody matches) must not buy the flood that no grant no longer can. (A caller without a
+        grant is held to that cap anyway.)"""
+        if not self.has_grant(caller):
+            return False
+        uid = caller.uid
+        now = self.now()
+        bucket = self._refusals.get(uid)
+        if bucket is None:
+            if len(self._refusals) >= MAX_REFUSAL_BUCKETS:
+                self._refusals.clear()  # forgetting a bucket only gives a uid a fresh budget
+            bucket = self._refusals[uid] = [float(REFUSAL_BURST), now]
+        tokens = min(float(REFUSAL_BURST), bucket[0] + (now - bucket[1]) * REFUSAL_RATE)
+        bucket[1] = now
+        bucket[0] = max(tokens - 1.0, -1.0)
+        return tokens < 1.0
+
+    def refusing(self, uid: int) -> bool:
+        """Whether ``uid`` is over its refusal budget now (see ``refused``)."""
+        bucket = self._refusals.get(uid)
+        if bucket is None:
+            return False
+        return bucket[0] + (self.now() - bucket[1]) * REFUSAL_RATE < 1.0
 
     def release(self, conn: Connection) -> None:
         """The connection is gone: it no longer counts against its uid."""

@@ -98,6 +98,16 @@ def test_form_bodies_and_method_overrides_never_reach_talkjs(start: Start, stand
         keyd.socket, _request("POST", url, b'[{"text":"hi","custom":{"x":"1","x":"2"}}]', "application/vnd.x+json")
     )
     assert (status, body["error"]["code"]) == (422, "invalid_field")  # type: ignore[index]
+    # Found by the review: the same override in a JSON body (Laravel reads JSON input too), query
+    # names PHP rewrites to _method, and JSON only Python accepts.
+    status, body = _send(keyd.socket, _request("POST", url, b'{"_method":"DELETE"}'))
+    assert (status, body["error"]["code"]) == (422, "invalid_field")  # type: ignore[index]
+    for query in (".method=DELETE", "%2Emethod=DELETE", "%5Bmethod=DELETE", "_method%00=DELETE"):
+        status, body = _send(keyd.socket, _request("POST", f"{url}?{query}", b"[]"))
+        assert (status, body["error"]["code"]) == (400, "invalid_query"), query  # type: ignore[index]
+    for raw in (b'[{"text":NaN}]', b"[1e999999]", b'[{"k\\ud800":1,"k\\udbff":2}]'):
+        status, body = _send(keyd.socket, _request("POST", url, raw))
+        assert (status, body["error"]["code"]) == (400, "malformed_json"), raw  # type: ignore[index]
     assert standin.received == []
     # Positive control: a JSON body of a JSON media type is forwarded unchanged.
     status, _ = _send(keyd.socket, _request("POST", url, b'[{"text":"hi"}]', "application/json; charset=utf-8"))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import unicodedata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote, unquote_to_bytes, urlencode
 
 from keyd.errors import ApiError
@@ -127,13 +128,42 @@ def upstream_query(request: Request) -> bytes:
         except (UnicodeDecodeError, ValueError):
             raise ApiError(400, "invalid_query", "the query string must be percent-encoded UTF-8") from None
     for name, _ in pairs:
-        if name.strip().lower() in METHOD_OVERRIDES:
+        if _override_name(name) in METHOD_OVERRIDES:
             raise ApiError(
                 400,
                 "invalid_query",
                 f"the query parameter {name[:64]!r} overrides the method in some frameworks; it is not forwarded",
             )
     return urlencode(pairs, quote_via=quote).encode()
+
+
+def _override_name(name: str) -> str:
+    """A parameter name as frameworks may read it: lower-cased, cut at a NUL, and with PHP's
+    rewriting of ".", " " and "[" (outside brackets) to "_", so ``.method`` and ``_method%00`` are
+    the ``_method`` they become there."""
+    name = name.split("\0", 1)[0].strip().lower()
+    return name.replace(".", "_").replace(" ", "_").replace("[", "_")
+
+
+def _standard_json(value: Any) -> bool:
+    """No NaN/Infinity (Python's json accepts them, RFC 8259 does not) and no lone surrogate in a
+    string or key (one that another parser replaces with U+FFFD could merge two keys)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def check_body(body: bytes, content_type: bytes | None) -> None:
@@ -149,10 +179,20 @@ def check_body(body: bytes, content_type: bytes | None) -> None:
     if not body:
         return
     try:
-        loads_unique(body)
+        data = loads_unique(body)
     except DuplicateKey as exc:
         raise ApiError(
             422, "invalid_field", f"the field {exc.key[:64]!r} is given twice; give each field once"
         ) from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ApiError(400, "malformed_json", "the request body is not valid JSON") from None
+    if not _standard_json(data):
+        raise ApiError(400, "malformed_json", "the request body is not standard JSON (NaN, Infinity, a lone surrogate)")
+    if isinstance(data, dict):
+        for name in data:
+            if _override_name(name) in METHOD_OVERRIDES:
+                raise ApiError(
+                    422,
+                    "invalid_field",
+                    f"the field {name[:64]!r} overrides the method in some frameworks; it is not forwarded",
+                )

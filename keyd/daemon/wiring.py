@@ -330,6 +330,7 @@ class Daemon:
             time.time(),
             nodes=self.vault.nodes(),
             failovers=self.vault.failovers,
+            secret_id_expires=self.vault.secret_id_expires,
         )
 
     def _keys_changed_threadsafe(self, app: str) -> None:

@@ -93,6 +93,12 @@ def _vault_lines(vault: dict[str, Any], width: int, colour: bool) -> list[str]:
     if logins or refreshes:
         failures = _paint(failures, _YELLOW, colour)
     lines = [f"  {label:{width}}  {lifetime}", f"  {'failures':{width}}  {failures}"]
+    secret_id_left = vault.get("secret_id_ttl_remaining")
+    if secret_id_left is not None:
+        text = f"{ago(float(secret_id_left))} left"
+        if float(secret_id_left) < 7 * 86400:
+            text = _paint(text + " (rotate it: docs/deploy.md, A fleet)", _YELLOW, colour)
+        lines.append(f"  {'secret_id':{width}}  {text}")
     return lines + _node_lines(vault.get("nodes") or [], width, colour)
 
 

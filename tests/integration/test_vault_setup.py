@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import secrets
 import stat
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -283,3 +285,23 @@ def test_setup_without_operator_token_or_with_a_weak_one_fails_cleanly(vbao, vro
     assert "permission denied (403)" in denied.stderr
     assert weak not in denied.stderr + denied.stdout
     assert "Traceback" not in denied.stderr
+
+
+def test_keyd_reports_how_long_its_secret_id_has_left(vbao, vroot, short_dir, path, keyd_procs):
+    """keyd looks up its own secret_id at each login (the policy setup writes allows exactly that):
+    /v1/health's vault.secret_id_ttl_remaining and keyd_vault_secret_id_ttl_seconds, so an alert
+    can fire a week before keyd could no longer log in."""
+    key = new_key()
+    config = approle_config(vbao, short_dir, path)
+    done = run_vault_setup(config, short_dir, vbao.root_token, "--secret-id-ttl", "2h", "--store-key", "default", stdin=key)
+    assert done.returncode == 0, done.stderr
+    keyd = start_keyd(keyd_procs, short_dir, config)
+    left = keyd.http().get_json("/v1/health")[1]["vault"]["secret_id_ttl_remaining"]
+    assert 7000 < left <= 7200, left
+    metrics = keyd.http().request("GET", "/metrics")[2].decode()
+    value = float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("keyd_vault_secret_id_ttl_seconds ")))
+    assert 7000 < value <= 7200
+    status = subprocess.run(
+        [sys.executable, "-m", "keyd", "status", "--socket", keyd.socket], capture_output=True, text=True, check=False
+    )
+    assert "secret_id" in status.stdout and "left" in status.stdout, status.stdout

@@ -28,6 +28,7 @@ APP_ID = "tResilience"
 POLICY = """
 path "secret/data/talkjs/*" { capabilities = ["read"] }
 path "secret/metadata/talkjs/*" { capabilities = ["read"] }
+path "auth/approle/role/keyd/secret-id/lookup" { capabilities = ["update"] }
 """
 
 

@@ -68,7 +68,6 @@ NOT_YET_EXPORTED = {
     "keyd_transit_calls_total": "issue 18",
     "keyd_transit_call_seconds": "issue 18",
     "keyd_transit_items_total": "issue 18",
-    "keyd_vault_secret_id_ttl_seconds": "issue 22 (this scenario's secret_id expires in 30 days)",
 }
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")

@@ -216,6 +216,7 @@ def test_vault_section_never_holds_the_token():
         "refresh_failures": 3,
         "node": None,
         "failovers": 0,
+        "secret_id_ttl_remaining": None,
         "nodes": [],
     }
     assert vault_doc(None, 1, 0, now=0)["logged_in"] is False

@@ -38,7 +38,8 @@ def test_policy_reads_exactly_the_configured_paths_for_kv_v1_and_v2_and_webhook_
     text = render_policy(config)
     capabilities = [line.strip() for line in text.splitlines() if "capabilities" in line]
     read, update = 'capabilities = ["read"]', 'capabilities = ["update"]'
-    assert capabilities == [read, read, read, update, read]
+    assert capabilities == [read, read, read, update, read, update]
+    assert 'path "auth/approle/role/keyd/secret-id/lookup" {\n  capabilities = ["update"]\n}' in text
     assert 'path "auth/token/renew-self" {\n  capabilities = ["update"]\n}' in text
     assert 'path "auth/token/lookup-self" {\n  capabilities = ["read"]\n}' in text
     assert "*" not in text and "+" not in text and "list" not in text and "sys/" not in text

@@ -68,6 +68,7 @@ class VaultHealth:
     node: str | None  # the node in use
     failovers: int
     nodes: tuple[NodeView, ...]
+    secret_id_ttl_remaining: float | None = None  # AppRole: seconds the secret_id has left
 
 
 class _Token(Protocol):
@@ -84,6 +85,7 @@ def vault_health(
     now: float,
     nodes: tuple[NodeView, ...] | list[NodeView] = (),
     failovers: int = 0,
+    secret_id_expires: float | None = None,
 ) -> VaultHealth:
     """``token`` is a ``vault.TokenInfo`` or None (not logged in); ``nodes`` are ``vault.nodes()``."""
     expires = token.expires_at() if token is not None else None
@@ -96,6 +98,7 @@ def vault_health(
         node=next((n.address for n in nodes if n.in_use), None),
         failovers=failovers,
         nodes=tuple(nodes),
+        secret_id_ttl_remaining=None if secret_id_expires is None else round(max(0.0, secret_id_expires - now), 3),
     )
 
 
@@ -139,6 +142,7 @@ def vault_document(vault: VaultHealth) -> dict[str, Any]:
         "refresh_failures": vault.refresh_failures,
         "node": vault.node,
         "failovers": vault.failovers,
+        "secret_id_ttl_remaining": vault.secret_id_ttl_remaining,
         "nodes": [
             {
                 "address": n.address,

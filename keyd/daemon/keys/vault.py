@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 import hvac
@@ -215,6 +216,8 @@ class Vault:
         if self._auth.method == "token" and not self._auth.token_file:
             self._env_token = env_token or None
         self._unwrapped_secret_id: str | None = None
+        self.secret_id_expires: float | None = None  # unix time the AppRole secret_id expires
+        self._expiry_warned = False
         self.token: TokenInfo | None = None
 
     def __repr__(self) -> str:
@@ -367,7 +370,37 @@ class Vault:
                 ) from None
             return _auth_block(response)
 
-        return self._call(action, call, token="")
+        auth = self._call(action, call, token="")
+        role = str((auth.get("metadata") or {}).get("role_name") or "")
+        self.secret_id_expires = self._secret_id_expiry(role, secret_id, str(auth["client_token"])) if role else None
+        return auth
+
+    def _secret_id_expiry(self, role: str, secret_id: str, token: str) -> float | None:
+        """When the secret_id keyd logs in with expires (unix time), None when it never does or
+        the policy does not let keyd look it up (a policy from before keyd asked: logged once)."""
+        mount = self._auth.mount_point
+
+        def call(client: Any) -> Any:
+            return client.auth.approle.read_secret_id(role, secret_id, mount_point=mount)
+
+        try:
+            found = self._call("looking up the secret_id's expiry", call, token=token)
+        except VaultError as exc:
+            if not self._expiry_warned:
+                self._expiry_warned = True
+                log.warning(
+                    "cannot look up when the AppRole secret_id expires (%s); "
+                    "keyd_vault_secret_id_ttl_seconds stays absent: re-run keyd vault setup for the policy",
+                    exc.cause or type(exc).__name__,
+                )
+            return None
+        data = (found or {}).get("data") or {}
+        if not int(data.get("secret_id_ttl") or 0):
+            return None  # never expires
+        try:
+            return datetime.fromisoformat(str(data["expiration_time"]).replace("Z", "+00:00")).timestamp()
+        except (KeyError, ValueError):
+            return None
 
     def _secret_id(self) -> str:
         if not self._auth.secret_id_wrapped:

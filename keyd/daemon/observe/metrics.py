@@ -268,6 +268,12 @@ class KeydCollector:
                 "Seconds the current Vault token has left before it must be renewed or replaced.",
                 value=vault.token_ttl_remaining,
             )
+        if vault.secret_id_ttl_remaining is not None:
+            yield GaugeMetricFamily(
+                "keyd_vault_secret_id_ttl_seconds",
+                "Seconds the AppRole secret_id keyd logs in with has left (absent when it never expires).",
+                value=vault.secret_id_ttl_remaining,
+            )
         yield from _node_families(vault)
         yield GaugeMetricFamily("keyd_connections", "Open client connections.", value=sources.connections())
         yield _counter(

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from keyd.ops.dev import BaoServer
 from tests.conftest import base_config, new_key
-from tests.helpers import KeydProcess, wait_until
+from tests.helpers import KeydProcess, run_vault_setup, wait_until
 from tests.talkjs_standin import make_ca
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -306,3 +306,72 @@ def test_kubernetes_login_through_a_token_review(
             assert text not in logs
     finally:
         api.close()
+
+
+def test_vault_setup_configures_the_jwt_mount_and_role_then_keyd_logs_in(
+    bao: BaoServer, root: hvac.Client, secret_path: tuple[str, str], keyd_factory: Any, short_dir: Path
+) -> None:
+    path, key = secret_path
+    mount = "jwt-" + secrets.token_hex(4)
+    policy = "keyd-" + mount
+    signer = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pubkey = short_dir / "issuer.pem"
+    pubkey.write_bytes(
+        signer.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    jwt_file = short_dir / "sa-token"
+    config = base_config(bao, short_dir, path)
+    config["vault"]["auth"] = {"method": "jwt", "mount": mount, "role": "keyd", "jwt_file": str(jwt_file)}
+    args = ("--policy", policy, "--service-account", "chat/keyd", "--jwt-issuer", ISSUER)
+    result = run_vault_setup(config, short_dir, bao.root_token, *args, "--jwt-pubkey", str(pubkey))
+    assert result.returncode == 0, result.stderr
+    assert f"auth method jwt at auth/{mount}/: enabled" in result.stdout
+    assert "jwt role keyd: created" in result.stdout
+    role = root.read(f"auth/{mount}/role/keyd")["data"]
+    assert role["bound_subject"] == SUBJECT
+    assert role["bound_audiences"] == ["vault"]
+    assert role["token_policies"] == [policy]
+    again = run_vault_setup(config, short_dir, bao.root_token, *args)
+    assert again.returncode == 0, again.stderr
+    assert "jwt role keyd: unchanged" in again.stdout
+    missing = run_vault_setup(config, short_dir, bao.root_token, "--policy", policy)
+    assert missing.returncode != 0
+    assert "--service-account NAMESPACE/NAME" in missing.stderr
+
+    now = int(time.time())
+    claims = {"iss": ISSUER, "sub": SUBJECT, "aud": ["vault"], "iat": now, "exp": now + 600}
+    jwt_file.write_text(jwt.encode(claims, signer, algorithm="RS256"))
+    keyd = keyd_factory(config, env={})
+    status, doc = keyd.http().post_json("/v1/tokens", {"user_id": "alice"})
+    assert status == 200, doc
+    assert jwt.decode(doc["token"], key, algorithms=["HS256"])["sub"] == "alice"
+    assert "logged in to Vault with jwt auth" in keyd.logs()
+
+
+def test_vault_setup_writes_the_kubernetes_role_bound_to_the_service_account(
+    bao: BaoServer, root: hvac.Client, secret_path: tuple[str, str], short_dir: Path
+) -> None:
+    path, _ = secret_path
+    mount = "kubernetes-" + secrets.token_hex(4)
+    ca, _, _ = make_ca(short_dir)
+    config = base_config(bao, short_dir, path)
+    config["vault"]["auth"] = {"method": "kubernetes", "mount": mount, "role": "keyd"}
+    args = ("--policy", "keyd-" + mount, "--service-account", "chat/keyd")
+    host = ("--kubernetes-host", "https://127.0.0.1:6443", "--kubernetes-ca", str(ca))
+    result = run_vault_setup(config, short_dir, bao.root_token, *args, *host)
+    assert result.returncode == 0, result.stderr
+    assert "kubernetes role keyd: created" in result.stdout
+    assert f"auth/{mount}/config: written" in result.stdout
+    role = root.read(f"auth/{mount}/role/keyd")["data"]
+    assert role["bound_service_account_names"] == ["keyd"]
+    assert role["bound_service_account_namespaces"] == ["chat"]
+    assert root.read(f"auth/{mount}/config")["data"]["kubernetes_host"] == "https://127.0.0.1:6443"
+    again = run_vault_setup(config, short_dir, bao.root_token, *args)
+    assert "kubernetes role keyd: unchanged" in again.stdout, again.stderr
+    bad = run_vault_setup(
+        config, short_dir, bao.root_token, "--policy", "keyd-" + mount, "--service-account", "keyd"
+    )
+    assert bad.returncode != 0
+    assert "'keyd' is not NAMESPACE/NAME" in bad.stderr

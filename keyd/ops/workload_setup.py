@@ -68,12 +68,14 @@ def write_role(setup: Setup) -> None:
     if setup.auth.method == "kubernetes":
         wanted |= {"bound_service_account_names": names, "bound_service_account_namespaces": namespaces}
     else:
+        if len(setup.options.service_accounts) > 1:
+            # One bound subject: an empty one would accept any token of the issuer and audience.
+            raise KeydError('--service-account: method = "jwt" binds exactly one service account')
         wanted |= {
             "role_type": "jwt",
             "user_claim": "sub",
             "bound_audiences": [setup.options.audience],
-            "bound_claims_type": "string",
-            "bound_subject": "" if len(setup.options.service_accounts) > 1 else _subject(namespaces, names),
+            "bound_subject": _subject(namespaces, names),
         }
     found = _or_none(setup, url)
     changed = setup._differences(found, wanted)

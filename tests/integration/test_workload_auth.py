@@ -336,6 +336,10 @@ def test_vault_setup_configures_the_jwt_mount_and_role_then_keyd_logs_in(
     again = run_vault_setup(config, short_dir, bao.root_token, *args)
     assert again.returncode == 0, again.stderr
     assert "jwt role keyd: unchanged" in again.stdout
+    two = run_vault_setup(config, short_dir, bao.root_token, *args, "--service-account", "chat/app")
+    assert two.returncode != 0
+    assert "binds exactly one service account" in two.stderr
+    assert root.read(f"auth/{mount}/role/keyd")["data"]["bound_subject"] == SUBJECT
     missing = run_vault_setup(config, short_dir, bao.root_token, "--policy", policy)
     assert missing.returncode != 0
     assert "--service-account NAMESPACE/NAME" in missing.stderr

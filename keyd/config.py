@@ -27,7 +27,10 @@ T = TypeVar("T")
 
 APP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 TOKEN_TYPES = ("user", "app", "signature", "webhook", "rest")
-AUTH_METHODS = ("token", "approle", "cert")
+AUTH_METHODS = ("token", "approle", "cert", "kubernetes", "jwt")
+# The logins that present a service account (or other workload) JWT read from jwt_file.
+JWT_AUTH_METHODS = ("kubernetes", "jwt")
+SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105 - a path
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
@@ -103,10 +106,12 @@ class VaultAuthConfig:
     client_cert: str = ""
     client_key: str = ""
     cert_role: str = ""
+    role: str = ""
+    jwt_file: str = SERVICE_ACCOUNT_TOKEN
 
     @property
     def mount_point(self) -> str:
-        """The auth mount, defaulting to the method's own name (``approle``, ``cert``)."""
+        """The auth mount, defaulting to the method's own name (``approle``, ``kubernetes``...)."""
         return self.mount or self.method
 
 
@@ -588,11 +593,18 @@ def _read_auth(r: _Reader) -> VaultAuthConfig:
         client_cert=r.get("client_cert", d.client_cert, _expand),
         client_key=r.get("client_key", d.client_key, _expand),
         cert_role=r.get("cert_role", d.cert_role, _string),
+        role=r.get("role", d.role, _string),
+        jwt_file=r.get("jwt_file", d.jwt_file, _expand),
     )
     if auth.method == "cert":
         for name in ("client_cert", "client_key"):
             if not getattr(auth, name):
                 r.problem(name, 'is required when method = "cert"')
+    if auth.method in JWT_AUTH_METHODS:
+        if not auth.role.strip():
+            r.problem("role", f'is required when method = "{auth.method}" (the Vault role to log in to)')
+        if not auth.jwt_file:
+            r.problem("jwt_file", f'must name the token file when method = "{auth.method}"')
     r.finish()
     return auth
 
@@ -891,6 +903,8 @@ def missing_files(config: Config) -> list[str]:
             ("vault.auth.client_cert", auth.client_cert),
             ("vault.auth.client_key", auth.client_key),
         ]
+    if auth.method in JWT_AUTH_METHODS:
+        needed.append(("vault.auth.jwt_file", auth.jwt_file))
     problems = []
     for key, file in needed:
         if not os.path.isfile(file):

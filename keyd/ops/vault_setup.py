@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from keyd import config as configuration
-from keyd.config import Config
+from keyd.config import JWT_AUTH_METHODS, Config
 from keyd.daemon import containment
 from keyd.errors import ConfigError, KeydError, VaultError
 from keyd.ops import transit_import
+from keyd.ops import workload_setup as workload
 
 DEFAULT_ROLE = "keyd"
 DEFAULT_POLICY = "keyd"
@@ -61,6 +62,12 @@ class SetupOptions:
     new_secret_id: bool = False
     store_key: str | None = None
     client_ca: str = ""
+    service_accounts: tuple[str, ...] = ()
+    audience: str = "vault"
+    kubernetes_host: str = ""
+    kubernetes_ca: str = ""
+    jwt_pubkeys: tuple[str, ...] = ()
+    jwt_issuer: str = ""
 
 
 # -- the policy --------------------------------------------------------------------------------
@@ -215,7 +222,7 @@ class Setup:
     def run(self, key: str | None = None) -> None:
         role, policy, mount = self.options.role, self.options.policy, self.mount
         method = self.auth.method
-        if method in ("approle", "cert"):
+        if method in ("approle", "cert", *JWT_AUTH_METHODS):
             self._step("enabling the auth method", "sys/auth", lambda: self.enable_auth(method))
         self._step("writing the policy", f"sys/policy/{policy}", self.write_policy)
         if method == "approle":
@@ -225,6 +232,16 @@ class Setup:
         elif method == "cert":
             name = self.auth.cert_role or role
             self._step("writing the cert role", f"auth/{mount}/certs/{name}", self.write_cert_role)
+        elif method in JWT_AUTH_METHODS:
+            name = self.auth.role or role
+            self._step(
+                "writing the mount's config",
+                f"auth/{mount}/config",
+                lambda: workload.write_mount_config(self),
+            )
+            self._step(
+                f"writing the {method} role", f"auth/{mount}/role/{name}", lambda: workload.write_role(self)
+            )
         else:
             self.say(
                 f"method = token: create keyd's token yourself, e.g. "
@@ -530,6 +547,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--client-ca", default="", help='method = "cert": PEM CA that signs keyd\'s client certificates'
     )
     parser.add_argument(
+        "--service-account",
+        action="append",
+        default=[],
+        metavar="NAMESPACE/NAME",
+        help='method = "kubernetes" or "jwt": the service account keyd\'s role is bound to (repeatable)',
+    )
+    parser.add_argument("--audience", default="vault", help='method = "jwt": the bound audience (vault)')
+    parser.add_argument("--kubernetes-host", default="", help="Kubernetes auth: write the mount's API URL")
+    parser.add_argument("--kubernetes-ca", default="", help="Kubernetes auth: PEM CA of that API")
+    parser.add_argument(
+        "--jwt-pubkey", action="append", default=[], help="JWT auth: write the issuer's PEM public key(s)"
+    )
+    parser.add_argument("--jwt-issuer", default="", help="JWT auth: the bound issuer (iss)")
+    parser.add_argument(
         "--credentials-dir",
         default=DEFAULT_CREDENTIALS_DIR,
         help="what ${CREDENTIALS_DIRECTORY} in the config means when it is not set (default /etc/keyd, "
@@ -581,6 +612,12 @@ def main(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> int:
         new_secret_id=args.new_secret_id,
         store_key=args.store_key,
         client_ca=args.client_ca,
+        service_accounts=tuple(args.service_account),
+        audience=args.audience,
+        kubernetes_host=args.kubernetes_host,
+        kubernetes_ca=args.kubernetes_ca,
+        jwt_pubkeys=tuple(args.jwt_pubkey),
+        jwt_issuer=args.jwt_issuer,
     )
     if options.token_ttl > options.token_max_ttl:
         raise ConfigError(["--token-ttl must not be greater than --token-max-ttl"])

@@ -308,7 +308,9 @@ def test_wrong_types_are_named(section: str, key: str, value: object, text: str)
 @pytest.mark.parametrize(
     ("key", "value", "text"),
     [
-        ("method", "ldap", "'ldap' is not one of token, approle, cert"),
+        ("method", "ldap", "'ldap' is not one of token, approle, cert, kubernetes, jwt"),
+        ("role", 7, "must be a string, not int"),
+        ("jwt_file", ["a"], "must be a string, not list"),
         ("secret_id_wrapped", "yes", "must be true or false, not str"),
         ("role_id_file", 3, "must be a string, not int"),
     ],
@@ -317,6 +319,24 @@ def test_wrong_auth_values_are_named(key: str, value: object, text: str) -> None
     data = minimal()
     data["vault"] = {"auth": {key: value}}
     assert one_problem(data) == f"{SOURCE}: vault.auth.{key}: {text}"
+
+
+@pytest.mark.parametrize("method", ["kubernetes", "jwt"])
+def test_service_account_logins_need_a_role_and_default_to_the_pod_token(method: str) -> None:
+    data = minimal()
+    data["vault"] = {"auth": {"method": method}}
+    assert one_problem(data) == (
+        f'{SOURCE}: vault.auth.role: is required when method = "{method}" (the Vault role to log in to)'
+    )
+    data["vault"] = {"auth": {"method": method, "role": "keyd", "jwt_file": ""}}
+    assert (
+        one_problem(data)
+        == f'{SOURCE}: vault.auth.jwt_file: must name the token file when method = "{method}"'
+    )
+    data["vault"] = {"auth": {"method": method, "role": "keyd"}}
+    auth = config.parse(data, SOURCE).vault.auth
+    assert auth.jwt_file == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    assert auth.mount_point == method
 
 
 @pytest.mark.parametrize(

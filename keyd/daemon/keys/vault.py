@@ -331,7 +331,13 @@ class Vault:
                 data = self._call(action, lambda c: c.auth.token.lookup_self()["data"], token=token)
                 info = TokenInfo.parse(data, "ttl", self._clock())
             else:
-                auth = self._login_approle(action) if method == "approle" else self._login_cert(action)
+                logins = {
+                    "approle": self._login_approle,
+                    "cert": self._login_cert,
+                    "kubernetes": self._login_jwt,
+                    "jwt": self._login_jwt,
+                }
+                auth = logins[method](action)
                 token = str(auth["client_token"])
                 info = TokenInfo.parse(auth, "lease_duration", self._clock())
             self._credential = (self._credential[0] + 1, token)
@@ -437,6 +443,28 @@ class Vault:
                     "Vault refused the TLS certificate login: check "
                     "vault.auth.client_cert and client_key, and that a cert role trusts their CA "
                     "(keyd vault setup --client-ca FILE)"
+                ) from None
+            return _auth_block(response)
+
+        return self._call(action, call, token="")
+
+    def _login_jwt(self, action: str) -> dict[str, Any]:
+        """Vault's Kubernetes or JWT auth: the role and the workload's JWT, read from jwt_file at
+        every login because projected service account tokens rotate."""
+        method, role, path = self._auth.method, self._auth.role, self._auth.jwt_file
+        token = _read_file(path, "vault.auth.jwt_file")
+        url = f"/v1/auth/{self._auth.mount_point}/login"
+        what = "Kubernetes" if method == "kubernetes" else "JWT"
+
+        def call(client: Any) -> dict[str, Any]:
+            try:
+                response = client.adapter.login(url, use_token=False, json={"role": role, "jwt": token})
+            except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden) as exc:
+                raise VaultLoginError(
+                    f"Vault refused the {what} login to role {role!r} with the token in "
+                    f"vault.auth.jwt_file {path!r}{_refusal_reason(exc, token)}: check the role's "
+                    "bound service account, namespace, audience and issuer, and that the token "
+                    "has not expired"
                 ) from None
             return _auth_block(response)
 
@@ -605,3 +633,11 @@ def _auth_block(response: Any) -> dict[str, Any]:
         raise KeyError("client_token")  # a malformed answer, turned into VaultUnavailable by translate
     return auth
 
+
+def _refusal_reason(exc: BaseException, jwt_text: str) -> str:
+    """Vault's own words for a refused login (" (role not found)"), never echoing the JWT."""
+    errors = getattr(exc, "errors", None) or []
+    words = "; ".join(str(e) for e in errors if isinstance(e, str))[:200]
+    if not words or jwt_text in words or jwt_text[:40] in words:
+        return ""
+    return f" ({words})"

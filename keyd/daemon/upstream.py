@@ -217,6 +217,8 @@ class FairSlots:
             waiter = queue.popleft()
             if not queue:
                 del self._waiting[key]
+            if waiter.done():
+                continue  # cancelled (its caller went away) before it could forget itself: no slot
             self._take(key)
             waiter.set_result(None)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -90,3 +91,33 @@ def test_two_uids_slow_calls_do_not_hold_up_a_third_uids_call(
     statuses = [json.loads(out)["results"][0][0] for out in outputs]
     assert statuses == [200] * (2 * PER_UID), statuses  # the slow uids are served too, in turn
     assert standin.max_in_flight <= 16 and standin.problems() == []
+
+
+def test_a_caller_hanging_up_on_pipelined_calls_leaks_no_pool_slot(
+    bao: Any, secret_path: tuple[str, str], short_dir: Path, standin: StandIn, keyd_factory: Any
+) -> None:
+    """Found by the review of FairSlots: closing a connection cancels its held calls first, then its
+    waiting ones; each release in that turn handed its slot to a cancelled waiter (a 500 logged as
+    InvalidStateError) and the slot stayed counted for good, until every REST call got 504."""
+    config = base_config(bao, short_dir, secret_path[0])
+    config["apps"]["default"]["rest"] = {
+        "base_url": standin.url,
+        "ca_file": str(standin.ca),
+        "token_ttl": 10,
+        "timeout": "5s",
+        "retries": 0,
+        "max_connections": 4,
+    }
+    config["grant"] = [{"uid": os.getuid(), "types": ["rest"], "rest": ["GET /users/*"]}]
+    keyd = keyd_factory(config)
+    standin.delay_for = lambda path: 1.0 if "/users/slow" in path else 0.0
+    slow = b"GET /v1/rest/default/users/slow HTTP/1.1\r\nHost: keyd\r\n\r\n"
+    for _ in range(3):
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(keyd.socket)
+            conn.sendall(slow * 4)
+            time.sleep(0.3)  # the calls hold or wait for slots; then the caller hangs up
+        time.sleep(1.5)
+        status, _, body = Http(keyd.socket, timeout=10).request("GET", "/v1/rest/default/users/fast")
+        assert status == 200, body
+    assert "InvalidStateError" not in keyd.logs()

@@ -91,3 +91,25 @@ def test_a_uid_alone_with_a_pool_of_one_still_gets_its_slot() -> None:
         await asyncio.wait_for(slots.acquire("a"), 0.1)
 
     _run(scenario())
+
+
+def test_a_waiter_cancelled_in_the_same_turn_as_a_release_takes_no_slot() -> None:
+    """Found by the review: a caller that hangs up cancels its waiting calls; a release in that
+    same loop turn handed the slot to the cancelled waiter (InvalidStateError, a 500) and the slot
+    stayed counted for good, until no uid got one."""
+
+    async def scenario() -> None:
+        slots = FairSlots(2)
+        await slots.acquire("a")
+        await slots.acquire("b")  # the pool is full
+        waiter = asyncio.ensure_future(slots.acquire("c"))
+        await asyncio.sleep(0)
+        waiter.cancel()  # c's caller went away; its task runs its handler only on the next turn
+        slots.release("a")  # same turn: must neither raise nor give the slot to the cancelled waiter
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        slots.release("b")
+        for key in ("d", "e"):  # both slots are free again
+            await asyncio.wait_for(slots.acquire(key), 0.1)
+
+    _run(scenario())

@@ -64,8 +64,16 @@ def write_role(setup: Setup) -> None:
     name = setup.auth.role or setup.options.role
     url = f"/v1/auth/{setup.mount}/role/{name}"
     namespaces, names = accounts(setup)
-    wanted = setup._token_params()
+    # No secret_id to bind here: --cidr binds the role's tokens (every pod that uses this role).
+    wanted = {**setup._token_params(), "token_bound_cidrs": list(setup.options.cidrs)}
     if setup.auth.method == "kubernetes":
+        if len(namespaces) > 1 and len(names) > 1:
+            # Vault checks names and namespaces each on its own: ns1/a with ns2/b admits ns1/b too.
+            raise KeydError(
+                "--service-account: accounts with different names in different namespaces cannot "
+                "share one kubernetes role (Vault would admit every name in every namespace); "
+                "use one namespace, or one role per namespace"
+            )
         wanted |= {"bound_service_account_names": names, "bound_service_account_namespaces": namespaces}
     else:
         if len(setup.options.service_accounts) > 1:

@@ -379,3 +379,23 @@ def test_vault_setup_writes_the_kubernetes_role_bound_to_the_service_account(
     )
     assert bad.returncode != 0
     assert "'keyd' is not NAMESPACE/NAME" in bad.stderr
+    # Two names in two namespaces would admit every name in every namespace (Vault checks them
+    # separately): refused, and the role is left as it was.
+    mixed = run_vault_setup(
+        config,
+        short_dir,
+        bao.root_token,
+        "--policy",
+        "keyd-" + mount,
+        "--service-account",
+        "chat/keyd",
+        "--service-account",
+        "billing/app",
+    )
+    assert mixed.returncode != 0 and "cannot share one kubernetes role" in mixed.stderr
+    assert root.read(f"auth/{mount}/role/keyd")["data"]["bound_service_account_namespaces"] == ["chat"]
+    same_namespace = run_vault_setup(
+        config, short_dir, bao.root_token, *args, "--service-account", "chat/worker"
+    )
+    assert same_namespace.returncode == 0, same_namespace.stderr
+    assert root.read(f"auth/{mount}/role/keyd")["data"]["bound_service_account_names"] == ["keyd", "worker"]

@@ -13,11 +13,6 @@ from dataclasses import dataclass
 from keyd.daemon.callers.caller import Caller
 
 
-# Not frozen: one is built per request, and a frozen dataclass's __init__ costs five times as much
-# (0.56 against 0.11 us). Nor a NamedTuple: its __new__ costs half as much again (0.16 us) and its
-# fields read slower, on the hot path (audit.record, RequestStats.issued): about 2,400 instructions
-# per token in all (docs/benchmarks.md). The invariant that stands in for frozen: a Decision is
-# built whole by the API and never changed after (the audit log keeps it until it flushes).
 @dataclass(frozen=True, slots=True)
 class RestCall:
     """One REST proxy call, as the audit log receives it (``"type":"rest"``). Never holds a token,
@@ -34,6 +29,11 @@ class RestCall:
     attempts: int
 
 
+# Not frozen: one is built per request, and a frozen dataclass's __init__ costs five times as much
+# (0.56 against 0.11 us). Nor a NamedTuple: its __new__ costs half as much again (0.16 us) and its
+# fields read slower, on the hot path (audit.record, RequestStats.issued): about 2,400 instructions
+# per token in all (docs/benchmarks.md). The invariant that stands in for frozen: a Decision is
+# built whole by the API and never changed after (the audit log keeps it until it flushes).
 @dataclass(slots=True)
 class Decision:
     """One decision, as the audit log and the metrics receive it. Never holds a token or key."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,27 @@ def flood(users: SysUsers, user: str, socket_path: str, count: int) -> dict[str,
     assert done.returncode == 0, done.stderr
     result: dict[str, Any] = json.loads(done.stdout)
     return result
+
+
+def flood_while_timing(
+    users: SysUsers, attacker: str, socket_path: str, connections: int, reconnect: bool = False
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """keyd.bench.flood's attack run as ``attacker`` for 12 s (its source passed with -c, so any
+    user can run it), while this process times 100 fresh connections' first answers: (the flood's
+    counts, the victim's latencies)."""
+    from keyd.bench import flood
+
+    args = ["flood", socket_path, "--connections", str(connections), "--seconds", "12"]
+    attack = subprocess.Popen(
+        [*users.as_user(attacker), users.python(attacker), "-c", Path(flood.__file__).read_text(), *args]
+        + (["--reconnect"] if reconnect else []),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)  # the flood is under way
+        measured = flood.victim(socket_path, count=100, pause=0.02)
+    finally:
+        out, _ = attack.communicate(timeout=60)
+    result: dict[str, Any] = json.loads(out)
+    return result, measured

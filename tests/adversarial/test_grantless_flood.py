@@ -15,16 +15,13 @@ docs/benchmarks.md); before the fix the victim waited seconds.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from keyd.bench import flood
+from tests.adversarial.support_server import flood_while_timing
 from tests.conftest import base_config
 from tests.integration.sysusers import SysUsers
 
@@ -39,29 +36,7 @@ def test_a_grantless_flood_does_not_starve_another_uids_fresh_connections(
     config["server"].update(socket_mode="0660", socket_group=group)
     config["grant"] = [{"uid": os.getuid(), "types": ["user"]}]
     keyd = keyd_factory(config)
-    script = Path(flood.__file__).read_text()
-    attack = subprocess.Popen(
-        [
-            *users.as_user(attacker.pw_name),
-            users.python(attacker.pw_name),
-            "-c",
-            script,
-            "flood",
-            keyd.socket,
-            "--connections",
-            "200",
-            "--seconds",
-            "12",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        time.sleep(1.5)  # the flood is under way
-        measured = flood.victim(keyd.socket, count=100, pause=0.02)
-    finally:
-        out, _ = attack.communicate(timeout=60)
-    result = json.loads(out)
+    result, measured = flood_while_timing(users, attacker.pw_name, keyd.socket, 200)
     # Only max_connections_without_grant of the 200 connections were kept; they flooded throughout.
     assert result["opened"] >= 8 and result["bytes_received"] > 1_000_000, result
     assert measured["p99_ms"] < 500, measured

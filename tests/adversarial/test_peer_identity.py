@@ -21,7 +21,6 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +39,6 @@ pytestmark = pytest.mark.skipif(
 TOKENS = "/v1/tokens"
 
 
-
-@pytest.fixture
-def cgroups() -> Iterator[Cgroups]:
-    made = Cgroups()
-    try:
-        yield made
-    finally:
-        made.cleanup()
 
 
 def _open_socket(config: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,6 @@ from tests.integration.sysusers import SysUsers
 
 UNIT = "keyd-podtest.service"
 
-
-@pytest.fixture
-def cgroups() -> Iterator[Cgroups]:
-    made = Cgroups()
-    try:
-        yield made
-    finally:
-        made.cleanup()
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +29,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-
-@pytest.fixture
-def cgroups() -> Iterator[Cgroups]:
-    made = Cgroups()
-    try:
-        yield made
-    finally:
-        made.cleanup()
 
 
 def test_user_units_of_one_uid_share_the_rate_of_a_unit_grant(

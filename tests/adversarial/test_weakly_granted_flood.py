@@ -11,16 +11,14 @@ measured p99).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from keyd.bench import flood
+from tests.adversarial.support_server import flood_while_timing
 from tests.conftest import base_config
 from tests.integration.sysusers import SysUsers
 
@@ -39,30 +37,7 @@ def test_a_weakly_granted_flood_does_not_starve_another_uids_fresh_connections(
     ]
     keyd = keyd_factory(config)
     flood.victim(keyd.socket, count=3, pause=0.02)  # this uid's names are cached, as in production
-    script = Path(flood.__file__).read_text()
-    attack = subprocess.Popen(
-        [
-            *users.as_user(attacker.pw_name),
-            users.python(attacker.pw_name),
-            "-c",
-            script,
-            "flood",
-            keyd.socket,
-            "--connections",
-            "256",
-            "--seconds",
-            "12",
-            "--reconnect",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        time.sleep(1.5)  # the flood is under way
-        measured = flood.victim(keyd.socket, count=100, pause=0.02)
-    finally:
-        out, _ = attack.communicate(timeout=60)
-    result = json.loads(out)
+    result, measured = flood_while_timing(users, attacker.pw_name, keyd.socket, 256, reconnect=True)
     # The flood ran throughout: refused answers came back, and keyd closed connection after
     # connection once the uid's refusal budget was spent.
     assert result["bytes_received"] > 100_000 and result["closed_by_keyd"] > 256, result

@@ -56,12 +56,25 @@ def secret_path(root: hvac.Client) -> tuple[str, str]:
 
 def base_config(bao: BaoServer, directory: Path, path: str, **apps_extra: Any) -> dict[str, Any]:
     """A keyd config dict on `bao` with token auth from the environment and one app `default`."""
+    return config_at(bao.address, directory, path, **apps_extra)
+
+
+def config_at(
+    address: str | list[str], directory: Path, path: str, app_id: str = "tTestApp", **apps_extra: Any
+) -> dict[str, Any]:
+    """The one keyd config builder of the tests: the socket in `directory` (0600), token auth from
+    the environment, fast retries, one app `default` reading `path`. Tests change what they need."""
     return {
         "server": {"socket": str(directory / "keyd.sock"), "socket_mode": "0600"},
-        "vault": {"address": bao.address, "timeout": "2s", "auth": {"method": "token"}},
+        "vault": {"address": address, "timeout": "2s", "auth": {"method": "token"}},
         "refresh": {"interval": "30s", "max_stale": "1h", "retry_min": "0.2s", "retry_max": "1s"},
-        "apps": {"default": {"app_id": "tTestApp", "path": path, **apps_extra}},
+        "apps": {"default": {"app_id": app_id, "path": path, **apps_extra}},
     }
+
+
+def approle_auth(files: tuple[Path, Path]) -> dict[str, str]:
+    """``[vault.auth]`` for AppRole with the (role_id file, secret_id file) pair."""
+    return {"method": "approle", "role_id_file": str(files[0]), "secret_id_file": str(files[1])}
 
 
 @pytest.fixture

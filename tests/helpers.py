@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from keyd import http1
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,6 +220,47 @@ class RecordingHttp(Http):
         status, hdrs, data = super().request(method, url, body, headers)
         self.sink.append(json.dumps(hdrs).encode() + data)
         return status, hdrs, data
+
+
+class Eof(Exception):
+    """The connection closed before a whole answer; ``args[0]`` holds the bytes that came."""
+
+    @property
+    def truncated(self) -> bool:
+        """Part of an answer came before the close (not just nothing at all)."""
+        return bool(self.args[0])
+
+
+class RawResponse(NamedTuple):
+    status: int
+    headers: dict[bytes, bytes]  # lower-cased names; the last of a repeated header
+    body: bytes
+    closes: bool  # the server closes the connection after this answer
+
+
+def read_response(sock: socket.socket) -> RawResponse:
+    """One HTTP/1.1 answer with a Content-Length read from a raw socket, for tests that speak HTTP
+    by hand (pipelining, half-sent requests, floods). The head is parsed by keyd.http1, as the load
+    generator does; raises Eof when the connection closes first."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise Eof(data)
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    parsed = http1.parse_response_head(head)
+    length = parsed.length if parsed.length is not None and parsed.length >= 0 else 0
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise Eof(data + rest)
+        rest += chunk
+    headers = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    return RawResponse(parsed.status, headers, rest[:length], not parsed.keep_alive)
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = "") -> None:

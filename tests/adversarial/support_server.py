@@ -1,5 +1,5 @@
 """What the socket/connection/audit attacks share: keyd's config, attacker scripts run as other
-uids with setpriv, and a raw HTTP reader.
+uids with setpriv (the raw HTTP reader is tests.helpers.read_response).
 
 The attacker scripts are stdlib-only Python run by `SysUsers.python(user)` under
 `setpriv --reuid --regid --init-groups`, so each attack really comes from another uid.
@@ -8,7 +8,6 @@ The attacker scripts are stdlib-only Python run by `SysUsers.python(user)` under
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -31,33 +30,6 @@ def open_config(bao: Any, directory: Path, path: str, granted: str) -> dict[str,
     config["server"]["socket_mode"] = "0666"
     config["grant"] = [{"user": granted, "types": ["user"]}]
     return config
-
-
-class Eof(Exception):
-    """The server closed the connection before a whole answer."""
-
-
-def read_response(sock: socket.socket) -> tuple[int, dict[bytes, bytes], bytes]:
-    """(status, headers, body) of one HTTP/1.1 answer with a Content-Length."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise Eof(data)
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get(b"content-length", b"0"))
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise Eof(data)
-        rest += chunk
-    return int(lines[0].split(b" ", 2)[1]), headers, rest[:length]
 
 
 # Opens N connections and holds them without sending a byte. After SETTLE seconds prints which

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from tests.adversarial.support_server import Eof, Hog, flood, open_config, read_response, token_request
+from tests.adversarial.support_server import Hog, flood, open_config, token_request
 from tests.conftest import base_config
-from tests.helpers import wait_until
+from tests.helpers import Eof, read_response, wait_until
 from tests.integration.sysusers import SysUsers
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: runs attackers as other uids")
@@ -189,10 +189,10 @@ class Client(threading.Thread):
                 continue
             sent = time.time()
             try:
-                status, headers, _ = read_response(sock)
+                status, headers, _, _ = read_response(sock)
                 outcome = f"{status} close" if headers.get(b"connection") == b"close" else str(status)
             except Eof as exc:
-                outcome = "eof after a partial answer" if exc.args[0] else "eof"
+                outcome = "eof after a partial answer" if exc.truncated else "eof"
             except ConnectionResetError:
                 outcome = "reset"
             except OSError as exc:

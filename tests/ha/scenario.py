@@ -12,6 +12,7 @@ from typing import Any
 
 import jwt
 
+from tests.conftest import approle_auth, config_at
 from tests.ha.raft_cluster import RaftCluster
 from tests.helpers import KeydProcess
 from tests.resilience.support import Load, health
@@ -28,23 +29,11 @@ def keyd_config(cluster: RaftCluster, directory: Path, approle: tuple[Path, Path
     retry_max is 5 s on purpose: without the sys/health probes, recovery after an outage would take up
     to that long; with them it takes well under 2 s.
     """
-    return {
-        "server": {"socket": str(directory / "keyd.sock"), "socket_mode": "0600"},
-        "vault": {
-            "address": cluster.addresses,
-            "ca_cert": str(cluster.ca.path),
-            "timeout": "1s",
-            "probe_interval": "0.5s",
-            "auth": {"method": "approle", "role_id_file": str(approle[0]), "secret_id_file": str(approle[1])},
-        },
-        "refresh": {
-            "interval": f"{INTERVAL}s",
-            "max_stale": f"{MAX_STALE}s",
-            "retry_min": "0.2s",
-            "retry_max": "5s",
-        },
-        "apps": {"default": {"app_id": APP_ID, "path": PATH}},
-    }
+    config = config_at(cluster.addresses, directory, PATH, APP_ID)
+    config["vault"].update(ca_cert=str(cluster.ca.path), timeout="1s", probe_interval="0.5s")
+    config["vault"]["auth"] = approle_auth(approle)
+    config["refresh"].update(interval=f"{INTERVAL}s", max_stale=f"{MAX_STALE}s", retry_max="5s")
+    return config
 
 
 def signs_with(proc: KeydProcess, key: str) -> bool:

@@ -21,7 +21,8 @@ import pytest
 
 from keyd.ops.dev import free_port
 from tests.bao import ConfiguredBao
-from tests.helpers import KeydProcess, wait_until
+from tests.conftest import approle_auth, config_at
+from tests.helpers import Eof, KeydProcess, read_response, wait_until
 
 KV_PATH = "talkjs/resilience"
 APP_ID = "tResilience"
@@ -125,17 +126,11 @@ ui = false
 
 def keyd_config(address: str, directory: Path, approle: tuple[Path, Path], **refresh: str) -> dict[str, Any]:
     """keyd with AppRole auth and fast refresh/backoff, so scenarios take seconds, not minutes."""
-    return {
-        "server": {"socket": str(directory / "keyd.sock"), "socket_mode": "0600"},
-        "vault": {
-            "address": address,
-            "timeout": "2s",
-            "auth": {"method": "approle", "role_id_file": str(approle[0]), "secret_id_file": str(approle[1])},
-        },
-        "refresh": {"interval": "1s", "max_stale": "1h", "retry_min": "0.2s", "retry_max": "1s", **refresh},
-        "audit": {"file": str(directory / "audit.log")},
-        "apps": {"default": {"app_id": APP_ID, "path": KV_PATH}},
-    }
+    config = config_at(address, directory, KV_PATH, APP_ID)
+    config["vault"]["auth"] = approle_auth(approle)
+    config["refresh"].update({"interval": "1s", **refresh})
+    config["audit"] = {"file": str(directory / "audit.log")}
+    return config
 
 
 # -- client load -----------------------------------------------------------------------------------
@@ -248,12 +243,9 @@ class Load:
             started = time.perf_counter()
             try:
                 sock.sendall(request)
-                status, body, close = read_response(sock)
-            except _Eof:
-                self._count("eof")
-                status = 0
-            except _Truncated:
-                self._count("truncated")
+                status, _, body, close = read_response(sock)
+            except Eof as exc:
+                self._count("truncated" if exc.truncated else "eof")
                 status = 0
             except TimeoutError:
                 self._count("timeout")
@@ -271,38 +263,6 @@ class Load:
                 sock = None
         if sock is not None:
             sock.close()
-
-
-class _Eof(Exception):
-    """The connection closed before any byte of an answer."""
-
-
-class _Truncated(Exception):
-    """The connection closed in the middle of an answer."""
-
-
-def read_response(sock: socket.socket) -> tuple[int, bytes, bool]:
-    """(status, body, server closes) of one HTTP/1.1 response with a Content-Length."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise _Truncated if data else _Eof
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split(b" ", 2)[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get(b"content-length", b"0"))
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise _Truncated
-        rest += chunk
-    return status, rest[:length], headers.get(b"connection", b"").lower() == b"close"
 
 
 def _error_code(body: bytes) -> str:

@@ -7,7 +7,8 @@ import json
 import socket
 
 from tests.conftest import new_key
-from tests.resilience.support import Load, keyd_config, raise_nofile, read_response
+from tests.helpers import read_response
+from tests.resilience.support import Load, keyd_config, raise_nofile
 
 IDLE = 2000
 LOAD_CONNECTIONS = 4
@@ -32,7 +33,7 @@ def _ask(sock: socket.socket) -> tuple[int, str]:
     # sending then fails with EPIPE, and the answer is already waiting to be read.
     with contextlib.suppress(BrokenPipeError):
         sock.sendall(REQUEST)
-    status, body, _ = read_response(sock)
+    status, _, body, _ = read_response(sock)
     doc = json.loads(body)
     return status, doc["error"]["code"] if status != 200 else "ok"
 

@@ -10,7 +10,8 @@ import socket
 import time
 
 from tests.conftest import new_key
-from tests.resilience.support import Load, keyd_config, read_response
+from tests.helpers import Eof, read_response
+from tests.resilience.support import Load, keyd_config
 
 BODY = b'{"user_id": "in-flight"}'
 HEAD = (
@@ -30,10 +31,12 @@ def _new_client_outcome(path: str) -> str:
         return "connection refused"
     try:
         sock.sendall(HEAD % len(BODY) + BODY)
-        status, body, _ = read_response(sock)
+        status, _, body, _ = read_response(sock)
     except OSError:
         return "closed without an answer"
-    except Exception as exc:  # _Eof/_Truncated from read_response
+    except Eof as exc:
+        return "truncated answer" if exc.truncated else "closed before an answer"
+    except Exception as exc:
         return type(exc).__name__
     finally:
         sock.close()
@@ -56,7 +59,7 @@ def test_8_sigterm_under_load(vault, approle_files, start_keyd, short_dir, repor
         time.sleep(0.3)
         newcomer = _new_client_outcome(keyd.socket)
         in_flight.sendall(BODY[10:])
-        status, body, close = read_response(in_flight)
+        status, _, body, close = read_response(in_flight)
         in_flight.close()
         code = keyd.process.wait(15)
         time.sleep(0.2)

@@ -26,7 +26,6 @@ from keyd.daemon.callers.names import Identities
 from keyd.daemon.callers.units import (
     cgroup_root,
     systemd_cgroup,
-    unit_from_cgroup,
     unit_from_path,
     units_of,
     user_unit_from_path,
@@ -34,7 +33,7 @@ from keyd.daemon.callers.units import (
 from keyd.daemon.http.server import Server
 from keyd.daemon.http.types import Response
 from keyd.daemon.policy import grants as grants_module
-from keyd.daemon.policy.grants import DEFAULT_GRANT, Policy, format_rate, grant_matches
+from keyd.daemon.policy.grants import DEFAULT_GRANT, Policy, compile_selectors, format_rate
 from keyd.daemon.policy.ratelimit import RateLimiter
 from keyd.errors import Forbidden, RateLimited
 from keyd.ops import grants
@@ -146,7 +145,6 @@ def test_units_from_cgroup_paths_like_sd_pid_get_unit(
 
 def test_a_user_managers_unit_is_never_the_unit() -> None:
     text = f"0::{USER_SYNC}\n"
-    assert unit_from_cgroup(text) == "user@1000.service"
     assert units_of(text, 1000) == ("user@1000.service", "talkjs-sync.service")
     # A process of another uid inside uid 1000's manager (a setuid program it started) has none.
     assert units_of(text, 0) == ("user@1000.service", "")
@@ -382,7 +380,7 @@ def test_grant_selectors(selectors: dict[str, object], matches: bool) -> None:
     grant = GrantConfig(index=0, **selectors)  # type: ignore[arg-type]
     users = {"alice": 1000, "alias-of-alice": 1000, "bob": 1001}.get
     groups = {"www-data": 33, "wheel": 10, "staff-alias": 1000}.get
-    assert grant_matches(grant, caller(), users, groups) is matches
+    assert compile_selectors(grant, users, groups).matches(caller()) is matches
 
 
 @pytest.mark.parametrize(
@@ -400,7 +398,7 @@ def test_user_unit_selector(selectors: dict[str, object], matches: bool) -> None
     grant = GrantConfig(index=0, **selectors)  # type: ignore[arg-type]
     in_manager = caller(unit="user@1000.service", user_unit="talkjs-sync.service")
     no_groups: dict[str, int] = {}
-    assert grant_matches(grant, in_manager, {"alice": 1000}.get, no_groups.get) is matches
+    assert compile_selectors(grant, {"alice": 1000}.get, no_groups.get).matches(in_manager) is matches
 
 
 async def _reresolve(policy: Policy) -> None:

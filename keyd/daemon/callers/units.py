@@ -95,12 +95,6 @@ def user_unit_from_path(path: str, root: str = "/") -> tuple[int, str] | None:
     return None
 
 
-def unit_from_cgroup(text: str, root: str = "/") -> str:
-    """The unit (``sd_pid_get_unit``) from the text of a ``/proc/<pid>/cgroup`` file, or ""."""
-    path = systemd_cgroup(text)
-    return unit_from_path(path, root) if path else ""
-
-
 def units_of(text: str | None, uid: int, root: str = "/") -> tuple[str, str]:
     """(unit, user_unit) of a process of ``uid`` whose ``/proc/<pid>/cgroup`` reads ``text``.
 

@@ -60,16 +60,6 @@ def compile_selectors(
     return Selectors(uid, tuple(gids), grant.unit, grant.user_unit, never)
 
 
-def grant_matches(
-    grant: GrantConfig,
-    caller: Caller,
-    users: Callable[[str], int | None] = user_id,
-    groups: Callable[[str], int | None] = group_id,
-) -> bool:
-    """All selectors a grant gives must match; a grant with none matches every caller."""
-    return compile_selectors(grant, users, groups).matches(caller)
-
-
 DEFAULT_GRANT = GrantConfig(index=-1, apps=("*",), types=("user",))
 MAX_DECISIONS = 4096  # callers and identities whose first matching grant is remembered (per policy)
 

@@ -20,6 +20,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
@@ -51,6 +52,32 @@ _MAX_CONTENT_TYPE = 200
 UPSTREAM_HEADER = (b"X-Keyd-Upstream", b"talkjs")
 MAX_REFUSED_PATH = 200  # characters of a refused call's path in its audit line
 MAX_LOGGED_PATH = 1024  # ... of a proxied call's (it matched a grant: seldom longer)
+
+
+class _Seen:
+    """What a refused call's audit line can name: the app and the path, once they passed."""
+
+    __slots__ = ("app", "path")
+
+    def __init__(self) -> None:
+        self.app: str | None = None
+        self.path: str | None = None
+
+
+@dataclass(slots=True)
+class _Call:
+    """A REST call that passed every check: what the upstream part needs."""
+
+    caller: Caller
+    app: AppConfig
+    method: bytes
+    path: str
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    rule: RestRule
+    started: float
+    attempts: int = 0
 
 
 def mint(key: tokens.Keyed, app_id: str, iat: int, ttl: int) -> bytes:
@@ -152,102 +179,95 @@ class RestProxy:
     def handle(self, request: Request) -> Response:
         """A Response for anything refused; otherwise a Deferred whose task produces TalkJS's answer."""
         started = time.perf_counter()
-        caller = request.caller
-        content_type: bytes | None = None
-        method = request.method.decode("latin-1")
-        app_name: str | None = None
-        path: str | None = None
+        seen = _Seen()
         try:
-            if request.method not in _METHODS:
-                raise ApiError(405, "method_not_allowed", f"the REST proxy accepts {_ALLOW.decode()}")
-            app_part, slash, rest = request.path[len(PREFIX) :].partition(b"/")
-            if not slash:
-                raise ApiError(404, "not_found", "use /v1/rest/APP/PATH, e.g. /v1/rest/default/users/alice")
-            app_name = app_part.decode("latin-1")
-            app = self._apps.get(app_name)
-            if app is None:
-                app_name = None
-                raise ApiError(
-                    404, "unknown_app", f"no app named {app_part[:64].decode('latin-1')!r} is configured"
-                )
-            path = check_path(b"/" + rest)
-            grant = self._policy.authorize(caller, app, "rest", None, None)
-            rule = _match(grant.rest, method, path)
-            if rule is None:
-                raise ApiError(403, "forbidden", f"this caller may not {method} {path[:200]}")
-            if len(request.body) > app.rest.max_body:
-                raise ApiError(413, "body_too_large", f"the request body exceeds {app.rest.max_body} bytes")
-            content_type = request.headers.get(b"content-type")
-            if content_type is not None and not _plain_header(content_type):
-                raise ApiError(
-                    422, "invalid_header", "Content-Type must be at most 200 printable ASCII characters"
-                )
-            check_body(request.body, content_type)
-            if content_type is None and request.body:
-                content_type = b"application/json"  # as keyd's own endpoints read a body without one
-            if self._in_flight.get(caller.uid, 0) >= app.rest.max_concurrent:
-                raise ApiError(
-                    429,
-                    "too_many_requests",
-                    f"this caller already has {app.rest.max_concurrent} REST requests in flight",
-                )
-            query = upstream_query(request)
-            self._keys.signing(app.name)  # 503 key_unavailable now rather than after a wait
+            call = self._admit(request, seen, started)
         except (ApiError, Refusal) as caught:
-            exc = caught if isinstance(caught, ApiError) else refusal_error(caught)
-            response = error_response(exc)
-            if exc.status == 405:
-                response.headers = ((b"Allow", _ALLOW),)
-            self.stats.request(method if request.method in _METHODS else "other", "none", exc.status)
-            self._audit.rest(
-                RestCall(
-                    caller,
-                    app_name,
-                    method[:16],
-                    self._log_path(path, MAX_REFUSED_PATH),
-                    "refused",
-                    exc.code,
-                    None,
-                    time.perf_counter() - started,
-                    0,
-                )
+            return self._refuse(request, caught, seen, started)
+        uid = call.caller.uid
+        self._in_flight[uid] = self._in_flight.get(uid, 0) + 1
+        return deferred(asyncio.get_running_loop().create_task(self._forward(call)))
+
+    def _admit(self, request: Request, seen: _Seen, started: float) -> _Call:
+        """Every check a REST call must pass, in order (raising ApiError or Refusal); ``seen``
+        collects what a refusal's audit line can name. Changes nothing."""
+        caller = request.caller
+        if request.method not in _METHODS:
+            raise ApiError(405, "method_not_allowed", f"the REST proxy accepts {_ALLOW.decode()}")
+        method = request.method.decode("latin-1")
+        app_part, slash, rest = request.path[len(PREFIX) :].partition(b"/")
+        if not slash:
+            raise ApiError(404, "not_found", "use /v1/rest/APP/PATH, e.g. /v1/rest/default/users/alice")
+        app = self._apps.get(app_part.decode("latin-1"))
+        if app is None:
+            raise ApiError(
+                404, "unknown_app", f"no app named {app_part[:64].decode('latin-1')!r} is configured"
             )
-            return response
-        self._in_flight[caller.uid] = self._in_flight.get(caller.uid, 0) + 1
-        headers = []
-        if content_type is not None:
-            headers.append((b"Content-Type", content_type))
+        seen.app = app.name
+        path = seen.path = check_path(b"/" + rest)
+        grant = self._policy.authorize(caller, app, "rest", None, None)
+        rule = _match(grant.rest, method, path)
+        if rule is None:
+            raise ApiError(403, "forbidden", f"this caller may not {method} {path[:200]}")
+        if len(request.body) > app.rest.max_body:
+            raise ApiError(413, "body_too_large", f"the request body exceeds {app.rest.max_body} bytes")
+        content_type = request.headers.get(b"content-type")
+        if content_type is not None and not _plain_header(content_type):
+            raise ApiError(
+                422, "invalid_header", "Content-Type must be at most 200 printable ASCII characters"
+            )
+        check_body(request.body, content_type)
+        if content_type is None and request.body:
+            content_type = b"application/json"  # as keyd's own endpoints read a body without one
+        if self._in_flight.get(caller.uid, 0) >= app.rest.max_concurrent:
+            raise ApiError(
+                429,
+                "too_many_requests",
+                f"this caller already has {app.rest.max_concurrent} REST requests in flight",
+            )
+        query = upstream_query(request)
+        self._keys.signing(app.name)  # 503 key_unavailable now rather than after a wait
+        headers = [] if content_type is None else [(b"Content-Type", content_type)]
         accept = request.headers.get(b"accept")
         headers.append((b"Accept", accept if accept and _plain_header(accept) else b"application/json"))
         target = b"/v1/%s%s" % (quote(app.app_id, safe="").encode(), path.encode())
         if query:
             target += b"?" + query
-        return deferred(
-            asyncio.get_running_loop().create_task(
-                self._forward(caller, app, request.method, path, target, headers, request.body, rule, started)
+        return _Call(caller, app, request.method, path, target, headers, request.body, rule, started)
+
+    def _refuse(self, request: Request, caught: ApiError | Refusal, seen: _Seen, started: float) -> Response:
+        """The error answer for a refused call, counted and audited."""
+        exc = caught if isinstance(caught, ApiError) else refusal_error(caught)
+        response = error_response(exc)
+        if exc.status == 405:
+            response.headers = ((b"Allow", _ALLOW),)
+        known = request.method in _METHODS
+        method = request.method.decode("latin-1")
+        self.stats.request(method if known else "other", "none", exc.status)
+        self._audit.rest(
+            RestCall(
+                request.caller,
+                seen.app,
+                method[:16],
+                self._log_path(seen.path, MAX_REFUSED_PATH),
+                "refused",
+                exc.code,
+                None,
+                time.perf_counter() - started,
+                0,
             )
         )
+        return response
 
     # -- the upstream part -------------------------------------------------------------------
 
-    async def _forward(
-        self,
-        caller: Caller,
-        app: AppConfig,
-        method: bytes,
-        path: str,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        rule: RestRule,
-        started: float,
-    ) -> Response:
-        attempts = [0]
+    async def _forward(self, call: _Call) -> Response:
+        app, uid = call.app, call.caller.uid
         code: str | None = None
         upstream: UpstreamResponse | None = None
         try:
             async with asyncio.timeout(app.rest.timeout):
-                upstream = await self._attempts(app, caller.uid, method, target, headers, body, attempts)
+                upstream = await self._attempts(call)
             response = _relay(upstream)
         except TimeoutError:
             code = "upstream_timeout"
@@ -270,26 +290,26 @@ class RestProxy:
             code = "internal_error"
             response = Response(500, error_body(code, "keyd hit an internal error"))
         finally:
-            left = self._in_flight.get(caller.uid, 1) - 1
+            left = self._in_flight.get(uid, 1) - 1
             if left:
-                self._in_flight[caller.uid] = left
+                self._in_flight[uid] = left
             else:
-                self._in_flight.pop(caller.uid, None)
+                self._in_flight.pop(uid, None)
             status = upstream.status if upstream is not None else None
             self._audit.rest(
                 RestCall(
-                    caller,
+                    call.caller,
                     app.name,
-                    method.decode(),
-                    self._log_path(path),
+                    call.method.decode(),
+                    self._log_path(call.path),
                     "proxied" if upstream is not None else "failed",
                     code,
                     status,
-                    time.perf_counter() - started,
-                    attempts[0],
+                    time.perf_counter() - call.started,
+                    call.attempts,
                 )
             )
-        self.stats.request(method.decode(), str(rule), response.status)
+        self.stats.request(call.method.decode(), str(call.rule), response.status)
         return response
 
     async def _mint_transit(self, app: AppConfig, ttl: int) -> bytes:
@@ -308,17 +328,10 @@ class RestProxy:
         answer = await self._transit.mac(app, tokens.signing_input(unsigned), finish)
         return answer.body
 
-    async def _attempts(
-        self,
-        app: AppConfig,
-        uid: int,
-        method: bytes,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        attempts: list[int],
-    ) -> UpstreamResponse:
-        """Send, retrying idempotent methods on connection errors and 5xx; the last answer or error."""
+    async def _attempts(self, call: _Call) -> UpstreamResponse:
+        """Send, retrying idempotent methods on connection errors and 5xx; the last answer or error.
+        ``call.attempts`` counts the attempts made, for the audit line (also when this raises)."""
+        app, method = call.app, call.method
         rest = app.rest
         tries = 1 + (rest.retries if method in IDEMPOTENT else 0)
         sender = self._sender(app)
@@ -329,7 +342,7 @@ class RestProxy:
                 # The one retry policy (backoff.py): exponential from retry_backoff, jittered, so
                 # retries from many callers do not align; the whole call stays inside its timeout.
                 await asyncio.sleep(backoff(attempt, rest.retry_backoff, rest.timeout, self._rand))
-            attempts[0] = attempt + 1
+            call.attempts = attempt + 1
             # A fresh token per attempt, alive for token_ttl seconds, referenced only by this frame.
             if app.transit:
                 bearer = b"Bearer " + await self._mint_transit(app, ttl)
@@ -339,7 +352,11 @@ class RestProxy:
             sent = time.perf_counter()
             try:
                 response = await sender.request(
-                    method, target, [(b"Authorization", bearer), *headers, (b"User-Agent", b"keyd")], body, uid
+                    method,
+                    call.target,
+                    [(b"Authorization", bearer), *call.headers, (b"User-Agent", b"keyd")],
+                    call.body,
+                    call.caller.uid,
                 )
             except UpstreamError as exc:
                 self.stats.upstream(app.name, time.perf_counter() - sent)

@@ -5,7 +5,6 @@ vault.ca_cert), not hvac."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
@@ -18,15 +17,6 @@ from tests.helpers import KeydProcess, run_vault_setup, wait_until
 from tests.resilience.support import Load
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RaftCluster]:
-    raft = RaftCluster()
-    try:
-        yield raft.start()
-    finally:
-        raft.cleanup()
 
 
 def test_transit_batches_fail_over_when_the_node_in_use_is_killed(

@@ -13,7 +13,6 @@ and each failed node's error with its address.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,15 +32,6 @@ from tests.helpers import KeydProcess, wait_until
 from tests.resilience.support import Load, health
 
 pytestmark = pytest.mark.timeout(400)
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RaftCluster]:
-    raft = RaftCluster()
-    try:
-        yield raft.start()
-    finally:
-        raft.cleanup()
 
 
 def all_healthy_on_node1(proc: KeydProcess, cluster: RaftCluster) -> bool:

@@ -16,7 +16,6 @@ same load generator (keyd.bench.load.run_load) then measures, in this order:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import ssl
@@ -28,9 +27,9 @@ from typing import Any, TextIO
 
 from keyd.bench import report, stack, workload
 from keyd.bench.load import Endpoint, loop_run, run_load
-from keyd.bench.options import DEFAULT_DURATION, BenchError, Options
+from keyd.bench.options import DEFAULT_DURATION, Options
 from keyd.bench.report import Result
-from keyd.bench.standin import make_certificates
+from keyd.bench.standin import StandinProcess
 from keyd.daemon.signing import tokens
 
 TARGET_ADDED_P50_MS = 0.5
@@ -106,27 +105,8 @@ def run_rest(options: Options, out: TextIO = sys.stdout) -> tuple[dict[str, Any]
         say("starting an OpenBao dev server, the TalkJS stand-in and keyd ...")
         s.start_vault()
         workdir = Path(s.workdir)
-        ca, cert, private = make_certificates(workdir)
-        port_file = workdir / "standin.port"
-        standin = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "keyd.bench.standin",
-                str(port_file),
-                str(cert),
-                str(private),
-                workload.APP_ID,
-                "3600",
-            ],
-            stdin=subprocess.PIPE,
-            cwd=s.workdir,
-        )
-        try:
-            assert standin.stdin is not None  # noqa: S101 - set by stdin=PIPE
-            standin.stdin.write(s.key + b"\n")
-            standin.stdin.close()
-            port = _wait_for_port(port_file, standin)
+        with StandinProcess(workdir, s.key, workload.APP_ID, 3600) as standin:
+            port, ca = standin.port, standin.ca
             # The bench's own grant (user and app tokens) becomes one that also allows the proxy.
             config = Path(s.config_path).read_text()
             Path(s.config_path).write_text(
@@ -170,10 +150,6 @@ def run_rest(options: Options, out: TextIO = sys.stdout) -> tuple[dict[str, Any]
                 measure(f"tokens+proxy-{round_}", proxied, token_requests, concurrency, seconds)
                 background, _ = loader.communicate(timeout=seconds + 60)
                 loads.append(json.loads(background) if background.strip() else {})
-        finally:
-            standin.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                standin.wait(5)
     added = results["proxied-1"].p50_ms - results["direct-1"].p50_ms
     alone = sum(r.throughput for name, r in results.items() if name.startswith("tokens-"))
     loaded = sum(r.throughput for name, r in results.items() if name.startswith("tokens+proxy-"))
@@ -214,14 +190,3 @@ def run_rest(options: Options, out: TextIO = sys.stdout) -> tuple[dict[str, Any]
         print(json.dumps(doc, indent=2), file=out)
     clean = all(r.non_200 == 0 for r in results.values()) and load.get("non_200", 1) == 0
     return doc, clean
-
-
-def _wait_for_port(port_file: Path, process: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if port_file.exists() and port_file.read_text().strip():
-            return int(port_file.read_text())
-        if process.poll() is not None:
-            break
-        time.sleep(0.02)
-    raise BenchError("the TalkJS stand-in did not start")

@@ -23,20 +23,27 @@ from typing import TextIO
 
 import hvac
 
+from keyd.bench.standin import StandinProcess
 from keyd.config import (
     TOKEN_TYPES,
     AppConfig,
     Config,
     GrantConfig,
     RefreshConfig,
+    RestConfig,
     ServerConfig,
     VaultAuthConfig,
     VaultConfig,
+    parse_rest_rule,
 )
 from keyd.errors import KeydError
 
 DEMO_APP_ID = "tDemoApp"
 DEMO_PATH = "talkjs/demo"
+# The TalkJS REST endpoints the demo caller may call through keyd's proxy (below /v1/APP_ID): enough
+# for a user sync and a first message; anything else gets keyd's 403 and never leaves keyd.
+DEV_REST = ("GET /users/*", "PUT /users/*", "PUT /conversations/*", "POST /conversations/*/messages")
+STANDIN_LOG = "talkjs-standin.log"
 
 
 def bao_binary() -> str:
@@ -154,19 +161,26 @@ def demo_key() -> str:
     return "sk_test_" + secrets.token_urlsafe(18)
 
 
-def dev_config(address: str, socket_path: str, app_id: str = DEMO_APP_ID) -> Config:
+def dev_config(
+    address: str, socket_path: str, app_id: str = DEMO_APP_ID, rest: RestConfig | None = None
+) -> Config:
     """The configuration `keyd dev` runs with: token auth (VAULT_TOKEN), one app.
 
     The socket is 0600 and the one grant lets its owner (you) ask for everything, so the demo can
-    show app tokens, signatures and webhook checks too.
+    show app tokens, signatures and webhook checks too, and call DEV_REST through the proxy (to
+    ``rest``'s upstream: the local stand-in with the demo key, api.talkjs.com with your own app).
     """
+    app = AppConfig(
+        name="default", app_id=app_id, path=DEMO_PATH, field="secret_key", rest=rest or RestConfig()
+    )
+    rules = tuple(parse_rest_rule(rule) for rule in DEV_REST)
     return Config(
         source="<keyd dev>",
         server=replace(ServerConfig(), socket=socket_path, socket_mode=0o600),
         vault=VaultConfig(address=address, auth=VaultAuthConfig(method="token")),
         refresh=RefreshConfig(interval=30.0, max_stale=600.0),
-        apps={"default": AppConfig(name="default", app_id=app_id, path=DEMO_PATH, field="secret_key")},
-        grants=(GrantConfig(index=0, uid=os.getuid(), types=TOKEN_TYPES),),
+        apps={"default": app},
+        grants=(GrantConfig(index=0, uid=os.getuid(), types=TOKEN_TYPES, rest=rules),),
     )
 
 
@@ -194,8 +208,32 @@ def write_run_file(directory: str, name: str, content: str) -> str:
     return path
 
 
-def instructions(socket_path: str, bao: BaoServer, app_id: str, key_file: str | None, token_file: str) -> str:
-    """The banner: how to call keyd, verify its tokens, and rotate the key in the dev server."""
+def rest_lines(upstream: str, standin_log: str | None) -> str:
+    """The banner's REST proxy part: where calls go, what is granted, a sync that works."""
+    where = (
+        f"a local TalkJS stand-in on {upstream}\n"
+        f"  (it checks keyd's app tokens as TalkJS does; what it received: {os.path.relpath(standin_log)})"
+        if standin_log
+        else f"the real {upstream}:\n  these calls change your TalkJS test app"
+    )
+    return f"""The REST proxy signs each call itself and sends it to {where}.
+  Granted to you: {", ".join(DEV_REST)}; anything else gets keyd's 403.
+
+  curl --unix-socket "$KEYD_SOCKET" -X PUT -H 'Content-Type: application/json' \\
+       -d '{{"name": "Alice"}}' http://keyd/v1/rest/default/users/alice
+  echo '[{{"id": "alice", "name": "Alice"}}]' | node examples/node/sync-users.js
+"""
+
+
+def instructions(
+    socket_path: str,
+    bao: BaoServer,
+    app_id: str,
+    key_file: str | None,
+    token_file: str,
+    rest: str = "",
+) -> str:
+    """The banner: how to call keyd, verify its tokens, use the REST proxy, and rotate the key."""
     sock = os.path.abspath(socket_path)
     key_line = (
         f"  The demo key is a throw-away: it is in {os.path.relpath(key_file)} (0600) so you can check\n"
@@ -217,6 +255,7 @@ In another terminal:
   .venv/bin/keyd status
   node examples/node/keyd.js token alice          # the examples read KEYD_SOCKET too
 
+{rest}
 Rotate the key in the dev server, then tell keyd (SIGHUP re-reads it):
 
   export BAO_ADDR={bao.address} BAO_TOKEN="$(cat {os.path.relpath(token_file)})"
@@ -225,13 +264,13 @@ Rotate the key in the dev server, then tell keyd (SIGHUP re-reads it):
 
 Tokens live 1 h by default (TalkJS's own snippet uses 1 day): fetch a fresh one from your backend
 with TalkJS's tokenFetcher so sessions outlast it (README, "Calling keyd").
-Press Ctrl-C to stop keyd and the OpenBao dev server.
+Press Ctrl-C to stop keyd, the OpenBao dev server{" and the TalkJS stand-in" if key_file else ""}.
 """
 
 
 def run_dev(socket_path: str = "run/keyd.sock", app_id: str = DEMO_APP_ID, key: str | None = None) -> None:
-    """Start OpenBao (dev mode), store the key (a demo key unless one is given), run keyd in the
-    foreground until Ctrl-C."""
+    """Start OpenBao (dev mode), store the key (a demo key unless one is given), and, with the demo
+    key, a local TalkJS stand-in for the REST proxy; run keyd in the foreground until Ctrl-C."""
     from keyd.daemon import wiring as daemon  # noqa: PLC0415 - keeps `keyd --help` light
 
     socket_path = os.path.abspath(socket_path)
@@ -239,19 +278,33 @@ def run_dev(socket_path: str = "run/keyd.sock", app_id: str = DEMO_APP_ID, key: 
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     demo = key is None
     secret = demo_key() if key is None else key
-    with BaoServer() as bao:
+    with contextlib.ExitStack() as stack:
+        bao = stack.enter_context(BaoServer())
         bao.client().secrets.kv.v2.create_or_update_secret(
             path=DEMO_PATH, secret={"secret_key": secret}, mount_point="secret"
         )
         print(f"OpenBao dev server on {bao.address} (in memory; stopped with keyd)", flush=True)
+        rest, standin_log = RestConfig(), None
+        if demo:  # your own app's REST calls go to the real TalkJS: a stand-in would fake your app
+            standin_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="keyd-standin-")))
+            standin_log = os.path.join(run_dir, STANDIN_LOG)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(standin_log)
+            standin = StandinProcess(standin_dir, secret.encode(), app_id, 60, Path(standin_log))
+            stack.enter_context(standin)  # stopped (this one process) however keyd ends
+            rest = RestConfig(base_url=standin.url, ca_file=str(standin.ca))
         key_file = write_run_file(run_dir, "demo-key", secret) if demo else None
         with contextlib.suppress(FileNotFoundError):
             if not demo:
                 os.unlink(os.path.join(run_dir, "demo-key"))  # not the key in use: no stale copy
         token_file = write_run_file(run_dir, "bao-token", bao.root_token)
         os.environ["VAULT_TOKEN"] = bao.root_token  # read once and removed by keyd.vault
-        config = dev_config(bao.address, socket_path, app_id)
-        print(instructions(os.path.relpath(socket_path), bao, app_id, key_file, token_file), flush=True)
+        config = dev_config(bao.address, socket_path, app_id, rest)
+        banner_rest = rest_lines(rest.base_url, standin_log)
+        print(
+            instructions(os.path.relpath(socket_path), bao, app_id, key_file, token_file, banner_rest),
+            flush=True,
+        )
         try:
             daemon.run(config)
         finally:

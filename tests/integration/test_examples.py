@@ -1,8 +1,8 @@
 """The examples in examples/ run with their real runtimes (Node.js, PHP, curl, Python) against a live
 keyd on OpenBao, and the tokens they get verify with PyJWT against the key in Vault.
 
-A missing runtime is installed from Debian's packages when the tests run as root (php-cli and php-curl,
-nodejs); the tests skip, saying why, only where that is impossible.
+The runtimes come from the fixtures in conftest.py (installed from Debian's packages when missing,
+skipped with the reason only where that is impossible).
 """
 
 from __future__ import annotations
@@ -28,50 +28,6 @@ from tests.helpers import ROOT
 
 EXAMPLES = ROOT / "examples"
 ALL_TYPES = ["user", "app", "signature", "webhook"]
-
-
-def _apt_install(*packages: str) -> str:
-    """Install Debian packages; returns "" or why it could not."""
-    if os.geteuid() != 0:
-        return "not root, so cannot apt-get install " + " ".join(packages)
-    if not shutil.which("apt-get"):
-        return "no apt-get on this machine"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
-    for attempt in (1, 2):
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
-        if done.returncode == 0:
-            return ""
-        if attempt == 1:  # stale package lists: refresh once and retry
-            subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600, check=False)
-    return f"apt-get install {' '.join(packages)} failed: {done.stderr.strip()[-300:]}"
-
-
-def _runtime(check, packages: tuple[str, ...], what: str) -> None:
-    if check():
-        return
-    why = _apt_install(*packages)
-    if not check():
-        pytest.skip(f"{what} is not available: {why or 'installed, but still not usable'}")
-
-
-def _php_ok() -> bool:
-    if not shutil.which("php"):
-        return False
-    done = subprocess.run(["php", "-m"], capture_output=True, text=True, check=False)
-    return "curl" in done.stdout.split()
-
-
-@pytest.fixture(scope="session")
-def php() -> str:
-    _runtime(_php_ok, ("php-cli", "php-curl"), "PHP with the curl extension")
-    return "php"
-
-
-@pytest.fixture(scope="session")
-def node() -> str:
-    _runtime(lambda: shutil.which("node") is not None, ("nodejs",), "Node.js")
-    return "node"
 
 
 @pytest.fixture

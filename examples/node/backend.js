@@ -14,7 +14,11 @@
 'use strict';
 
 const http = require('http');
-const keyd = require('./keyd');
+// The keyd-client package (clients/node): in your app, `npm install /path/to/keyd/clients/node`
+// and require('keyd-client').
+const { KeydClient } = require('../../clients/node');
+
+const keyd = new KeydClient(); // $KEYD_SOCKET, or /run/keyd/keyd.sock
 
 const sessions = JSON.parse(process.env.DEMO_SESSIONS || '{}');
 const banned = new Set(JSON.parse(process.env.DEMO_BANNED || '[]'));
@@ -73,5 +77,5 @@ server.listen(Number(process.env.PORT || 3000), '127.0.0.1', () => {
 });
 process.on('SIGTERM', () => {
   server.close();
-  keyd.agent.destroy();
+  keyd.close();
 });

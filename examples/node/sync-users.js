@@ -13,67 +13,42 @@
 //   types = ["rest"]
 //   rest = ["PUT /users/*"]
 // The socket is $KEYD_SOCKET, or /run/keyd/keyd.sock; the app is $KEYD_APP, or "default".
+// It uses the keyd-client package (clients/node): keyd.rest() returns TalkJS's answer, and throws
+// for keyd's own refusals.
 'use strict';
 
-const http = require('http');
+const { KeydClient, RateLimitedError } = require('../../clients/node'); // require('keyd-client') in your app
 
-const SOCKET = process.env.KEYD_SOCKET || '/run/keyd/keyd.sock';
 const APP = process.env.KEYD_APP || 'default';
-const agent = new http.Agent({ keepAlive: true, maxSockets: 4 });
 const ATTEMPTS = 5;
+const keyd = new KeydClient(); // $KEYD_SOCKET, or /run/keyd/keyd.sock
 
-/** One call through keyd: {status, body, retryAfter, fromTalkjs}; rejects when keyd is unreachable. */
-function rest(method, path, payload) {
-  const body = payload === undefined ? null : Buffer.from(JSON.stringify(payload));
-  const headers = { Accept: 'application/json', 'Content-Length': body ? body.length : 0 };
-  if (body) headers['Content-Type'] = 'application/json';
-  return new Promise((resolve, reject) => {
-    const req = http.request(
-      { socketPath: SOCKET, path: `/v1/rest/${encodeURIComponent(APP)}${path}`, method, agent, headers },
-      (res) => {
-        const chunks = [];
-        res.on('data', (c) => chunks.push(c));
-        res.on('end', () =>
-          resolve({
-            status: res.statusCode,
-            body: Buffer.concat(chunks).toString('utf8'),
-            retryAfter: Number(res.headers['retry-after']) || 1,
-            // Set on TalkJS's answers; keyd's own errors ({"error": {"code": ...}}) lack it.
-            fromTalkjs: res.headers['x-keyd-upstream'] === 'talkjs',
-          }),
-        );
-      },
-    );
-    req.setTimeout(35000, () => req.destroy(new Error('keyd did not answer in time')));
-    req.on('error', reject);
-    req.end(body);
-  });
-}
+const sleep = (seconds) => new Promise((r) => setTimeout(r, Math.min(seconds, 30) * 1000));
 
-/** {error, message} for a failed call: keyd's code and its message (the helpful part), or TalkJS's. */
-function failure(answer) {
-  if (answer.fromTalkjs) return { error: `talkjs_${answer.status}`, message: answer.body.slice(0, 500) };
-  try {
-    const { code, message } = JSON.parse(answer.body).error;
-    return { error: code, message };
-  } catch (e) {
-    return { error: 'bad_response', message: answer.body.slice(0, 200) };
-  }
-}
-
+/** One user: {id, status} or {id, status, error, message}; keyd's message is the helpful part. */
 async function putUser(user) {
   const { id, ...fields } = user;
   // encodeURIComponent: an id with "/" or "%" stays one path segment (keyd refuses "." and "..").
   const path = `/users/${encodeURIComponent(String(id))}`;
-  let answer;
-  for (let attempt = 1; attempt <= ATTEMPTS; attempt += 1) {
-    answer = await rest('PUT', path, fields);
-    if (answer.status !== 429) break;
-    const seconds = Math.min(answer.retryAfter, 30);
-    await new Promise((r) => setTimeout(r, seconds * 1000));
+  for (let attempt = 1; ; attempt += 1) {
+    let answer;
+    try {
+      answer = await keyd.rest('PUT', path, { json: fields, app: APP });
+    } catch (e) {
+      // keyd's own refusal (403 forbidden, 400 invalid_path, ...) or keyd unreachable.
+      if (e instanceof RateLimitedError && attempt < ATTEMPTS) {
+        await sleep(1);
+        continue;
+      }
+      return { id, status: e.status, error: e.code, message: e.message };
+    }
+    if (answer.status === 429 && attempt < ATTEMPTS) {
+      await sleep(Number(answer.retryAfter) || 1); // TalkJS's own rate limit
+      continue;
+    }
+    if (answer.ok) return { id, status: answer.status };
+    return { id, status: answer.status, error: `talkjs_${answer.status}`, message: answer.text().slice(0, 500) };
   }
-  const ok = answer.status >= 200 && answer.status < 300;
-  return ok ? { id, status: answer.status } : { id, status: answer.status, ...failure(answer) };
 }
 
 async function main() {
@@ -82,20 +57,16 @@ async function main() {
   const users = JSON.parse(Buffer.concat(chunks).toString('utf8'));
   let failed = 0;
   for (const user of users) {
-    let result;
-    try {
-      result = await putUser(user);
-    } catch (e) {
-      result = { id: user.id, status: 0, error: 'unreachable', message: e.message };
-    }
+    const result = await putUser(user);
     if (result.error) failed += 1;
     console.log(JSON.stringify(result));
   }
-  agent.destroy();
+  keyd.close();
   process.exitCode = failed ? 1 : 0;
 }
 
 main().catch((e) => {
   console.error(e.message);
+  keyd.close();
   process.exitCode = 1;
 });

@@ -127,3 +127,75 @@ def test_node_examples_use_the_package():
         text = (ROOT / "examples" / "node" / name).read_text()
         assert "require('../../clients/node')" in text, name
         assert "http.request" not in text, f"{name} should not carry its own copy of the client"
+
+
+# -- PHP ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def php_project(php: str, composer: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project that requires keyd/client through a composer path repository, as the README says."""
+    done = subprocess.run(
+        [composer, "validate", "--strict", "--no-interaction"],
+        cwd=CLIENTS / "php",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    project = tmp_path_factory.mktemp("php-project")
+    manifest = {
+        "repositories": [
+            {"type": "path", "url": str(CLIENTS / "php"), "options": {"symlink": False}},
+            {"packagist.org": False},  # nothing else is needed: keyd/client has no dependencies
+        ],
+        "require": {"keyd/client": "*@dev"},
+    }
+    (project / "composer.json").write_text(json.dumps(manifest, indent=2))
+    env = {**os.environ, "COMPOSER_ALLOW_SUPERUSER": "1", "COMPOSER_HOME": str(project / ".composer")}
+    done = subprocess.run(
+        [composer, "install", "--no-interaction", "--no-progress"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (project / "vendor" / "keyd" / "client" / "src" / "Client.php").is_file()
+    return project
+
+
+def php_tests(php: str, project: Path, env: dict[str, str], group: str) -> str:
+    # exception_ignore_args=0: traces carry arguments, so a body passed along would show in them.
+    command = [php, "-d", "zend.exception_ignore_args=0", "-d", "error_reporting=-1"]
+    command += [str(CLIENTS / "php" / "tests" / "run.php"), str(project / "vendor" / "autoload.php"), group]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    summary = dict(re.findall(r"^# (tests|pass|fail) (\d+)$", done.stdout, re.M))
+    assert done.returncode == 0 and summary.get("fail") == "0", done.stdout[-4000:] + done.stderr[-2000:]
+    assert summary["tests"] == summary["pass"] and int(summary["pass"]) >= 5, summary
+    assert "Warning" not in done.stderr and "Deprecated" not in done.stderr, done.stderr
+    return done.stdout
+
+
+def test_php_client_against_live_keyd(php, php_project, live):
+    out = php_tests(php, php_project, client_env(live), "live")
+    assert "# pass 8" in out  # every test in run.php's live group
+    assert proxied(live) == [
+        ("PUT", f"/v1/{APP_ID}/users/alice"),
+        ("GET", f"/v1/{APP_ID}/users/bob%20smith%20%C3%A9"),
+    ]
+    assert json.loads(live.standin.received[0].body) == {"name": "Alice"}
+
+
+def test_php_client_against_hostile_servers(php, php_project, short_dir):
+    env = {k: v for k, v in os.environ.items() if k != "KEYD_SOCKET"}
+    php_tests(php, php_project, {**env, "TMPDIR": str(short_dir)}, "hostile")
+
+
+def test_php_examples_use_the_package():
+    for name in ("keyd.php", "sync-users.php"):
+        text = (ROOT / "examples" / "php" / name).read_text()
+        assert "require __DIR__ . '/autoload.php';" in text and "Keyd\\Client" in text, name
+        assert "curl_init" not in text, f"{name} should not carry its own copy of the client"

@@ -1,9 +1,9 @@
 """deploy/kubernetes/: what docs/deploy.md (sections 11 and 12) says of the manifests holds.
 
-The sidecar is also played for real (tests/containers/test_sidecar.py); podman plays no DaemonSet,
-so for the node agent these static checks are the test: every container hardened, no credential
-in any manifest, the configs load, the grants by uid, the service account token in keyd's
-container only, the socket read-only for its clients, and probes the keyd CLI accepts.
+Both are also played for real (tests/containers/test_pods.py); these static checks cover what a
+pod run cannot show: every container hardened, no credential in any manifest, the configs load,
+the grants by uid, the service account token in keyd's container only, the socket read-only for
+its clients, and probes the keyd CLI accepts.
 """
 
 from __future__ import annotations

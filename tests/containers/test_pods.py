@@ -1,19 +1,24 @@
-"""The shipped sidecar manifest (deploy/kubernetes/sidecar.yaml) run for real with `podman kube
-play`: keyd's image built from this checkout, keyd logging in to the session's real OpenBao with
-Vault's JWT auth, an app container and an intruder container of another uid in the same pod.
+"""The shipped manifests (deploy/kubernetes/) run for real with `podman kube play`: keyd's image
+built from this checkout, keyd logging in to the session's real OpenBao with Vault's JWT auth.
 
+The sidecar: an app container and an intruder container of another uid in the same pod.
 Substituted for the test, and nothing else: the images (keyd's; the app and the intruder run
 keyd's image too, for its Python client), the ConfigMap's config (this OpenBao, a jwt login whose
 token is a file the test writes, since podman projects no service account token), one replica,
 host networking (OpenBao listens on 127.0.0.1), and restartPolicy OnFailure (podman 4.3 restarts
 a finished init container under Always). The intruder container is added by the test.
 
-Real parts: podman with runc, a pod with separate PID namespaces, the emptyDir shared by the
-containers, the init container preparing it, real uids, a real cgroup named like a system unit.
+The node agent: its DaemonSet's pod template played as a Pod (podman plays no DaemonSet), the
+hostPath a fresh root-owned directory, and other pods' containers (`podman run`) mounting it.
+
+Real parts: podman with runc, pods with separate PID namespaces, the emptyDir and the hostPath
+shared by the containers, the init containers preparing them, real uids, a real cgroup named like
+a system unit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -38,6 +43,8 @@ from tests.integration.test_workload_auth import JwtMount
 
 ROOT = Path(__file__).resolve().parents[2]
 SIDECAR = ROOT / "deploy" / "kubernetes" / "sidecar.yaml"
+NODE_AGENT = ROOT / "deploy" / "kubernetes" / "node-agent.yaml"
+NODE_POD = "keyd-node"
 POD = "chat-backend-pod-0"  # podman names the Deployment's first (only) pod so
 APP_UID, INTRUDER_UID, KEYD_UID = 10002, 10003, 10001
 UNIT = "talkjs-app.service"  # the cgroup both callers are placed in
@@ -93,8 +100,29 @@ def played_manifest(image: str, config: str, token_dir: Path) -> list[dict[str, 
     return [configmap, deployment]
 
 
-def keyd_config(bao: BaoServer, mount: JwtMount, path: str) -> str:
-    """The ConfigMap's config with this OpenBao, this jwt mount, and a unit grant to contrast with."""
+def node_agent_manifest(image: str, config: str, token_dir: Path, node_dir: Path) -> list[dict[str, Any]]:
+    """The shipped node agent's ConfigMap, and its DaemonSet's pod template as the Pod it runs on
+    this "node" (podman plays no DaemonSet), with the sidecar's substitutions and ``node_dir``
+    standing for the node's /run/keyd."""
+    docs = [doc for doc in yaml.safe_load_all(NODE_AGENT.read_text()) if doc]
+    configmap = next(doc for doc in docs if doc["kind"] == "ConfigMap")
+    daemonset = next(doc for doc in docs if doc["kind"] == "DaemonSet")
+    configmap["data"]["config.toml"] = config
+    spec = daemonset["spec"]["template"]["spec"]
+    spec["hostNetwork"] = True
+    spec["restartPolicy"] = "OnFailure"
+    for container in [*spec["initContainers"], *spec["containers"]]:
+        container["image"] = image
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    volumes["vault-token"].pop("projected")
+    volumes["vault-token"]["hostPath"] = {"path": str(token_dir), "type": "Directory"}
+    volumes["keyd-socket"]["hostPath"]["path"] = str(node_dir)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": NODE_POD}, "spec": spec}
+    return [configmap, pod]
+
+
+def keyd_config(bao: BaoServer, mount: JwtMount, path: str, grants: list[dict[str, Any]]) -> str:
+    """The ConfigMap's config with this OpenBao, this jwt mount and these grants."""
     auth = {key: value for key, value in mount.auth.items() if key != "jwt_file"}  # the default file
     return to_toml(
         {
@@ -102,11 +130,7 @@ def keyd_config(bao: BaoServer, mount: JwtMount, path: str) -> str:
             "vault": {"address": bao.address, "timeout": "2s", "auth": auth},
             "refresh": {"interval": "30s", "retry_min": "0.2s", "retry_max": "1s"},
             "apps": {"default": {"app_id": "tTestApp", "path": path}},
-            "grant": [
-                # Would match the app's uid in this unit's cgroup if keyd could see its pid.
-                {"uid": APP_UID, "unit": UNIT, "types": ["user", "app"]},
-                {"uid": APP_UID, "types": ["user"]},
-            ],
+            "grant": grants,
             "log": {"format": "json"},
         }
     )
@@ -115,12 +139,14 @@ def keyd_config(bao: BaoServer, mount: JwtMount, path: str) -> str:
 class Pod:
     """The played pod: its containers by manifest name, commands run in them."""
 
-    def __init__(self, podman: Podman, manifest: Path) -> None:
+    def __init__(self, podman: Podman, manifest: Path, name: str, shipped: Path) -> None:
         self.podman = podman
         self.manifest = manifest
+        self.pod = name
+        self.shipped = shipped  # the manifest in deploy/kubernetes/ it was made from
 
     def name(self, container: str) -> str:
-        return f"{POD}-{container}"
+        return f"{self.pod}-{container}"
 
     def exec(self, container: str, *argv: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         return self.podman.run("exec", self.name(container), *argv, check=check, timeout=60)
@@ -195,38 +221,72 @@ def cgroups() -> Iterator[Cgroups]:
         made.cleanup()
 
 
-@pytest.fixture
-def pod(
-    podman: Podman, keyd_image: str, bao: BaoServer, root: hvac.Client, secret_path: tuple[str, str]
+class Login:
+    """A jwt login for keyd: the mount, and the token file in a directory podman mounts where the
+    kubelet would project the service account token."""
+
+    def __init__(self, root: hvac.Client, workdir: Path) -> None:
+        self.token_dir = workdir / "serviceaccount"
+        self.token_dir.mkdir()
+        for directory in (workdir, self.token_dir):
+            os.chmod(directory, 0o755)  # noqa: S103 - keyd's uid in the container reads the token
+        self.mount = JwtMount(root, workdir)
+        self.mount.jwt_file = self.token_dir / "token"
+        self.mount.mint()
+        os.chmod(self.mount.jwt_file, 0o644)
+
+
+@contextlib.contextmanager
+def played(
+    podman: Podman, docs: list[dict[str, Any]], workdir: Path, name: str, shipped: Path
 ) -> Iterator[Pod]:
-    workdir = Path(tempfile.mkdtemp(prefix="keyd-pod-"))
-    token_dir = workdir / "serviceaccount"
-    token_dir.mkdir()
-    for directory in (workdir, token_dir):
-        os.chmod(directory, 0o755)  # noqa: S103 - keyd's uid in the container reads the token
-    mount = JwtMount(root, workdir)
-    mount.jwt_file = token_dir / "token"
-    mount.mint()
-    os.chmod(mount.jwt_file, 0o644)
-    manifest = workdir / "sidecar.yaml"
-    manifest.write_text(
-        yaml.safe_dump_all(played_manifest(keyd_image, keyd_config(bao, mount, secret_path[0]), token_dir))
-    )
-    played = Pod(podman, manifest)
+    manifest = workdir / shipped.name
+    manifest.write_text(yaml.safe_dump_all(docs))
     try:
         podman.run("kube", "play", str(manifest), timeout=180)
-        yield played
+        yield Pod(podman, manifest, name, shipped)
     finally:
         podman.run("kube", "play", "--down", str(manifest), check=False, timeout=120)
-        subprocess.run(["rm", "-rf", str(workdir)], check=False)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="keyd-pod-"))
+    try:
+        yield path
+    finally:
+        subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+@pytest.fixture
+def pod(
+    podman: Podman,
+    keyd_image: str,
+    bao: BaoServer,
+    root: hvac.Client,
+    secret_path: tuple[str, str],
+    workdir: Path,
+) -> Iterator[Pod]:
+    login = Login(root, workdir)
+    grants = [
+        # Would match the app's uid in this unit's cgroup if keyd could see its pid.
+        {"uid": APP_UID, "unit": UNIT, "types": ["user", "app"]},
+        {"uid": APP_UID, "types": ["user"]},
+    ]
+    config = keyd_config(bao, login.mount, secret_path[0], grants)
+    docs = played_manifest(keyd_image, config, login.token_dir)
+    with played(podman, docs, workdir, POD, SIDECAR) as running:
+        yield running
 
 
 def probe(pod: Pod, kind: str) -> int:
     """Run the manifest's probe command of ``kind`` in keyd's container, as the kubelet would."""
-    deployment = next(
-        doc for doc in yaml.safe_load_all(SIDECAR.read_text()) if doc and doc["kind"] == "Deployment"
+    workload = next(
+        doc
+        for doc in yaml.safe_load_all(pod.shipped.read_text())
+        if doc and doc["kind"] in ("Deployment", "DaemonSet")
     )
-    keyd = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "keyd")
+    keyd = next(c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == "keyd")
     return pod.exec("keyd", *keyd[kind]["exec"]["command"]).returncode
 
 
@@ -309,3 +369,48 @@ def test_sidecar_pod_serves_the_app_by_uid_refuses_other_uids_and_survives_app_r
     assert any(line["uid"] == INTRUDER_UID and line.get("outcome") != "issued" for line in lines), lines
     assert key not in logs
     assert "logged in to Vault with jwt auth" in logs
+
+
+def test_node_agent_on_a_hostpath_serves_any_pod_of_the_granted_uid_and_refuses_others(
+    podman: Podman,
+    keyd_image: str,
+    bao: BaoServer,
+    root: hvac.Client,
+    secret_path: tuple[str, str],
+    workdir: Path,
+) -> None:
+    path, key = secret_path
+    login = Login(root, workdir)
+    node_dir = workdir / "node-run-keyd"  # as the kubelet's DirectoryOrCreate makes it: root, 0755
+    node_dir.mkdir(mode=0o755)
+    config = keyd_config(bao, login.mount, path, [{"uid": APP_UID, "types": ["user"]}])
+    docs = node_agent_manifest(keyd_image, config, login.token_dir, node_dir)
+    with played(podman, docs, workdir, NODE_POD, NODE_AGENT) as agent:
+        wait_until(lambda: probe(agent, "readinessProbe") == 0, timeout=60, interval=0.5)
+        assert probe(agent, "livenessProbe") == 0
+        st = node_dir.stat()
+        assert (st.st_uid, st.st_mode & 0o7777) == (KEYD_UID, 0o755), "the init container made it keyd's"
+
+        def other_pod(uid: int, *argv: str, writable: bool = False) -> subprocess.CompletedProcess[str]:
+            """A container of another pod on the node, mounting the hostPath as a client pod does."""
+            volume = f"{node_dir}:/run/keyd" + ("" if writable else ":ro")
+            return podman.run(
+                "run", "--rm", "--user", f"{uid}:{uid}", "--read-only", "--cap-drop", "ALL",
+                "-v", volume, *argv, check=False,
+            )  # fmt: skip
+
+        done = other_pod(APP_UID, keyd_image, "token", "--user-id", "alice")
+        assert done.returncode == 0, done.stderr
+        assert jwt.decode(done.stdout.strip(), key, algorithms=["HS256"])["sub"] == "alice"
+        done = other_pod(INTRUDER_UID, keyd_image, "token", "--user-id", "alice")
+        assert done.returncode == 1 and "forbidden, HTTP 403" in done.stderr, done.stderr
+        done = other_pod(INTRUDER_UID, "--entrypoint", "python3", keyd_image, "-c", TAMPER, writable=True)
+        tampering = json.loads(done.stdout)
+        assert all(code in (errno.EACCES, errno.EPERM) for code in tampering.values()), tampering
+        logs = agent.logs("keyd")
+        lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{") and '"uid":' in line]
+        assert any(line["uid"] == APP_UID and line["pid"] == 0 and line["unit"] == "" for line in lines), (
+            lines
+        )
+        assert any(line["uid"] == INTRUDER_UID and line["code"] == "forbidden" for line in lines), lines
+        assert key not in logs

@@ -29,8 +29,12 @@ def podman() -> Iterator[Podman]:
 def keyd_image(podman: Podman) -> Iterator[str]:
     """keyd's image from this checkout's Containerfile (removed at the end of the session)."""
     tag = f"localhost/keyd-test:{secrets.token_hex(4)}"
-    image = podman.build_keyd(podman.base_image(), tag)
+    base = podman.base_image()
+    before = set(podman.dangling())
+    image = podman.build_keyd(base, tag)
     try:
         yield image
     finally:
         podman.run("rmi", "--force", image, check=False)
+        for leftover in set(podman.dangling()) - before:  # this build's stage images, nothing else
+            podman.run("rmi", leftover, check=False)

@@ -68,6 +68,10 @@ class Podman:
             raise AssertionError(f"podman {' '.join(argv)} exited {done.returncode}:\n{done.stderr[-3000:]}")
         return done
 
+    def dangling(self) -> list[str]:
+        """Ids of untagged images (a multi-stage build leaves its build stage so)."""
+        return self.run("images", "--filter", "dangling=true", "--quiet", "--no-trunc").stdout.split()
+
     def base_image(self) -> str:
         """Debian 12 with BASE_PACKAGES as an image, imported from the cached tree on first use."""
         tree = rootfs(BASE_PACKAGES, name="oci-base")

@@ -247,6 +247,9 @@ def played(
         yield Pod(podman, manifest, name, shipped)
     finally:
         podman.run("kube", "play", "--down", str(manifest), check=False, timeout=120)
+        for doc in docs:  # podman keeps a ConfigMap's volume after --down
+            if doc["kind"] == "ConfigMap":
+                podman.run("volume", "rm", "--force", doc["metadata"]["name"], check=False)
 
 
 @pytest.fixture

@@ -398,7 +398,7 @@ def test_node_agent_on_a_hostpath_serves_any_pod_of_the_granted_uid_and_refuses_
             """A container of another pod on the node, mounting the hostPath as a client pod does."""
             volume = f"{node_dir}:/run/keyd" + ("" if writable else ":ro")
             return podman.run(
-                "run", "--rm", "--user", f"{uid}:{uid}", "--read-only", "--cap-drop", "ALL",
+                "run", "--rm", "--user", f"{uid}:{uid}", "--read-only", "--cap-drop", "ALL", "--network", "none",
                 "-v", volume, *argv, check=False,
             )  # fmt: skip
 

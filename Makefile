@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint unit integration resilience bench deb clean
+.PHONY: run test lint unit integration resilience bench deb image clean
 
 RUN_STAMP := $(VENV)/.installed-run-stamp
 
@@ -48,6 +48,12 @@ bench: $(STAMP)
 # The Debian package (dist/keyd_<version>-1_<arch>.deb); see docs/deploy.md, "Installing keyd".
 deb: $(STAMP)
 	sh packaging/debian/build-deb.sh dist $(BIN)/pip
+
+# keyd's OCI image (localhost/keyd:<version>) from the Containerfile, with podman or docker; wheels are
+# built here, so the build downloads nothing. IMAGE, BASE, IMAGE_PYTHON, ENGINE, ENGINE_FLAGS: see
+# packaging/container/build-image.sh and docs/deploy.md, "In a container".
+image: $(RUN_STAMP)
+	sh packaging/container/build-image.sh $(BIN)/pip
 
 clean:
 	rm -rf $(VENV) dist run .pytest_cache .mypy_cache .ruff_cache .hypothesis

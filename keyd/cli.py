@@ -193,6 +193,8 @@ def cmd_health(args: argparse.Namespace) -> int:
     with KeydClient(socket_path(args.socket)) as client:
         status, doc = client.health()
     print(json.dumps(doc, indent=2))
+    if args.live:  # a liveness probe: keyd answers; a Vault outage is no reason to restart it
+        return EXIT_OK
     return EXIT_OK if status == 200 else EXIT_FAILED
 
 
@@ -326,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("health", cmd_health, "print a running keyd's health; exit 1 when it cannot sign")
     p.add_argument("--socket", help=SOCKET_HELP)
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="exit 0 whenever keyd answers, even when it cannot sign (a liveness probe)",
+    )
 
     p = add(
         "reload",

@@ -168,6 +168,8 @@ def test_token_and_health_without_a_daemon(short_dir: Path) -> None:
     result = keyd_cli("health", "--socket", missing)
     assert result.returncode == 1
     assert result.stderr.strip() == f"keyd: no keyd socket at {missing}"
+    result = keyd_cli("health", "--live", "--socket", missing)
+    assert result.returncode == 1, "no answer: not alive"
     result = keyd_cli("token", "--socket", missing, "--user-id", "a")
     assert result.returncode == 1 and "no keyd socket" in result.stderr
 
@@ -179,4 +181,8 @@ def test_health_command_exits_1_when_keyd_cannot_sign(
     keyd.wait_health(503)
     result = keyd_cli("health", "--socket", keyd.socket)
     assert result.returncode == 1
+    assert json.loads(result.stdout)["status"] == "starting"
+    # The liveness probe's form: keyd answers, so it is alive, though it cannot sign yet.
+    result = keyd_cli("health", "--live", "--socket", keyd.socket)
+    assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["status"] == "starting"

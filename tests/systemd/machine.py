@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,40 +32,53 @@ TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "n
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def require_tools() -> None:
-    """Root, and debootstrap + systemd-nspawn (installed with apt-get when missing)."""
+def require_tools(
+    tools: dict[str, str] = TOOLS,
+    why: str = "builds a Debian rootfs with debootstrap and boots it with systemd-nspawn",
+) -> None:
+    """Root, and ``tools`` (command -> Debian package; installed with apt-get when missing)."""
     if os.geteuid() != 0:
-        pytest.skip("needs root: builds a Debian rootfs with debootstrap and boots it with systemd-nspawn")
-    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+        pytest.skip(f"needs root: {why}")
+    missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
     if missing and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
         if subprocess.run(install, capture_output=True, env=env, check=False).returncode != 0:
             subprocess.run(["apt-get", "update"], capture_output=True, env=env, check=False)
-            subprocess.run(install, capture_output=True, env=env, check=True)
-    still = [tool for tool in TOOLS if shutil.which(tool) is None]
+            done = subprocess.run(install, capture_output=True, text=True, env=env, check=False)
+            if done.returncode != 0:
+                pytest.skip(f"cannot install {', '.join(missing)}: {done.stderr.strip()[-500:]}")
+    still = [tool for tool in tools if shutil.which(tool) is None]
     if still:
         pytest.skip(f"cannot install {', '.join(still)} (no apt-get?)")
 
 
-def rootfs() -> Path:
-    """The cached Debian rootfs, built on first use (about a minute) under an exclusive lock."""
-    version = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Version}", "debootstrap"], capture_output=True, text=True, check=False
-    ).stdout
-    key = hashlib.sha256(repr((SUITE, MIRROR, PACKAGES, version, 1)).encode()).hexdigest()[:16]
-    target = CACHE / f"rootfs-{SUITE}-{key}"
+@contextlib.contextmanager
+def cache_lock() -> Iterator[None]:
+    """The cache's exclusive lock (builds of cached trees and images, by every test run here)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def rootfs(packages: tuple[str, ...] = PACKAGES, name: str = "rootfs") -> Path:
+    """The cached Debian rootfs with ``packages``, built on first use (about a minute) under an
+    exclusive lock. ``name`` keeps trees of different purposes apart (each keeps only its newest)."""
+    version = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Version}", "debootstrap"], capture_output=True, text=True, check=False
+    ).stdout
+    key = hashlib.sha256(repr((SUITE, MIRROR, packages, version, 1)).encode()).hexdigest()[:16]
+    target = CACHE / f"{name}-{SUITE}-{key}"
+    with cache_lock():
         if (target / "etc" / "os-release").exists():
             return target
-        building = CACHE / f".building-{key}"
+        building = CACHE / f".building-{name}-{key}"
         shutil.rmtree(building, ignore_errors=True)
         command = [
             "debootstrap",
             "--variant=minbase",
-            f"--include={','.join(PACKAGES)}",
+            f"--include={','.join(packages)}",
             SUITE,
             str(building),
             MIRROR,
@@ -76,7 +90,7 @@ def rootfs() -> Path:
         for cached in (building / "var/cache/apt/archives").glob("*.deb"):
             cached.unlink()
         building.rename(target)
-        for stale in CACHE.glob("rootfs-*"):  # trees built from other inputs (about 300 MB each)
+        for stale in CACHE.glob(f"{name}-{SUITE}-*"):  # trees built from other inputs (~300 MB each)
             if stale != target:
                 shutil.rmtree(stale, ignore_errors=True)
         return target

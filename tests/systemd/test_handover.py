@@ -275,3 +275,24 @@ def test_a_full_stop_empties_the_store_so_the_next_start_needs_vault(box: Machin
     box.run("systemctl", "reset-failed", "keyd.service", check=False)
     box.run("systemctl", "start", "keyd.service")
     box.wait_for("keyd ok", lambda: health(box)["status"] == "ok", timeout=30)
+
+
+def test_apt_remove_under_load_resets_no_connection_and_purge_keeps_the_operators_drop_in(
+    box: Machine,
+) -> None:
+    """Issue 22: `apt remove` under load reset connections (the socket closed on connections queued
+    while keyd stopped), and `apt purge` deleted the operator's `systemctl edit` drop-in."""
+    override = "/etc/systemd/system/keyd.service.d/override.conf"
+    box.write(override, "[Service]\nEnvironment=SITE=operator\n")
+    box.run("systemctl", "daemon-reload")
+    box.run("systemctl", "reset-failed", "keyd.service", check=False)
+    box.run("systemctl", "restart", "keyd.service")
+    with load(box, seconds=8) as counts:
+        box.run("apt-get", "remove", "-y", "keyd", timeout=120)
+    # Answered, or told at once that there is no socket any more; never a reset or a dropped answer.
+    assert counts.get("200", 0) > 20, counts
+    assert set(counts) <= {"200", "FileNotFoundError", "ConnectionRefusedError"}, counts
+    done = box.run("apt-get", "purge", "-y", "keyd", timeout=120)
+    assert box.path(override).read_text() == "[Service]\nEnvironment=SITE=operator\n"
+    assert f"keeping your drop-ins in {override.rsplit('/', 1)[0]}" in done.stderr + done.stdout
+    assert not box.path("/etc/keyd").exists()

@@ -483,4 +483,7 @@ def test_remove_keeps_etc_keyd_and_purge_removes_it(machine: Machine) -> None:
     assert box.run("dpkg-query", "-W", "-f=${db:Status-Abbrev}", "keyd").stdout.strip() == "rc"
     box.run("apt-get", "purge", "-y", "keyd", timeout=120)
     assert not box.path("/etc/keyd").exists()
+    # The operator's drop-ins (written earlier in this module) are theirs: purge keeps them.
+    dropins = box.path("/etc/systemd/system/keyd.service.d")
+    assert sorted(p.name for p in dropins.iterdir()) == ["credentials.conf", "test-watchdog.conf"]
     assert not box.path("/var/log/keyd").is_symlink() and not box.path("/var/log/private/keyd").exists()

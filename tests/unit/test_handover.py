@@ -376,3 +376,25 @@ def test_no_key_in_the_logs(caplog) -> None:
     assert "handed the key(s) of app(s) live" in caplog.text
     assert "signing with the key the previous keyd handed over" in caplog.text
     assert KEY not in caplog.text and KEY not in repr(store.signing("live"))
+
+
+def test_a_refresh_that_ends_during_the_stop_does_not_drop_what_was_stashed() -> None:
+    clock = Clock()
+    notifier = Notifier()
+    store, old = keyd(clock, notifier=notifier)
+    loaded(store, clock)
+    old.stash()
+    signing = SecretKey.from_str(KEY)
+    store.record_success(KeySnapshot("live", signing, signing, 7, 2, clock.wall))  # a refresh thread
+    old.after_attempt("live")
+    assert len(notifier.stored) == 1 and notifier.lines[-1][0] == "FDSTORE=1"
+
+
+def test_an_app_listed_twice_is_refused(caplog) -> None:
+    clock = Clock()
+    blob = blob_with(clock)
+    header, keys = blob[len(MAGIC) :].split(b"\n", 1)
+    doc = json.loads(header)
+    doc["apps"] *= 2
+    twice = MAGIC + json.dumps(doc).encode() + b"\n" + keys + keys
+    assert "app live is in it twice" in refused(clock, forged(twice), caplog)

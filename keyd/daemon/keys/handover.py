@@ -86,6 +86,7 @@ class Handover:
         self._pending: dict[str, tuple[KeySnapshot, float]] = {}  # app -> (snapshot, fetched_at)
         self._adopted: set[str] = set()  # apps signing with a handed-over key now
         self._stored = False  # systemd holds a keyd-keys fd
+        self._stashed = False  # stopping: what systemd holds now is for the next keyd
 
     # -- start ----------------------------------------------------------------------------
 
@@ -151,6 +152,10 @@ class Handover:
                 version, kv_version, where = entry["version"], int(entry["kv_version"]), entry["source"]
             except (KeyError, TypeError, ValueError):
                 raise Refused("unreadable header") from None
+            if name in taken:
+                for snapshot, _ in taken.values():
+                    _wipe(snapshot)
+                raise Refused(f"app {name} is in it twice")
             if any(n <= 0 for n in lengths) or offset + sum(lengths) > len(blob):
                 raise Refused("key lengths do not match the fd's size")
             keys = []
@@ -192,6 +197,8 @@ class Handover:
         """After each refresh attempt (on the refresher's thread, before anyone hears of it): the
         app's first read decides whether the handed-over key is needed."""
         with self._lock:
+            if self._stashed:  # a refresh that ended during the stop changes nothing stored
+                return
             failed = self._store.app_health(app).refresh_failures > 0
             pending = self._pending.pop(app, None)
             if pending is not None:
@@ -235,6 +242,7 @@ class Handover:
         if not self._notifier.enabled:
             return
         with self._lock:
+            self._stashed = True
             keys = dict(self._pending)
             keys.update((snap.app, (snap, fetched)) for snap, fetched in self._store.held())
             self._drop_stored()  # the copy from this start, if any: one keyd-keys fd at a time

@@ -276,6 +276,10 @@ class AuditConfig:
     refusal_burst: int = 20
     refusal_rate: float = 1.0
     refusal_summary_every: float = 10.0
+    # keyd rotates the file itself when a write takes it to max_size bytes (0: never; leave it to
+    # logrotate), keeping audit.log.1 (newest) to audit.log.<keep>.
+    max_size: int = 100 * 1024 * 1024
+    keep: int = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +403,20 @@ def _positive_int(value: Any) -> int:
     if number <= 0:
         raise ValueError("must be greater than zero")
     return number
+
+
+_SIZE = re.compile(r"(\d+)\s*([KMG]?)", re.IGNORECASE)
+
+
+def _size(value: Any) -> int:
+    """A size in bytes: an integer, or a string such as "100M", "512K", "1G" (powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f'{value!r} is not a size (use bytes or a string such as "100M", "1G"; 0 = off)')
+    power: int = " KMG".index(match[2].upper() or " ")
+    return int(match[1]) << (10 * power)
 
 
 def _positive_duration(value: Any) -> float:
@@ -777,6 +795,8 @@ def _read_audit(r: _Reader) -> AuditConfig:
         refusal_burst=r.get("refusal_burst", d.refusal_burst, _positive_int),
         refusal_rate=r.get("refusal_rate", d.refusal_rate, parse_rate),
         refusal_summary_every=r.get("refusal_summary_every", d.refusal_summary_every, _positive_duration),
+        max_size=r.get("max_size", d.max_size, _size),
+        keep=r.get("keep", d.keep, _positive_int),
     )
     r.finish()
     return cfg

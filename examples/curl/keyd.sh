@@ -7,7 +7,10 @@
 set -eu
 SOCK="${KEYD_SOCKET:-/run/keyd/keyd.sock}"
 USER_ID="${1:-alice}"
-k() { curl --silent --show-error --unix-socket "$SOCK" -w '\n%{http_code}\n' "$@"; }
+# --max-time: never wait on keyd for ever (a keyd that cannot start leaves connections queued on
+# keyd.socket); 5 s is keyd.client's default too. REST proxy calls need more (35 s: keyd's own
+# upstream timeout is 15 s, with retries).
+k() { curl --silent --show-error --max-time 5 --unix-socket "$SOCK" -w '\n%{http_code}\n' "$@"; }
 
 # A user token (add "ttl": 600 or "app": "live" as needed).
 k -H 'Content-Type: application/json' -d "{\"user_id\": \"$USER_ID\"}" http://keyd/v1/tokens

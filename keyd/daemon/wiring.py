@@ -17,6 +17,7 @@ from keyd import config as configuration
 from keyd.config import Config
 from keyd.daemon import containment, systemd
 from keyd.daemon.http.server import Server
+from keyd.daemon.keys import handover
 from keyd.daemon.keys.health import ReloadHealth, VaultHealth, vault_health
 from keyd.daemon.keys.keystore import KeyStore
 from keyd.daemon.keys.refresher import Refresher
@@ -71,12 +72,14 @@ class Daemon:
             config.server, self.api.dispatch, body_limit=self.api.body_limit, has_grant=self.api.has_grant
         )
         self.notifier = systemd.Notifier()
+        # Keys across a restart with Vault unreachable (systemd's fd store; keys/handover.py).
+        self.handover = handover.Handover(config.apps, self.store, self.notifier, config.refresh.max_stale)
         self.refresher = Refresher(
             dict(config.apps),
             config.refresh,
             self.vault,
             self.store,
-            on_change=self._keys_changed_threadsafe,
+            on_change=self._after_attempt,
             probe_interval=config.vault.probe_interval,
         )
         self.api.add_health("vault", self._vault_status)
@@ -155,7 +158,10 @@ class Daemon:
                 raise StartupError(
                     f"metrics.listen: cannot listen on {self.config.metrics.listen}: {exc.strerror}"
                 ) from None
-        inherited = systemd.listen_socket()
+        passed = systemd.listen_fds()
+        self.handover.take(passed.take(handover.FDNAME))
+        passed.close_unclaimed()
+        inherited = passed.socket
         self._inherited = inherited is not None
         if inherited is not None:
             # Socket activation (a restart, an upgrade): systemd holds the socket and the kernel
@@ -215,6 +221,10 @@ class Daemon:
             self.server.stop_accepting()
             await asyncio.sleep(HANDOVER_GRACE)
         self.notifier.notify("STOPPING=1", "STATUS=stopping")
+        try:
+            self.handover.stash()  # first: a slow drain below must not cost the next start its keys
+        except Exception:  # cleanup failures are logged, not raised
+            log.exception("could not hand the keys to systemd's fd store")
         assert self._loop is not None  # noqa: S101 - set in run()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self._loop.remove_signal_handler(sig)
@@ -332,6 +342,12 @@ class Daemon:
             failovers=self.vault.failovers,
             secret_id_expires=self.vault.secret_id_expires,
         )
+
+    def _after_attempt(self, app: str) -> None:
+        """The refresher's callback after each attempt, on its thread: the handover first (a key
+        handed over is in place before READY=1 or any request), then the event loop."""
+        self.handover.after_attempt(app)
+        self._keys_changed_threadsafe(app)
 
     def _keys_changed_threadsafe(self, app: str) -> None:
         loop = self._loop

@@ -11,7 +11,9 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -243,3 +245,34 @@ def test_sync_job_examples_use_the_rest_proxy(runtime, request, rest_keyd):
     assert [line["error"] for line in lines] == ["invalid_path"] * 2
     assert all(len(line["message"]) > 10 and line["message"] != line["error"] for line in lines), lines
     assert len(standin.received) == 4
+
+
+@pytest.fixture
+def silent_socket(short_dir):
+    """A socket that queues connections and never answers: keyd.socket while keyd cannot start."""
+    path = short_dir / "silent.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(16)
+    try:
+        yield str(path)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("runtime", ["node", "php", "curl"])
+def test_examples_give_up_after_their_timeout_on_a_socket_that_never_answers(runtime, silent_socket, request):
+    """Issue 22: callers hung on keyd.socket while keyd could not start; each example has a timeout."""
+    if runtime == "curl":
+        if not shutil.which("curl"):
+            pytest.skip("curl is not installed")
+        command = ["sh", str(EXAMPLES / "curl" / "keyd.sh"), "bob"]
+    else:
+        script = EXAMPLES / runtime / ("keyd.js" if runtime == "node" else "keyd.php")
+        command = [request.getfixturevalue(runtime), str(script), "token", "alice"]
+    started = time.monotonic()
+    done = run(command, silent_socket)
+    took = time.monotonic() - started
+    assert done.returncode != 0, done
+    assert 4 <= took < 20, took  # its 5 s timeout, not for ever (run() would kill it at 60 s)
+    assert re.search(rb"in time|timed out|Timeout|timeout", done.stderr), done.stderr

@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import new_key
-from tests.helpers import KeydProcess, wait_until
-from tests.resilience.support import POLICY, Load, PersistentBao, try_call
+from tests.helpers import KeydProcess
+from tests.resilience.support import Load, PersistentBao
 
 REPORTS: list[str] = []
 
@@ -39,23 +38,7 @@ def persistent_bao() -> Iterator[PersistentBao]:
     bao = PersistentBao()
     try:
         bao.first_start()
-        root = bao.client()
-        # Each step is retried: on a loaded machine a single Raft node can step down for a moment
-        # ("local node not active"); the mounts are checked first so a retry never enables twice.
-        steps = (
-            lambda: "secret/" in root.sys.list_mounted_secrets_engines()["data"]
-            or root.sys.enable_secrets_engine("kv", path="secret", options={"version": "2"}),
-            lambda: "approle/" in root.sys.list_auth_methods()["data"]
-            or root.sys.enable_auth_method("approle"),
-            lambda: root.sys.create_or_update_policy("keyd", POLICY),
-            lambda: root.auth.approle.create_or_update_approle(
-                "keyd", token_policies=["keyd"], token_ttl="10m", token_max_ttl="1h", secret_id_ttl="0"
-            ),
-        )
-        for step in steps:
-            wait_until(lambda step=step: try_call(step), 30, what="OpenBao set up for the scenarios")
-        # The KV mount becomes usable a moment after it is enabled.
-        wait_until(lambda: try_call(lambda: bao.write_key(new_key())), 20, what="KV v2 ready")
+        bao.set_up_for_keyd()
         yield bao
     finally:
         bao.cleanup()

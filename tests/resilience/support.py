@@ -21,7 +21,7 @@ import pytest
 
 from keyd.ops.dev import free_port
 from tests.bao import ConfiguredBao
-from tests.conftest import approle_auth, config_at
+from tests.conftest import approle_auth, config_at, new_key
 from tests.helpers import Eof, KeydProcess, read_response, wait_until
 
 KV_PATH = "talkjs/resilience"
@@ -73,6 +73,26 @@ ui = false
     def client(self) -> hvac.Client:
         return hvac.Client(url=self.address, token=self.root_token, timeout=5)
 
+    def set_up_for_keyd(self) -> None:
+        """KV v2 at secret/, AppRole role "keyd" with POLICY (reading secret/talkjs/*)."""
+        root = self.client()
+        # Each step is retried: on a loaded machine a single Raft node can step down for a moment
+        # ("local node not active"); the mounts are checked first so a retry never enables twice.
+        steps = (
+            lambda: "secret/" in root.sys.list_mounted_secrets_engines()["data"]
+            or root.sys.enable_secrets_engine("kv", path="secret", options={"version": "2"}),
+            lambda: "approle/" in root.sys.list_auth_methods()["data"]
+            or root.sys.enable_auth_method("approle"),
+            lambda: root.sys.create_or_update_policy("keyd", POLICY),
+            lambda: root.auth.approle.create_or_update_approle(
+                "keyd", token_policies=["keyd"], token_ttl="10m", token_max_ttl="1h", secret_id_ttl="0"
+            ),
+        )
+        for step in steps:
+            wait_until(lambda step=step: try_call(step), 30, what="OpenBao set up for keyd")
+        # The KV mount becomes usable a moment after it is enabled.
+        wait_until(lambda: try_call(lambda: self.write_key(new_key())), 20, what="KV v2 ready")
+
     @property
     def running(self) -> bool:
         process = self.server.process
@@ -112,10 +132,10 @@ ui = false
         elif hvac.Client(url=self.address).sys.is_sealed():
             self.unseal()
 
-    def write_key(self, key: str) -> int:
+    def write_key(self, key: str, path: str = KV_PATH) -> int:
         """A new KV version of the app's key; returns its version number."""
         response = self.client().secrets.kv.v2.create_or_update_secret(
-            path=KV_PATH, secret={"secret_key": key}, mount_point="secret"
+            path=path, secret={"secret_key": key}, mount_point="secret"
         )
         return int(response["data"]["version"])
 

@@ -96,3 +96,28 @@ def test_5_vault_sealed_then_unsealed(vault, approle_files, start_keyd, short_di
     load = _outage_then_recovery(vault, approle_files, start_keyd, short_dir, vault.seal, vault.unseal)
     report("5. Vault sealed for 4 s, then unsealed", load)
     assert load.failures() == 0, load.summary()
+
+
+
+def test_5b_a_vault_that_comes_back_sealed_is_reported_sealed(vault, approle_files, start_keyd, short_dir) -> None:
+    """Issue 22: OpenBao restarted (so sealed) was still reported as "node unreachable": the app's
+    cause came only from its refresh attempts, minutes apart at retry_max, while the probes every
+    probe_interval already saw it sealed."""
+    vault.write_key(new_key())
+    config = keyd_config(vault.address, short_dir, approle_files, retry_min="30s", retry_max="60s")
+    config["vault"]["probe_interval"] = "0.2s"
+    keyd = start_keyd(config)
+    wait_until(lambda: _status(keyd) == "ok", 15, what="health ok")
+
+    def cause() -> str:
+        return str(health(keyd)[1]["apps"]["default"]["cause"])
+
+    try:
+        vault.stop()
+        wait_until(lambda: cause() == "node unreachable", 15, what="cause: node unreachable")
+        vault.server.start()  # up again, sealed (nobody unsealed it)
+        wait_until(lambda: cause() == "sealed", 5, what="cause: sealed, from the probes")
+        assert health(keyd)[1]["vault"]["nodes"][0]["state"] == "sealed"
+    finally:
+        vault.ensure_up()
+    wait_until(lambda: _status(keyd) == "ok", 15, what="health ok once unsealed")

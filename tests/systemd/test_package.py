@@ -379,7 +379,7 @@ def test_restart_under_load_fails_no_request(machine: Machine) -> None:
     assert set(counts) == {"200"} and counts["200"] > 20, counts
 
 
-def test_audit_log_journal_and_logrotate(machine: Machine) -> None:
+def test_audit_log_journal_and_keyds_own_rotation(machine: Machine) -> None:
     box = machine
     uid = keyd_uid(box, main_pid(box))
     stat = box.run("stat", "-L", "-c", "%a %u", "/var/log/keyd/audit.log").stdout.split()
@@ -390,17 +390,42 @@ def test_audit_log_journal_and_logrotate(machine: Machine) -> None:
     journal = box.run("journalctl", "-u", "keyd.service", "-o", "cat", "--no-pager").stdout
     assert "ready: every app has a key loaded" in journal
     assert "SIGHUP: refreshing every key now" in journal
-    # The shipped logrotate snippet: rotate, then keyd (SIGHUP) writes a fresh 0600 file.
-    box.run("logrotate", "-f", "/etc/logrotate.d/keyd")
-    assert box.path("/var/log/private/keyd/audit.log.1").exists()
-    box.run("keyd", "token", "--user-id", "carol", "--socket", SOCKET, user="webapp")
-    box.wait_for("a new audit.log", lambda: box.path("/var/log/private/keyd/audit.log").exists(), timeout=15)
-    box.wait_for(
-        "a record in the new audit.log",
-        lambda: box.path("/var/log/private/keyd/audit.log").read_text().count("\n") >= 1,
-        timeout=15,
-    )
-    assert box.run("stat", "-L", "-c", "%a", "/var/log/keyd/audit.log").stdout.strip() == "600"
+    # keyd rotates the audit log itself, by size, under the sandbox (a dynamic uid, LogsDirectory=).
+    original = box.path(CONFIG).read_text()
+    box.write(CONFIG, original.replace("[audit]\n", '[audit]\nmax_size = "4K"\nkeep = 3\n', 1))
+    try:
+        box.run("systemctl", "reset-failed", "keyd.service")  # StartLimitBurst=5 counts every start
+        box.run("systemctl", "restart", "keyd.service")
+        ids = [f"rot{i}" for i in range(80)]
+        box.sh(
+            "for id in " + " ".join(ids) + "; do keyd token --user-id $id --socket " + SOCKET + " >/dev/null; done",
+            user="webapp",
+            timeout=120,
+        )
+        private = "/var/log/private/keyd"
+        names = sorted(p.name for p in box.path(private).iterdir())
+        assert names == ["audit.log", "audit.log.1", "audit.log.2", "audit.log.3"], names
+        uid = keyd_uid(box, main_pid(box))
+        for name in names:
+            assert box.run("stat", "-c", "%a %u", f"{private}/{name}").stdout.split() == ["600", str(uid)]
+        kept = [
+            json.loads(line).get("sub")
+            for name in ("audit.log.3", "audit.log.2", "audit.log.1", "audit.log")
+            for line in box.path(f"{private}/{name}").read_text().splitlines()
+        ]
+        issued = [sub for sub in kept if sub in ids]
+        assert issued == ids[ids.index(issued[0]) :], "one unbroken run of lines up to the last token"
+        assert "audit file /var/log/keyd/audit.log rotated at" in box.run(
+            "journalctl", "-u", "keyd.service", "-o", "cat", "--no-pager"
+        ).stdout
+    finally:
+        box.write(CONFIG, original)
+        box.run("systemctl", "reset-failed", "keyd.service")
+        box.run("systemctl", "restart", "keyd.service")
+    # The shipped logrotate snippet is all comments (keyd rotates): logrotate reads it and does nothing.
+    assert "rotate" in box.path("/etc/logrotate.d/keyd").read_text()
+    done = box.run("logrotate", "-v", "-f", "/etc/logrotate.d/keyd")
+    assert "rotating" not in done.stdout + done.stderr, done
 
 
 def test_encrypted_credential_with_systemd_creds(machine: Machine) -> None:
@@ -458,4 +483,7 @@ def test_remove_keeps_etc_keyd_and_purge_removes_it(machine: Machine) -> None:
     assert box.run("dpkg-query", "-W", "-f=${db:Status-Abbrev}", "keyd").stdout.strip() == "rc"
     box.run("apt-get", "purge", "-y", "keyd", timeout=120)
     assert not box.path("/etc/keyd").exists()
+    # The operator's drop-ins (written earlier in this module) are theirs: purge keeps them.
+    dropins = box.path("/etc/systemd/system/keyd.service.d")
+    assert sorted(p.name for p in dropins.iterdir()) == ["credentials.conf", "test-watchdog.conf"]
     assert not box.path("/var/log/keyd").is_symlink() and not box.path("/var/log/private/keyd").exists()

@@ -142,6 +142,75 @@ def test_reopen_after_rotation_writes_to_a_new_file(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def issue(audit: AuditLog, count: int, start: int = 0) -> None:
+    for i in range(start, start + count):
+        audit.record(Decision(CALLER, "default", "user", f"u{i}", 60, "issued", None))
+
+
+def subs(tmp_path: Path, keep: int) -> list[list[int]]:
+    """The user ids of each file, oldest file first (audit.log.<keep> ... audit.log)."""
+    files = [tmp_path / f"audit.log.{n}" for n in range(keep, 0, -1)] + [tmp_path / "audit.log"]
+    return [[int(d["sub"][1:]) for d in lines(path)] for path in files if path.exists()]
+
+
+def test_rotation_by_size_keeps_keep_files_of_0600_with_no_line_lost_or_split(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    old_umask = os.umask(0)
+    try:
+        audit = AuditLog(AuditConfig(file=str(path), max_size=4000, keep=3))
+        audit.attach(FakeLoop())  # type: ignore[arg-type]  # batches of lines, as in keyd
+        for batch in range(40):
+            issue(audit, 25, batch * 25)
+            audit.flush()
+    finally:
+        os.umask(old_umask)
+    audit.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.log", "audit.log.1", "audit.log.2", "audit.log.3"]
+    for name in ("audit.log", "audit.log.1", "audit.log.2", "audit.log.3"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+    for name in ("audit.log.1", "audit.log.2", "audit.log.3"):  # rotated after the write that reached it
+        assert 4000 <= (tmp_path / name).stat().st_size < 4000 + 25 * 300
+    kept = [sub for file in subs(tmp_path, 3) for sub in file]
+    assert kept == list(range(kept[0], 1000)), "the kept files hold one unbroken run ending with the last line"
+    assert kept[0] > 0  # older lines went with the oldest file
+
+
+def test_rotation_counts_what_the_file_already_held(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    path.write_text('{"sub": "u-1"}\n' * 300)
+    os.chmod(path, 0o600)
+    audit = AuditLog(AuditConfig(file=str(path), max_size=4000, keep=2))
+    issue(audit, 1)
+    assert lines(tmp_path / "audit.log.1")[-1]["sub"] == "u0" and path.stat().st_size == 0
+    issue(audit, 1, 1)
+    assert [d["sub"] for d in lines(path)] == ["u1"]
+
+
+def test_max_size_zero_never_rotates(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    audit = AuditLog(AuditConfig(file=str(path), max_size=0))
+    issue(audit, 200)
+    assert [p.name for p in tmp_path.iterdir()] == ["audit.log"] and len(lines(path)) == 200
+
+
+def test_a_rotation_that_cannot_open_a_new_file_keeps_every_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.log"
+    audit = AuditLog(AuditConfig(file=str(path), max_size=2000, keep=20))
+
+    def refuse(name: str) -> int:
+        raise StartupError(f"audit.file: cannot open {name!r}: No space left on device")
+
+    monkeypatch.setattr("keyd.daemon.observe.audit.open_audit_file", refuse)
+    issue(audit, 30)
+    assert "could not rotate the audit file" in caplog.text
+    monkeypatch.undo()
+    issue(audit, 30, 30)
+    assert sorted(sub for file in subs(tmp_path, 20) for sub in file) == list(range(60))
+    assert lines(path)[-1]["sub"] == "u59"  # back to a fresh audit.log at the next rotation
+
+
 def test_write_errors_are_logged_once_and_do_not_raise(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -166,6 +166,8 @@ hash_user_ids = true
 refusal_burst = 5
 refusal_rate = "30/m"
 refusal_summary_every = "1m"
+max_size = "10M"
+keep = 3
 
 [log]
 level = "debug"
@@ -232,6 +234,8 @@ def test_every_key_type_is_parsed(tmp_path: Path) -> None:
         refusal_burst=5,
         refusal_rate=0.5,
         refusal_summary_every=60.0,
+        max_size=10 * 1024 * 1024,
+        keep=3,
     )
     assert cfg.log == config.LogConfig(level="debug", format="json")
     assert cfg.metrics.listen == "127.0.0.1:9464"
@@ -295,6 +299,9 @@ def test_unknown_keys_are_named_with_file_and_path(data: dict[str, Any], expecte
         ("vault", "address", "vault.example.com", "is not an http:// or https:// URL"),
         ("vault", "timeout", [5], "is not a duration"),
         ("refresh", "interval", True, "duration"),
+        ("audit", "max_size", "1T", "is not a size"),
+        ("audit", "max_size", -1, "is not a size"),
+        ("audit", "keep", 0, "must be greater than zero"),
     ],
 )
 def test_wrong_types_are_named(section: str, key: str, value: object, text: str) -> None:

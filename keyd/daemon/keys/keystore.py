@@ -12,6 +12,7 @@ import ctypes.util
 import dataclasses
 import hmac
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -98,6 +99,16 @@ class SecretKey:
     def hmac(self) -> Any:
         """A fresh HMAC-SHA256 object keyed with this key (a copy of a prepared context)."""
         return self._prototype.copy()
+
+    @property
+    def size(self) -> int:
+        return len(self._material)
+
+    def write_to(self, fd: int) -> None:
+        """Write the key's bytes to ``fd``: only the handover's sealed memfd, never a file."""
+        view = memoryview(self._material)
+        while view:
+            view = view[os.write(fd, view) :]
 
     def same_as(self, other: SecretKey) -> bool:
         return hmac.compare_digest(self._material, other._material)
@@ -286,7 +297,42 @@ class KeyStore:
             same_error=not first and old.last_error == message,
         )
 
+    def note_cause(self, cause: str) -> None:
+        """What a Vault probe found (no node serves, and why): the cause of every failing app now."""
+        with self._write_lock:
+            for name, record in list(self._records.items()):
+                if record.failures and record.cause != cause:
+                    self._records[name] = dataclasses.replace(record, cause=cause)
+
+    def adopt(self, snapshot: KeySnapshot, fetched_at: float) -> bool:
+        """Install a key the previous keyd handed over (keyd.daemon.keys.handover) as if this
+        process had read it from Vault at ``fetched_at``: it signs until ``fetched_at + max_stale``
+        like any last good key, and the failures already counted stay (health says degraded). Only
+        while the app has no key (a fresh read always wins); False when nothing was installed."""
+        with self._write_lock:
+            old = self._records[snapshot.app]
+            expires_at = fetched_at + self._max_stale
+            if old.snapshot is not None or snapshot.app in self._transit or self._clock() > expires_at:
+                return False
+            self._records[snapshot.app] = dataclasses.replace(
+                old, snapshot=snapshot, expires_at=expires_at, last_success=fetched_at
+            )
+        return True
+
     # -- readers --------------------------------------------------------------------------------
+
+    def held(self) -> list[tuple[KeySnapshot, float]]:
+        """Each KV app's snapshot that can sign now, with the time it was last read from Vault (what
+        the handover measures max_stale from). Transit apps hold no key: never listed."""
+        now = self._clock()
+        return [
+            (record.snapshot, record.last_success)
+            for name, record in list(self._records.items())
+            if name not in self._transit
+            and record.snapshot is not None
+            and record.last_success is not None
+            and now <= record.expires_at
+        ]
 
     def ready(self) -> bool:
         """Every app has a key loaded (the daemon's readiness for systemd)."""

@@ -53,6 +53,7 @@ class ProbeResult:
 
     serving: bool  # at least one node is unsealed and can serve (active, or a standby that forwards)
     newly_serving: tuple[str, ...]  # nodes that serve now and did not at the previous probe
+    cause: str = ""  # when none serves: why, in the nodes' order ("sealed", "node unreachable, sealed")
 
 
 class Failover:

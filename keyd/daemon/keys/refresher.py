@@ -430,6 +430,11 @@ class Refresher:
             result = None
         if result is not None and result.serving:
             self._recover(result)
+        elif result is not None and result.cause:
+            # No node serves: that is why every failing app fails now, whatever its last attempt
+            # (minutes ago at retry_max) saw: Vault restarted sealed reads "sealed", not "node
+            # unreachable".
+            self._store.note_cause(result.cause)
         with self._probe_lock:
             self._probing = self._needs_probe()
             if not self._probing:

@@ -570,6 +570,7 @@ class Vault:
         failed, so calls skip it until its backoff ends or a later probe finds it serving.
         """
         newly: list[str] = []
+        causes: list[str] = []
         serving = False
         timeout = min(self._config.timeout, PROBE_TIMEOUT)
         for node in self._failover.nodes:
@@ -591,10 +592,12 @@ class Vault:
                 error, cause = (found[1], found[2]) if found else (type(exc).__name__, "node unreachable")
             if error:
                 error = f"{node.address}: {error}"
+                causes.append(cause)
             serving |= status in SERVING
             if self._failover.probed(node, status, error, cause):
                 newly.append(node.address)
-        return ProbeResult(serving=serving, newly_serving=tuple(newly))
+        cause = "" if serving else ", ".join(dict.fromkeys(causes))
+        return ProbeResult(serving=serving, newly_serving=tuple(newly), cause=cause)
 
     def close(self) -> None:
         for session in self._sessions.values():

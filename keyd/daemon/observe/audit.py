@@ -26,6 +26,11 @@ as one ``refused_folded`` line per uid and code every ``refusal_summary_every``:
 
 A refused line's user id is cut to 64 characters (``"sub_chars"`` then gives its full length);
 names from the system (user, unit) to 256.
+
+Size bound: when a write takes the file to ``max_size`` bytes, keyd renames it to ``FILE.1`` (the
+older ones move up to ``FILE.<keep>``, the oldest is deleted) and goes on in a fresh 0600 file. It
+happens between two writes on the one thread that writes, so no line is lost or split; no SIGHUP,
+no Vault read. ``max_size = 0`` leaves rotation to logrotate (SIGHUP reopens the file).
 """
 
 from __future__ import annotations
@@ -113,6 +118,9 @@ class AuditLog:
         self._refusals: dict[tuple[int, str | None], _Refusals] = {}
         self._summary_scheduled = False
         self._fd = self._open()
+        self._max_size = config.max_size if self.path else 0
+        self._keep = config.keep
+        self._size = os.fstat(self._fd).st_size if self.path else 0
 
     def _open(self) -> int:
         """The audit file's descriptor (never through a symlink; see safefiles), or stderr's."""
@@ -315,6 +323,7 @@ class AuditLog:
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
+                self._size += written
         except OSError as exc:
             now = time.monotonic()
             if now - self._last_error >= _ERROR_EVERY:
@@ -325,6 +334,31 @@ class AuditLog:
                     self.path or "stderr",
                     exc.strerror,
                 )
+        if self._max_size and self._size >= self._max_size:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        """FILE -> FILE.1 -> ... -> FILE.<keep> (the oldest goes), then a fresh FILE (0600)."""
+        size, self._size = self._size, 0  # a failure below is retried after another max_size
+        try:
+            for n in range(self._keep - 1, 0, -1):
+                if os.path.lexists(f"{self.path}.{n}"):
+                    os.replace(f"{self.path}.{n}", f"{self.path}.{n + 1}")
+            if os.path.lexists(self.path):  # gone after an earlier rotation could not open a new one
+                os.replace(self.path, f"{self.path}.1")
+            fd = open_audit_file(self.path)
+        except (OSError, StartupError) as exc:
+            log.error("could not rotate the audit file %s (%s); still writing to the one it has", self.path, exc)
+            return
+        old, self._fd = self._fd, fd
+        os.close(old)
+        log.info(
+            "audit file %s rotated at %d bytes (audit.max_size); the previous lines are in %s.1",
+            self.path,
+            size,
+            self.path,
+            extra={"event": "audit_rotated"},
+        )
 
     def reopen(self) -> None:
         """After log rotation (SIGHUP): flush to the old file, then continue in a fresh one."""
@@ -338,6 +372,7 @@ class AuditLog:
             return
         old, self._fd = self._fd, fd
         os.close(old)
+        self._size = os.fstat(fd).st_size
         log.info("audit file %s reopened", self.path)
 
     def close(self) -> None:

@@ -403,6 +403,15 @@ def test_audit_log_journal_and_keyds_own_rotation(machine: Machine) -> None:
             timeout=120,
         )
         private = "/var/log/private/keyd"
+
+        def last_line_written() -> bool:
+            try:
+                return any('"sub":"rot79"' in p.read_text() for p in box.path(private).iterdir())
+            except FileNotFoundError:  # renamed by a rotation between the listing and the read
+                return False
+
+        # Lines are buffered for audit's flush interval (0.2 s) after the answer: wait for the last.
+        box.wait_for("the last token's audit line", last_line_written, timeout=10)
         names = sorted(p.name for p in box.path(private).iterdir())
         assert names == ["audit.log", "audit.log.1", "audit.log.2", "audit.log.3"], names
         uid = keyd_uid(box, main_pid(box))

@@ -130,14 +130,40 @@ def _credentials_placeholder() -> str | None:
     return SYSTEMD_CREDENTIALS_DIR
 
 
+def _encrypted_credentials(config: configuration.Config, directory: str) -> dict[str, str]:
+    """Config key -> ``NAME.cred`` for each credential ``DIR/NAME`` that is not there but whose
+    encrypted form (``systemd-creds encrypt``, read by ``LoadCredentialEncrypted=``) is."""
+    found = {}
+    for key, file in configuration.needed_files(config):
+        if os.path.dirname(os.path.abspath(file)) == os.path.abspath(directory) and not os.path.lexists(file):
+            encrypted = file + ".cred"
+            if os.path.isfile(encrypted):
+                found[key] = encrypted
+    return found
+
+
+def _encrypted_problems(config: configuration.Config, encrypted: dict[str, str]) -> list[str]:
+    """An encrypted credential open to other users is a problem (systemd-creds writes 0644)."""
+    problems = []
+    for key, file in encrypted.items():
+        mode = os.stat(file).st_mode & 0o777
+        if mode & 0o077:
+            problems.append(
+                f"{config.source}: {key}: encrypted credential {file!r} is mode {mode:04o}, "
+                f"readable by other users: chmod 0600 {file}"
+            )
+    return problems
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     if args.credentials_dir:
         os.environ["CREDENTIALS_DIRECTORY"] = args.credentials_dir
     placeholder = _credentials_placeholder()
     config = configuration.load(args.config)
-    problems = configuration.missing_files(config)
+    encrypted = _encrypted_credentials(config, args.credentials_dir) if args.credentials_dir else {}
+    problems = configuration.missing_files(config, skip=frozenset(encrypted))
     unchecked = [p for p in problems if placeholder and f"file '{placeholder}/" in p]
-    problems = [p for p in problems if p not in unchecked]
+    problems = [p for p in problems if p not in unchecked] + _encrypted_problems(config, encrypted)
     if problems:
         raise ConfigError(problems)
     from keyd.ops import grants  # noqa: PLC0415
@@ -149,6 +175,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(
             f"{config.source}: {key}: not checked here (${{CREDENTIALS_DIRECTORY}} is set by systemd "
             "when keyd runs; add --credentials-dir /etc/keyd to check the files LoadCredential= reads)",
+            file=sys.stderr,
+        )
+    for key, file in encrypted.items():
+        print(
+            f"{config.source}: {key}: encrypted credential {file} (LoadCredentialEncrypted=): "
+            "present and 0600; only systemd decrypts it, at keyd's start",
             file=sys.stderr,
         )
     print(f"{args.config}: ok ({len(config.apps)} app(s): {', '.join(config.apps)})")

@@ -902,8 +902,8 @@ def load(path: str | os.PathLike[str]) -> Config:
     return parse(data, source)
 
 
-def missing_files(config: Config) -> list[str]:
-    """Problems with the files the daemon reads at run time (credentials, CA, audit directory)."""
+def needed_files(config: Config) -> list[tuple[str, str]]:
+    """(config key, path) of every file the daemon reads at run time: credentials, CA files."""
     auth = config.vault.auth
     needed: list[tuple[str, str]] = []
     if config.vault.ca_cert:
@@ -925,8 +925,17 @@ def missing_files(config: Config) -> list[str]:
         ]
     if auth.method in JWT_AUTH_METHODS:
         needed.append(("vault.auth.jwt_file", auth.jwt_file))
+    return needed
+
+
+def missing_files(config: Config, skip: frozenset[str] = frozenset()) -> list[str]:
+    """Problems with the files the daemon reads at run time (credentials, CA, audit directory);
+    the config keys in ``skip`` are not checked (keyd check-config's encrypted credentials)."""
+    auth = config.vault.auth
     problems = []
-    for key, file in needed:
+    for key, file in needed_files(config):
+        if key in skip:
+            continue
         if not os.path.isfile(file):
             problems.append(f"{config.source}: {key}: file {file!r} does not exist")
         elif not os.access(file, os.R_OK):

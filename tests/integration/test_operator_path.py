@@ -217,6 +217,24 @@ def test_check_config_and_grants_need_no_credential_files(tmp_path: Path) -> Non
     (creds / "secret-id").write_text("s")
     done = keyd_cli("check-config", "-c", str(config), "--credentials-dir", str(creds), env=clean_env())
     assert done.returncode == 0 and "not checked here" not in done.stderr, done.stderr
+    # deploy.md section 3's encrypted secret_id: secret-id gone, secret-id.cred in its place (a
+    # stand-in file: check-config never decrypts it). systemd-creds writes 0644: refused until 0600.
+    (creds / "secret-id").unlink()
+    encrypted = creds / "secret-id.cred"
+    encrypted.write_bytes(b"not decrypted here")
+    encrypted.chmod(0o644)
+    done = keyd_cli("check-config", "-c", str(config), "--credentials-dir", str(creds), env=clean_env())
+    assert done.returncode == 2, done
+    assert f"vault.auth.secret_id_file: encrypted credential '{encrypted}' is mode 0644" in done.stderr
+    assert f"chmod 0600 {encrypted}" in done.stderr and "does not exist" not in done.stderr, done.stderr
+    encrypted.chmod(0o600)
+    done = keyd_cli("check-config", "-c", str(config), "--credentials-dir", str(creds), env=clean_env())
+    assert done.returncode == 0, done.stderr
+    assert f"vault.auth.secret_id_file: encrypted credential {encrypted} (LoadCredentialEncrypted=)" in done.stderr
+    encrypted.unlink()  # neither form: missing, as before
+    done = keyd_cli("check-config", "-c", str(config), "--credentials-dir", str(creds), env=clean_env())
+    assert done.returncode == 2 and f"file '{creds}/secret-id' does not exist" in done.stderr, done.stderr
+    (creds / "secret-id").write_text("s")
     # Under systemd (CREDENTIALS_DIRECTORY set) nothing is left unchecked.
     done = keyd_cli(
         "check-config", "-c", str(config), env={**clean_env(), "CREDENTIALS_DIRECTORY": str(creds)}

@@ -442,9 +442,16 @@ def test_encrypted_credential_with_systemd_creds(machine: Machine) -> None:
     box = machine
     secret_id = box.path("/etc/keyd/secret-id").read_bytes().strip()
     box.sh(
-        "systemd-creds encrypt --name=secret-id /etc/keyd/secret-id /etc/keyd/secret-id.cred"
-        " && shred -u /etc/keyd/secret-id"
+        "(umask 077; systemd-creds encrypt --name=secret-id /etc/keyd/secret-id /etc/keyd/secret-id.cred)"
+        " && chmod 0600 /etc/keyd/secret-id.cred && shred -u /etc/keyd/secret-id"
     )
+    check = ("keyd", "check-config", "-c", CONFIG, "--credentials-dir", "/etc/keyd")
+    done = box.run(*check)
+    assert "encrypted credential /etc/keyd/secret-id.cred (LoadCredentialEncrypted=)" in done.stderr, done
+    box.run("chmod", "0644", "/etc/keyd/secret-id.cred")  # what systemd-creds leaves without the chmod
+    done = box.run(*check, check=False)
+    assert done.returncode == 2 and "chmod 0600 /etc/keyd/secret-id.cred" in done.stderr, done
+    box.run("chmod", "0600", "/etc/keyd/secret-id.cred")
     box.write(
         "/etc/systemd/system/keyd.service.d/credentials.conf",
         "[Service]\nLoadCredential=\nLoadCredential=role-id:/etc/keyd/role-id\n"

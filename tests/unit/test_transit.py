@@ -188,7 +188,7 @@ def test_a_caller_gone_before_its_batch_leaves_is_not_sent() -> None:
 def test_two_calls_may_be_in_flight_and_the_third_waits_for_one() -> None:
     async def scenario() -> None:
         fake = FakeTransit()
-        transit = _mac(fake, max_in_flight=2)
+        transit = _mac(fake, max_in_flight=2, min_parallel=1)
         first = transit.mac(APP, b"a", finish)
         await settle()
         second = transit.mac(APP, b"b", finish)
@@ -203,6 +203,32 @@ def test_two_calls_may_be_in_flight_and_the_third_waits_for_one() -> None:
         assert fake.calls[2] == [b"c", b"d"]
         fake.release()
         await asyncio.gather(*queued)
+
+    asyncio.run(scenario())
+
+
+def test_a_call_beside_one_in_flight_waits_for_min_parallel_inputs() -> None:
+    async def scenario() -> None:
+        fake = FakeTransit()
+        transit = _mac(fake, max_in_flight=4, min_parallel=3)
+        first = transit.mac(APP, b"a", finish)
+        await settle()
+        assert fake.calls == [[b"a"]]  # nothing in flight: out at once, alone
+        few = [transit.mac(APP, b"b", finish), transit.mac(APP, b"c", finish)]
+        await settle()
+        assert len(fake.calls) == 1  # two waiting: not worth a call beside the one out
+        third = transit.mac(APP, b"d", finish)
+        await settle()
+        assert fake.calls[1:] == [[b"b", b"c", b"d"]]  # three: a second call goes out
+        late = transit.mac(APP, b"e", finish)
+        await settle()
+        assert len(fake.calls) == 2
+        fake.release()
+        await asyncio.gather(first, *few, third)
+        await settle()
+        assert fake.calls[2:] == [[b"e"]]  # the calls ended: what waited goes out, however few
+        fake.release()
+        assert (await late)[1] == 7
 
     asyncio.run(scenario())
 

@@ -93,8 +93,9 @@ def load_run(options: Options, out: TextIO) -> tuple[dict[str, Any], bool]:
             print(text, file=out, flush=True)
 
     def measure(name: str, endpoint: Endpoint, requests: list[bytes]) -> Result:
+        meter = s.meter(name) if options.socket is None else None
         result = loop_run(
-            run_load(name, endpoint, requests, options.concurrency, total, seconds, options.warmup, progress)
+            run_load(name, endpoint, requests, options.concurrency, total, seconds, options.warmup, progress, meter)
         )
         results[name] = result
         say(result.line())

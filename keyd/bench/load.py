@@ -15,11 +15,14 @@ import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from keyd import http1
 from keyd.bench.options import DEFAULT_CONCURRENCY, WARMUP_SECONDS
 from keyd.bench.report import Result
+
+if TYPE_CHECKING:
+    from keyd.bench.stack import CpuMeter
 
 T = TypeVar("T")
 
@@ -218,11 +221,13 @@ async def run_load(
     seconds: float | None = None,
     warmup: float = WARMUP_SECONDS,
     progress: TextIO | None = None,
+    meter: CpuMeter | None = None,
 ) -> Result:
     """Drive ``endpoint`` with ``concurrency`` keep-alive connections; one request in flight each.
 
     Stops after ``total`` requests or ``seconds``; a short warm-up run (not counted) comes first so
-    connection set-up and first-call costs stay out of the numbers.
+    connection set-up and first-call costs stay out of the numbers. With ``meter``, the result also
+    says how much CPU each part metered used per request (after the warm-up).
     """
     if (total is None) == (seconds is None):
         raise ValueError("give exactly one of total or seconds")
@@ -231,16 +236,22 @@ async def run_load(
         await _drive(_Load(loop, endpoint, requests, None, warmup, concurrency))
     load = _Load(loop, endpoint, requests, total, seconds, concurrency)
     ticker = loop.create_task(_progress(name, load, progress)) if progress is not None else None
+    if meter is not None:
+        meter.start()
     started = time.perf_counter()
     await _drive(load)
     elapsed = time.perf_counter() - started
+    used = meter.stop() if meter is not None else {}
     if ticker is not None:
         ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await ticker
         progress.write("\r" + " " * 60 + "\r")  # type: ignore[union-attr] # set with the ticker
         progress.flush()  # type: ignore[union-attr]
-    return Result.from_latencies(name, load.latencies, elapsed, load.statuses, load.errors)
+    result = Result.from_latencies(name, load.latencies, elapsed, load.statuses, load.errors)
+    if result.requests:
+        result.cpu_us = {part: seconds / result.requests * 1e6 for part, seconds in used.items()}
+    return result
 
 
 async def _drive(load: _Load) -> None:

@@ -42,6 +42,7 @@ class Result:
     p99_ms: float = 0.0
     max_ms: float = 0.0
     note: str = ""
+    cpu_us: dict[str, float] = field(default_factory=dict)  # CPU µs per request, by part (CpuMeter)
 
     @property
     def throughput(self) -> float:
@@ -84,15 +85,20 @@ class Result:
                 "p99": round(self.p99_ms, 3),
                 "max": round(self.max_ms, 3),
             },
+            **({"cpu_us_per_request": {k: round(v, 1) for k, v in self.cpu_us.items()}} if self.cpu_us else {}),
             **({"note": self.note} if self.note else {}),
         }
 
     def line(self) -> str:
-        return (
+        text = (
             f"{self.name:<10} {self.throughput:>10,.0f} req/s  "
             f"p50 {self.p50_ms:6.2f}  p90 {self.p90_ms:6.2f}  p99 {self.p99_ms:6.2f}  "
             f"max {self.max_ms:7.2f} ms  non-200 {self.non_200}  ({self.requests:,} in {self.seconds:.1f}s)"
         )
+        if self.cpu_us:
+            parts = "  ".join(f"{part} {us:.1f}" for part, us in self.cpu_us.items())
+            text += f"\n{'':<10} cpu/req µs: {parts}  (total {sum(self.cpu_us.values()):.1f})"
+        return text
 
 
 def machine() -> dict[str, Any]:

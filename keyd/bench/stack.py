@@ -32,6 +32,55 @@ def rss_bytes(pid: int) -> int:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int, group: bool = False) -> float:
+    """User + system CPU time of ``pid`` (every thread of it) so far, from /proc/PID/stat; with
+    ``group``, of every process in its process group (a server started in its own session, such as
+    OpenBao, with whatever it spawned). 0.0 for a process that is gone."""
+    total = 0
+    for path in _group_stats(pid) if group else [f"/proc/{pid}/stat"]:
+        try:
+            with open(path, encoding="ascii", errors="replace") as handle:
+                fields = handle.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    return total / _TICKS
+
+
+def _group_stats(pgid: int) -> list[str]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
+                    if int(handle.read().rpartition(")")[2].split()[2]) == pgid:  # field 5: pgrp
+                        found.append(f"/proc/{entry}/stat")
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+class CpuMeter:
+    """CPU seconds each part of a run used between ``start`` and ``stop``: parts are names for a
+    pid (with whether to count its whole process group)."""
+
+    def __init__(self, parts: dict[str, tuple[int, bool]]) -> None:
+        self.parts = parts
+        self._before: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid, group) for name, (pid, group) in self.parts.items()}
+
+    def start(self) -> None:
+        self._before = self._now()
+
+    def stop(self) -> dict[str, float]:
+        return {name: used - self._before.get(name, 0.0) for name, used in self._now().items()}
+
+
 _HEALTH = http1.encode_request("GET", "/v1/health", {"Connection": "close"})
 
 
@@ -199,6 +248,27 @@ class Stack:
         if self.delay_proxy.stdout.readline().strip() != b"ready":
             raise BenchError("the delay proxy did not start")
         return f"http://127.0.0.1:{port}"
+
+    def meter(self, target: str) -> CpuMeter | None:
+        """The CPU meter of a run against ``target``: the load generator (this process), the keyd or
+        reference server it drives and, where a target uses it, OpenBao. None for a target this
+        stack did not start (``--socket``)."""
+        server = {
+            "keyd": self.keyd,
+            "reference": self.reference,
+            "keyd-transit": self.keyd_transit,
+            "keyd-transit-1ms": self.keyd_transit,
+        }.get(target)
+        parts: dict[str, tuple[int, bool]] = {"client": (os.getpid(), False)}
+        if server is not None:
+            parts["keyd" if target.startswith("keyd") else target] = (server.pid, False)
+        elif target != "transit":
+            return None
+        if target.startswith(("keyd", "transit")) and self.bao is not None and self.bao.process is not None:
+            parts["vault"] = (self.bao.process.pid, True)  # keyd's refreshes, or the Transit calls
+        if self.delay_proxy is not None and target == "keyd-transit-1ms":
+            parts["delay"] = (self.delay_proxy.pid, False)
+        return CpuMeter(parts)
 
     def stop_keyd(self) -> None:
         _stop(self.keyd)

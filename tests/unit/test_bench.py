@@ -197,16 +197,55 @@ def test_load_against_the_reference_server_counts_every_answer(tmp_path: Path) -
         while not os.path.exists(path):
             assert server.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
+        meter = stack.CpuMeter({"client": (os.getpid(), False), "reference": (server.pid, False)})
         result = asyncio.run(
-            load.run_load("ref", load.Endpoint(unix=path), workload.keyd_requests(), 4, total=300, warmup=0)
+            load.run_load(
+                "ref", load.Endpoint(unix=path), workload.keyd_requests(), 4, total=3000, warmup=0, meter=meter
+            )
         )
     finally:
         server.terminate()
         server.wait(10)
-    assert result.requests == 300
-    assert result.statuses == {200: 300}
+    assert result.requests == 3000
+    assert result.statuses == {200: 3000}
     assert result.non_200 == 0
     assert 0 < result.p50_ms <= result.p99_ms <= result.max_ms
+    # Both sides did work for each request (clock ticks are 10 ms: 3000 round trips take several).
+    assert set(result.cpu_us) == {"client", "reference"} and all(us > 0 for us in result.cpu_us.values())
+    assert "cpu/req µs: client" in result.line()
+    assert result.to_json()["cpu_us_per_request"].keys() == {"client", "reference"}
+
+
+def test_cpu_meter_counts_a_process_group_and_a_gone_process_as_nothing() -> None:
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    # A session leader that, when told, runs a CPU-burning child in its process group, then idles.
+    leader_code = (
+        "import subprocess, sys, time\nsys.stdin.readline()\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {burn!r} + 'time.sleep(30)'])\n"
+        "time.sleep(0.1)\n"
+        "while True:\n"
+        "    ticks = open(f'/proc/{child.pid}/stat').read().rpartition(')')[2].split()\n"
+        "    if int(ticks[11]) + int(ticks[12]) >= 28: break\n"
+        "    time.sleep(0.02)\n"
+        "print('burnt', flush=True)\ntime.sleep(30)\n"
+    )
+    leader = subprocess.Popen(
+        [sys.executable, "-c", leader_code], start_new_session=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert leader.stdin is not None and leader.stdout is not None
+        time.sleep(0.3)  # its own start-up is done before the meter starts
+        meter = stack.CpuMeter({"alone": (leader.pid, False), "group": (leader.pid, True)})
+        meter.start()
+        leader.stdin.write(b"go\n")
+        leader.stdin.flush()
+        assert leader.stdout.readline() == b"burnt\n"
+        used = meter.stop()
+    finally:
+        os.killpg(leader.pid, 9)
+        leader.wait()
+    assert used["alone"] < 0.2 and used["group"] >= used["alone"] + 0.25, used
+    assert stack.cpu_seconds(leader.pid) == 0.0  # reaped: a gone process counts as nothing
 
 
 def test_a_dead_socket_ends_the_run_with_connection_errors(tmp_path: Path) -> None:

@@ -251,6 +251,8 @@ async def run_load(
     result = Result.from_latencies(name, load.latencies, elapsed, load.statuses, load.errors)
     if result.requests:
         result.cpu_us = {part: seconds / result.requests * 1e6 for part, seconds in used.items()}
+    if meter is not None:
+        result.transit_calls, result.transit_inputs = meter.calls, meter.inputs
     return result
 
 

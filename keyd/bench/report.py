@@ -43,6 +43,8 @@ class Result:
     max_ms: float = 0.0
     note: str = ""
     cpu_us: dict[str, float] = field(default_factory=dict)  # CPU µs per request, by part (CpuMeter)
+    transit_calls: int = 0  # a transit keyd's Transit calls during the run, and the inputs they carried
+    transit_inputs: int = 0
 
     @property
     def throughput(self) -> float:
@@ -86,6 +88,11 @@ class Result:
                 "max": round(self.max_ms, 3),
             },
             **({"cpu_us_per_request": {k: round(v, 1) for k, v in self.cpu_us.items()}} if self.cpu_us else {}),
+            **(
+                {"transit_calls": self.transit_calls, "transit_inputs": self.transit_inputs}
+                if self.transit_calls
+                else {}
+            ),
             **({"note": self.note} if self.note else {}),
         }
 
@@ -98,6 +105,11 @@ class Result:
         if self.cpu_us:
             parts = "  ".join(f"{part} {us:.1f}" for part, us in self.cpu_us.items())
             text += f"\n{'':<10} cpu/req µs: {parts}  (total {sum(self.cpu_us.values()):.1f})"
+        if self.transit_calls:
+            text += (
+                f"\n{'':<10} Transit calls: {self.transit_calls:,}, "
+                f"{self.transit_inputs / self.transit_calls:.1f} inputs a call on average"
+            )
         return text
 
 

@@ -65,20 +65,54 @@ def _group_stats(pgid: int) -> list[str]:
 
 class CpuMeter:
     """CPU seconds each part of a run used between ``start`` and ``stop``: parts are names for a
-    pid (with whether to count its whole process group)."""
+    pid (with whether to count its whole process group). With ``metrics_socket`` (a transit keyd's
+    socket), also the Transit calls keyd made meanwhile and the inputs they carried, from its
+    ``keyd_transit_batch_size`` histogram."""
 
-    def __init__(self, parts: dict[str, tuple[int, bool]]) -> None:
+    def __init__(self, parts: dict[str, tuple[int, bool]], metrics_socket: str = "") -> None:
         self.parts = parts
+        self.metrics_socket = metrics_socket
         self._before: dict[str, float] = {}
+        self._batches_before = (0.0, 0.0)
+        self.calls = 0  # after stop: Transit calls during the run, and their inputs
+        self.inputs = 0
 
     def _now(self) -> dict[str, float]:
         return {name: cpu_seconds(pid, group) for name, (pid, group) in self.parts.items()}
 
     def start(self) -> None:
+        self._batches_before = transit_batches(self.metrics_socket) if self.metrics_socket else (0.0, 0.0)
         self._before = self._now()
 
     def stop(self) -> dict[str, float]:
-        return {name: used - self._before.get(name, 0.0) for name, used in self._now().items()}
+        used = {name: used - self._before.get(name, 0.0) for name, used in self._now().items()}
+        if self.metrics_socket:
+            count, total = transit_batches(self.metrics_socket)
+            self.calls = int(count - self._batches_before[0])
+            self.inputs = int(total - self._batches_before[1])
+        return used
+
+
+_METRICS = http1.encode_request("GET", "/metrics", {"Connection": "close"})
+
+
+def transit_batches(path: str) -> tuple[float, float]:
+    """(calls, inputs) so far from keyd's ``keyd_transit_batch_size`` histogram on its socket."""
+    chunks = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5.0)
+        sock.connect(path)
+        sock.sendall(_METRICS)
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    found = {}
+    for line in b"".join(chunks).decode("utf-8", "replace").splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("keyd_transit_batch_size_count", "keyd_transit_batch_size_sum"):
+            found[name] = float(value)
+    if len(found) != 2:
+        raise BenchError(f"keyd on {path} serves no keyd_transit_batch_size histogram")
+    return found["keyd_transit_batch_size_count"], found["keyd_transit_batch_size_sum"]
 
 
 _HEALTH = http1.encode_request("GET", "/v1/health", {"Connection": "close"})
@@ -268,7 +302,7 @@ class Stack:
             parts["vault"] = (self.bao.process.pid, True)  # keyd's refreshes, or the Transit calls
         if self.delay_proxy is not None and target == "keyd-transit-1ms":
             parts["delay"] = (self.delay_proxy.pid, False)
-        return CpuMeter(parts)
+        return CpuMeter(parts, self.keyd_transit_socket if target.startswith("keyd-transit") else "")
 
     def stop_keyd(self) -> None:
         _stop(self.keyd)

@@ -29,6 +29,7 @@ from keyd import cli
 from keyd.bench import command as bench_command
 from keyd.bench import compare, load, report, stack, workload
 from keyd.bench import inprocess as bench_inprocess
+from keyd.bench.options import BenchError
 from keyd.ops import transit_import
 
 
@@ -342,3 +343,30 @@ def test_health_status_reads_the_status_line(tmp_path: Path, answer: bytes, stat
         assert stack.health_status(path) == status
         thread.join(5)
     assert asked == [b"GET /v1/health HTTP/1.1\r\nHost: keyd\r\nConnection: close\r\n\r\n"]
+
+
+def test_transit_batches_reads_keyds_batch_histogram_and_refuses_a_keyd_without_one(tmp_path: Path) -> None:
+    path = str(tmp_path / "k.sock")
+    with_histogram = (
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n# HELP keyd_transit_batch_size Inputs per Transit HMAC call\n"
+        b'keyd_transit_batch_size_bucket{le="16.0"} 40.0\nkeyd_transit_batch_size_count 52.0\n'
+        b"keyd_transit_batch_size_sum 731.0\nkeyd_transit_calls_total 52.0\n"
+    )
+    without = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nkeyd_tokens_issued_total 3.0\n"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        server.listen(2)
+
+        def serve() -> None:
+            for answer in (with_histogram, without):
+                conn, _ = server.accept()
+                with conn:
+                    assert conn.recv(1024).startswith(b"GET /metrics HTTP/1.1\r\n")
+                    conn.sendall(answer)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        assert stack.transit_batches(path) == (52.0, 731.0)
+        with pytest.raises(BenchError, match="no keyd_transit_batch_size"):
+            stack.transit_batches(path)
+        thread.join(5)

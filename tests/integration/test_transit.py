@@ -5,6 +5,7 @@ signing through Transit with only the generated policy, answers equal to KV mode
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -221,6 +222,20 @@ def test_rest_proxy_signs_each_upstream_token_through_transit(
         assert all(r.claims is not None and r.claims["tokenType"] == "app" for r in standin.received)
 
 
+def stopped(pid: int, timeout: float = 5.0) -> None:
+    """Wait until every thread of ``pid`` is in the stopped state (T in /proc/PID/task/*/stat)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = set()
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that just exited
+                states.add((task / "stat").read_text().rpartition(")")[2].split()[0])
+        if states == {"T"}:
+            return
+        assert time.monotonic() < deadline, f"pid {pid} not stopped: thread states {states}"
+        time.sleep(0.01)
+
+
 def test_a_stalled_vault_fails_requests_promptly_and_signing_resumes_when_it_returns(
     short_dir: Path, keyd_factory: Any
 ) -> None:
@@ -241,6 +256,7 @@ def test_a_stalled_vault_fails_requests_promptly_and_signing_resumes_when_it_ret
         assert http.post_json("/v1/tokens", {"user_id": "alice"})[0] == 200
         os.kill(server.process.pid, signal.SIGSTOP)
         try:
+            stopped(server.process.pid)  # kill() returns before every thread of OpenBao has stopped
             began = time.monotonic()
             status, headers, data = http.request(
                 "POST", "/v1/tokens", json.dumps({"user_id": "bob"}), {"Content-Type": "application/json"}

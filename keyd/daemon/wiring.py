@@ -11,11 +11,13 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from keyd import config as configuration
 from keyd.config import Config
 from keyd.daemon import containment, systemd
+from keyd.daemon.closers import Closers
 from keyd.daemon.http.server import Server
 from keyd.daemon.keys import handover
 from keyd.daemon.keys.health import ReloadHealth, VaultHealth, vault_health
@@ -131,7 +133,8 @@ class Daemon:
         self._reload_count = 0
         self.last_reload: ReloadHealth | None = None  # /v1/health's and the metrics' "reload"
         self._reload_generation = 0
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._closers = Closers()  # what started, to close in reverse (run, _shutdown)
+        self._serving = False  # every part started
         self._grant_reloads: set[asyncio.Task[None]] = set()
         self._inherited = False
 
@@ -141,15 +144,28 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT."""
+        """Serve until SIGTERM or SIGINT, then stop: what started closes, newest first."""
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         # Before anything is bound: a SIGTERM during start-up still ends in an orderly shutdown.
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self._start()
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+
+    async def _start(self) -> None:
+        """Start each part in order and register its closer right after (``_closers``): a start
+        that fails half-way closes what had started, and a shutdown closes everything in reverse."""
+        loop = self._loop
+        assert loop is not None  # noqa: S101 - set in run()
         containment.harden()
         containment.raise_nofile()
-        self.audit.attach(self._loop)
+        self._closers.add("the systemd notifier", self.notifier.close)
+        self.audit.attach(loop)
+        self._closers.add("the audit log", self.audit.close)  # early, so it closes last: every line
         self.notifier.notify("STATUS=starting")
         if self.metrics_tcp is not None:
             try:
@@ -158,41 +174,59 @@ class Daemon:
                 raise StartupError(
                     f"metrics.listen: cannot listen on {self.config.metrics.listen}: {exc.strerror}"
                 ) from None
+            self._closers.add("the metrics listener", self.metrics_tcp.close)
         passed = systemd.listen_fds()
         self.handover.take(passed.take(handover.FDNAME))
         passed.close_unclaimed()
         inherited = passed.socket
         self._inherited = inherited is not None
+        # The socket listens before any key can load: from systemd (socket activation: a restart,
+        # an upgrade), or bound here first, so a socket in use fails the start before Vault is
+        # asked and READY=1 (sent once the keys load) never comes before keyd listens. Either way
+        # the kernel queues connections until the server accepts them below.
+        listening = inherited if inherited is not None else self.server.bind()
+        self.notifier.notify("STATUS=waiting for Vault")
+        self._closers.add("the Vault client", self.vault.close)
+        self.refresher.start()
+        self._closers.add("the refresher", self.refresher.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         if inherited is not None:
-            # Socket activation (a restart, an upgrade): systemd holds the socket and the kernel
-            # queues connections while keyd starts. Accept them once the keys are loaded, so none is
-            # answered 503, or after STARTUP_HOLD at the latest (Vault slow or down: clients then get
-            # 503 well within their own timeouts, 5 s in keyd.client).
-            self.notifier.notify("STATUS=waiting for Vault")
-            self.refresher.start()
-            self._loop.add_signal_handler(signal.SIGHUP, self.reload)
+            # systemd's socket: accept once the keys are loaded, so no connection queued across a
+            # restart is answered 503, or after STARTUP_HOLD at the latest (Vault slow or down:
+            # clients then get 503 well within their own timeouts, 5 s in keyd.client).
             await self._hold_until_ready(min(STARTUP_HOLD, self.config.server.request_timeout))
-        await self.server.start(inherited)
+        # Transit and the REST proxy serve the socket's requests: they close after it drains.
+        if self.transit is not None:
+            self._closers.add("the Transit client", self.transit_client.close)
+            self._closers.add("Transit batching", self.transit.close)
+        if self.rest is not None:
+            self._closers.add("the REST proxy", self.rest.close)
+        await self.server.start(listening)
+        self._closers.add("the socket server", self.server.shutdown)
         log.info(
             "keyd listening on %s for %d app(s): %s",
             self.config.server.socket,
             len(self.config.apps),
             ", ".join(self.config.apps),
         )
-        if inherited is None:
-            self.notifier.notify("STATUS=waiting for Vault")
-            self.refresher.start()
-            self._loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self._loop.call_later(READY_WAIT, self._ready_without_every_key)
-        self._tasks.append(asyncio.create_task(self._report_status()))
-        self._tasks.append(asyncio.create_task(self._resolve_grant_names()))
+        loop.call_later(READY_WAIT, self._ready_without_every_key)
+        self._spawn("the status reports", self._report_status())
+        self._spawn("the grant name resolver", self._resolve_grant_names())
         interval = systemd.watchdog_interval()
         if interval:
-            self._tasks.append(asyncio.create_task(self._watchdog(interval)))
-        try:
-            await self._stop.wait()
-        finally:
-            await self._shutdown()
+            self._spawn("the watchdog", self._watchdog(interval))
+        self._serving = True
+
+    def _spawn(self, name: str, work: Coroutine[Any, Any, None]) -> None:
+        """A task that runs until shutdown, cancelled (before the server drains) as its closer."""
+        task = asyncio.create_task(work)
+
+        async def cancel() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        self._closers.add(name, cancel)
 
     def _ready_without_every_key(self) -> None:
         if self._ready_sent:
@@ -213,48 +247,27 @@ class Daemon:
             await asyncio.sleep(0.01)
 
     async def _shutdown(self) -> None:
-        log.info("shutting down")
-        if self._inherited:
-            # The socket is systemd's and outlives this process: stop accepting at once, so what is
-            # still queued goes to the next keyd (a restart, an upgrade) instead of a 503
-            # "shutting_down"; connections accepted a moment ago are answered here first.
-            self.server.stop_accepting()
-            await asyncio.sleep(HANDOVER_GRACE)
-        self.notifier.notify("STOPPING=1", "STATUS=stopping")
-        try:
-            self.handover.stash()  # first: a slow drain below must not cost the next start its keys
-        except Exception:  # cleanup failures are logged, not raised
-            log.exception("could not hand the keys to systemd's fd store")
+        """Hand over what the next keyd needs, then close every part that started, in reverse,
+        each failure logged and the next closer run (closers.py): the audit log closes last."""
         assert self._loop is not None  # noqa: S101 - set in run()
+        if self._serving:
+            log.info("shutting down")
+            if self._inherited:
+                # The socket is systemd's and outlives this process: stop accepting at once, so
+                # what is still queued goes to the next keyd (a restart, an upgrade) instead of a
+                # 503 "shutting_down"; connections accepted a moment ago are answered here first.
+                self.server.stop_accepting()
+                await asyncio.sleep(HANDOVER_GRACE)
+            self.notifier.notify("STOPPING=1", "STATUS=stopping")
+            try:
+                self.handover.stash()  # first: a slow drain below must not cost the next start its keys
+            except Exception:  # cleanup failures are logged, not raised
+                log.exception("could not hand the keys to systemd's fd store")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self._loop.remove_signal_handler(sig)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        try:
-            await self.server.shutdown()
-        except Exception:  # cleanup failures are logged, not raised
-            log.exception("error while closing the socket server")
-        if self.rest is not None:
-            self.rest.close()
-        if self.transit is not None:
-            self.transit.close()
-            self.transit_client.close()
-        try:
-            self.refresher.stop()
-        except Exception:
-            log.exception("error while stopping the refresher")
-        self.vault.close()
-        if self.metrics_tcp is not None:
-            await self.metrics_tcp.close()
-        try:
-            self.audit.close()
-        except OSError:
-            log.exception("error while closing the audit log")
-        self.notifier.close()
-        log.info("stopped")
+        await self._closers.close_all()
+        if self._serving:
+            log.info("stopped")
 
     def stop(self) -> None:
         if self._stop is not None:

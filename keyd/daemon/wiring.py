@@ -11,14 +11,16 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from keyd import config as configuration
 from keyd.config import Config
 from keyd.daemon import containment, systemd
+from keyd.daemon.closers import Closers
 from keyd.daemon.http.server import Server
 from keyd.daemon.keys import handover
-from keyd.daemon.keys.health import ReloadHealth, VaultHealth, vault_health
+from keyd.daemon.keys.health import VaultHealth, vault_health
 from keyd.daemon.keys.keystore import KeyStore
 from keyd.daemon.keys.refresher import Refresher
 from keyd.daemon.keys.transit import TransitMac, TransitStats
@@ -26,6 +28,7 @@ from keyd.daemon.keys.vault import Vault
 from keyd.daemon.observe.audit import AuditLog
 from keyd.daemon.observe.metrics import LISTENER_CONFIG, Metrics, RequestStats, Sources, TcpListener
 from keyd.daemon.policy.grants import Policy
+from keyd.daemon.reloads import Reloads
 from keyd.daemon.signing.api import Api
 from keyd.daemon.threads import off_loop
 from keyd.errors import ConfigError, StartupError
@@ -83,7 +86,7 @@ class Daemon:
             probe_interval=config.vault.probe_interval,
         )
         self.api.add_health("vault", self._vault_status)
-        self.api.add_health("reload", lambda: self.last_reload)
+        self.api.add_health("reload", lambda: self.reloads.last)
         self.metrics = Metrics(
             self.stats,
             Sources(
@@ -92,7 +95,7 @@ class Daemon:
                 connections=lambda: len(self.server.connections),
                 refused_connections=lambda: self.server.refused_connections,
                 rejections=lambda: self.server.rejections,
-                reload=lambda: self.last_reload,
+                reload=lambda: self.reloads.last,
             ),
         )
         self.api.add_route(b"/metrics", b"GET", self.metrics.handle)
@@ -122,16 +125,9 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready_sent = False
-        self._reload_waiting: set[str] = set()
-        self._reload_failed: dict[str, str] = {}  # app -> why its key could not be re-read
-        # A SIGHUP reload ends when every key was re-read and the config file was read again.
-        self._reload_active = False
-        self._grants_pending = False
-        self._config_error = ""  # why the config file was not taken (its problems), "" if it was
-        self._reload_count = 0
-        self.last_reload: ReloadHealth | None = None  # /v1/health's and the metrics' "reload"
-        self._reload_generation = 0
-        self._tasks: list[asyncio.Task[Any]] = []
+        self.reloads = Reloads()  # SIGHUP: what is still to be re-read, and the last verdict
+        self._closers = Closers()  # what started, to close in reverse (run, _shutdown)
+        self._serving = False  # every part started
         self._grant_reloads: set[asyncio.Task[None]] = set()
         self._inherited = False
 
@@ -141,15 +137,28 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT."""
+        """Serve until SIGTERM or SIGINT, then stop: what started closes, newest first."""
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         # Before anything is bound: a SIGTERM during start-up still ends in an orderly shutdown.
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self._start()
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+
+    async def _start(self) -> None:
+        """Start each part in order and register its closer right after (``_closers``): a start
+        that fails half-way closes what had started, and a shutdown closes everything in reverse."""
+        loop = self._loop
+        assert loop is not None  # noqa: S101 - set in run()
         containment.harden()
         containment.raise_nofile()
-        self.audit.attach(self._loop)
+        self._closers.add("the systemd notifier", self.notifier.close)
+        self.audit.attach(loop)
+        self._closers.add("the audit log", self.audit.close)  # early, so it closes last: every line
         self.notifier.notify("STATUS=starting")
         if self.metrics_tcp is not None:
             try:
@@ -158,41 +167,59 @@ class Daemon:
                 raise StartupError(
                     f"metrics.listen: cannot listen on {self.config.metrics.listen}: {exc.strerror}"
                 ) from None
+            self._closers.add("the metrics listener", self.metrics_tcp.close)
         passed = systemd.listen_fds()
         self.handover.take(passed.take(handover.FDNAME))
         passed.close_unclaimed()
         inherited = passed.socket
         self._inherited = inherited is not None
+        # The socket listens before any key can load: from systemd (socket activation: a restart,
+        # an upgrade), or bound here first, so a socket in use fails the start before Vault is
+        # asked and READY=1 (sent once the keys load) never comes before keyd listens. Either way
+        # the kernel queues connections until the server accepts them below.
+        listening = inherited if inherited is not None else self.server.bind()
+        self.notifier.notify("STATUS=waiting for Vault")
+        self._closers.add("the Vault client", self.vault.close)
+        self.refresher.start()
+        self._closers.add("the refresher", self.refresher.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         if inherited is not None:
-            # Socket activation (a restart, an upgrade): systemd holds the socket and the kernel
-            # queues connections while keyd starts. Accept them once the keys are loaded, so none is
-            # answered 503, or after STARTUP_HOLD at the latest (Vault slow or down: clients then get
-            # 503 well within their own timeouts, 5 s in keyd.client).
-            self.notifier.notify("STATUS=waiting for Vault")
-            self.refresher.start()
-            self._loop.add_signal_handler(signal.SIGHUP, self.reload)
+            # systemd's socket: accept once the keys are loaded, so no connection queued across a
+            # restart is answered 503, or after STARTUP_HOLD at the latest (Vault slow or down:
+            # clients then get 503 well within their own timeouts, 5 s in keyd.client).
             await self._hold_until_ready(min(STARTUP_HOLD, self.config.server.request_timeout))
-        await self.server.start(inherited)
+        # Transit and the REST proxy serve the socket's requests: they close after it drains.
+        if self.transit is not None:
+            self._closers.add("the Transit client", self.transit_client.close)
+            self._closers.add("Transit batching", self.transit.close)
+        if self.rest is not None:
+            self._closers.add("the REST proxy", self.rest.close)
+        await self.server.start(listening)
+        self._closers.add("the socket server", self.server.shutdown)
         log.info(
             "keyd listening on %s for %d app(s): %s",
             self.config.server.socket,
             len(self.config.apps),
             ", ".join(self.config.apps),
         )
-        if inherited is None:
-            self.notifier.notify("STATUS=waiting for Vault")
-            self.refresher.start()
-            self._loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self._loop.call_later(READY_WAIT, self._ready_without_every_key)
-        self._tasks.append(asyncio.create_task(self._report_status()))
-        self._tasks.append(asyncio.create_task(self._resolve_grant_names()))
+        loop.call_later(READY_WAIT, self._ready_without_every_key)
+        self._spawn("the status reports", self._report_status())
+        self._spawn("the grant name resolver", self._resolve_grant_names())
         interval = systemd.watchdog_interval()
         if interval:
-            self._tasks.append(asyncio.create_task(self._watchdog(interval)))
-        try:
-            await self._stop.wait()
-        finally:
-            await self._shutdown()
+            self._spawn("the watchdog", self._watchdog(interval))
+        self._serving = True
+
+    def _spawn(self, name: str, work: Coroutine[Any, Any, None]) -> None:
+        """A task that runs until shutdown, cancelled (before the server drains) as its closer."""
+        task = asyncio.create_task(work)
+
+        async def cancel() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        self._closers.add(name, cancel)
 
     def _ready_without_every_key(self) -> None:
         if self._ready_sent:
@@ -213,48 +240,27 @@ class Daemon:
             await asyncio.sleep(0.01)
 
     async def _shutdown(self) -> None:
-        log.info("shutting down")
-        if self._inherited:
-            # The socket is systemd's and outlives this process: stop accepting at once, so what is
-            # still queued goes to the next keyd (a restart, an upgrade) instead of a 503
-            # "shutting_down"; connections accepted a moment ago are answered here first.
-            self.server.stop_accepting()
-            await asyncio.sleep(HANDOVER_GRACE)
-        self.notifier.notify("STOPPING=1", "STATUS=stopping")
-        try:
-            self.handover.stash()  # first: a slow drain below must not cost the next start its keys
-        except Exception:  # cleanup failures are logged, not raised
-            log.exception("could not hand the keys to systemd's fd store")
+        """Hand over what the next keyd needs, then close every part that started, in reverse,
+        each failure logged and the next closer run (closers.py): the audit log closes last."""
         assert self._loop is not None  # noqa: S101 - set in run()
+        if self._serving:
+            log.info("shutting down")
+            if self._inherited:
+                # The socket is systemd's and outlives this process: stop accepting at once, so
+                # what is still queued goes to the next keyd (a restart, an upgrade) instead of a
+                # 503 "shutting_down"; connections accepted a moment ago are answered here first.
+                self.server.stop_accepting()
+                await asyncio.sleep(HANDOVER_GRACE)
+            self.notifier.notify("STOPPING=1", "STATUS=stopping")
+            try:
+                self.handover.stash()  # first: a slow drain below must not cost the next start its keys
+            except Exception:  # cleanup failures are logged, not raised
+                log.exception("could not hand the keys to systemd's fd store")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self._loop.remove_signal_handler(sig)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        try:
-            await self.server.shutdown()
-        except Exception:  # cleanup failures are logged, not raised
-            log.exception("error while closing the socket server")
-        if self.rest is not None:
-            self.rest.close()
-        if self.transit is not None:
-            self.transit.close()
-            self.transit_client.close()
-        try:
-            self.refresher.stop()
-        except Exception:
-            log.exception("error while stopping the refresher")
-        self.vault.close()
-        if self.metrics_tcp is not None:
-            await self.metrics_tcp.close()
-        try:
-            self.audit.close()
-        except OSError:
-            log.exception("error while closing the audit log")
-        self.notifier.close()
-        log.info("stopped")
+        await self._closers.close_all()
+        if self._serving:
+            log.info("stopped")
 
     def stop(self) -> None:
         if self._stop is not None:
@@ -263,13 +269,8 @@ class Daemon:
     def reload(self) -> None:
         """SIGHUP: re-read every key now (and let listeners such as the audit log reopen files)."""
         log.info("SIGHUP: refreshing every key now")
-        self._reload_waiting = set(self.config.apps)
-        self._reload_failed = {}
-        self._reload_active = True
-        self._reload_count += 1
-        self._config_error = ""
-        self._grants_pending = self._loop is not None
-        self._reload_generation = self.refresher.generation + 1  # what refresh_now below makes it
+        # refresher.generation + 1: what refresh_now below makes it.
+        self.reloads.begin(self.config.apps, self.refresher.generation + 1, grants=self._loop is not None)
         self.notifier.notify(
             "RELOADING=1",
             f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
@@ -294,31 +295,32 @@ class Daemon:
         They decide from the next request on, on every connection, kept-alive ones included. A
         file with problems changes nothing: the grants in use stay.
         """
+        error = ""
         try:
-            await self._reread_grants()
+            error = await self._reread_grants()
         finally:
-            self._grants_pending = False
+            self.reloads.grants_read(error)
             self._finish_reload()
 
-    async def _reread_grants(self) -> None:
+    async def _reread_grants(self) -> str:
+        """Install the file's grants; why they were not taken ("" when they were)."""
         source = self.config.source
         try:
             fresh = await off_loop(configuration.load, source)
             compiled = await off_loop(self.policy.compile, fresh.grants)
         except ConfigError as exc:
             log.error("SIGHUP: grants not reloaded, keeping those in use: %s", exc)
-            self._config_error = str(exc)
-            return
+            return str(exc)
         except Exception as exc:
             log.exception("SIGHUP: grants not reloaded, keeping those in use")
-            self._config_error = f"the config file could not be read ({type(exc).__name__})"
-            return
+            return f"the config file could not be read ({type(exc).__name__})"
         self.policy.install(compiled)
         log.info("SIGHUP: %d grant(s) reloaded from %s", len(fresh.grants), source)
         if dataclasses.replace(fresh, grants=()) != dataclasses.replace(self.config, grants=()):
             log.warning(
                 "SIGHUP reloads only [[grant]] tables: restart keyd for the other changes in %s", source
             )
+        return ""
 
     async def _resolve_grant_names(self) -> None:
         while True:
@@ -359,22 +361,19 @@ class Daemon:
         """After each refresh attempt of one app: READY=1 at start-up and at the end of a reload."""
         # Only an attempt that started after the SIGHUP counts for the reload (one already under
         # way when it came is followed by another at once).
-        if (
-            app in self._reload_waiting
-            and self.refresher.run_generation(app) >= self._reload_generation
-        ):
-            self._reload_waiting.discard(app)
+        if self.reloads.counts(app, self.refresher.run_generation(app)):
             state = self.store.app_health(app)
+            failure = None
             if state.refresh_failures:
                 error = state.last_error or ""
-                self._reload_failed[app] = state.cause or error
+                failure = state.cause or error
                 log.error(
                     "reload: app %s: the key could not be re-read: %s",
                     app,
                     error,
                     extra={"app": app, "event": "reload_failed", "error": error},
                 )
-            if self._reload_waiting:
+            if not self.reloads.key_read(app, failure):
                 return
             if self._ready_sent:
                 self._finish_reload()
@@ -386,37 +385,20 @@ class Daemon:
             self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
 
     def _finish_reload(self) -> None:
-        """End of a SIGHUP reload, once every key was re-read and the config file read again:
-        READY=1 (systemd's end of RELOADING=1) with a truthful STATUS, and ``last_reload`` for
-        /v1/health, ``keyd status``, the metrics and ``keyd reload`` (systemctl reload's verdict)."""
-        if not self._reload_active or self._reload_waiting or self._grants_pending or not self._ready_sent:
+        """End of a SIGHUP reload, once every key was re-read and the config file read again
+        (reloads.py keeps the count and the verdict): READY=1, systemd's end of RELOADING=1, with a
+        truthful STATUS. Before the first READY=1 the start-up's own READY=1 ends it."""
+        if not self._ready_sent:
             return
-        self._reload_active = False
-        failed = dict(self._reload_failed)
-        if self._config_error:
-            failed["config"] = self._config_error
-        self.last_reload = ReloadHealth(
-            count=self._reload_count,
-            ok=not failed,
-            at=time.time(),
-            error="; ".join(
-                (why if name == "config" else f"app {name}: {why}") for name, why in sorted(failed.items())
-            ),
-        )
-        if not failed:
-            log.info("reload finished: every app's key was re-read and the grants reloaded")
+        verdict = self.reloads.finish()
+        if verdict is None:
+            return
+        if verdict.ok:
             self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
             return
-        reasons = self.last_reload.error
-        log.error(
-            "reload failed (%s): %s",
-            ", ".join(sorted(failed)),
-            reasons,
-            extra={"event": "reload_failed", "apps": sorted(k for k in failed if k != "config")},
-        )
         # READY=1 ends the reload for systemd either way; `keyd reload` (the unit's ExecReload=)
-        # reads last_reload and fails systemctl reload, and the STATUS says plainly why.
-        self.notifier.notify("READY=1", f"STATUS=reload failed: {reasons}; now {self.status_line()}")
+        # reads the verdict and fails systemctl reload, and the STATUS says plainly why.
+        self.notifier.notify("READY=1", f"STATUS=reload failed: {verdict.error}; now {self.status_line()}")
 
     def status_line(self) -> str:
         """One line for systemd's STATUS: serving, degraded (which app, why, how much of max_stale

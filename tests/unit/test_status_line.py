@@ -114,7 +114,7 @@ def test_a_reload_that_failed_for_one_app_says_which_and_why(two_nodes: tuple[Da
     vault.on_read = sighup_during_the_read
     scheduler.run(key_job("live"))  # under way when the SIGHUP came: it does not count for the reload
     assert recorder.sent[0][0] == "RELOADING=1"
-    assert len(recorder.sent) == 1 and daemon._reload_waiting == {"live", "test"}
+    assert len(recorder.sent) == 1 and daemon.reloads.waiting == {"live", "test"}
     # The reads the SIGHUP started: live's secret lost its field, test's is fine.
     vault.read_errors = [
         SecretError("reading secret/talkjs/live: the secret has no field", "malformed secret at secret/talkjs/live")

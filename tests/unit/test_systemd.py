@@ -151,7 +151,7 @@ def test_ready_is_sent_when_a_reload_before_start_up_loads_the_keys(tmp_path: Pa
     daemon = Daemon(config)
     recorder = _Recorder()
     daemon.notifier = recorder  # type: ignore[assignment]
-    daemon._reload_waiting = {"default"}  # a SIGHUP arrived while keyd was still waiting for Vault
+    daemon.reloads.waiting = {"default"}  # a SIGHUP arrived while keyd was still waiting for Vault
     key = SecretKey.from_str("sk_test_" + "k" * 24)
     daemon.store.record_success(KeySnapshot("default", key, key, version=1, kv_version=2, loaded_at=0.0))
     daemon._keys_changed("default")

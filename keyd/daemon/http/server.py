@@ -156,14 +156,20 @@ class Server:
             else:
                 self.uid_connections.pop(uid, None)
 
+    def bind(self) -> socket.socket:
+        """Bind config.socket, listening: the kernel queues connections until ``start`` accepts
+        them. ``shutdown`` removes the file (if it is still keyd's)."""
+        sock, inode = bind_socket(self.config, self.section)
+        self._bound = (self.config.socket, inode)
+        return sock
+
     async def start(self, sock: socket.socket | None = None) -> None:
-        """Serve on an inherited listening socket (Unix or, for the metrics listener, TCP), or bind
-        config.socket."""
+        """Serve on a listening socket: inherited (Unix or, for the metrics listener, TCP), from
+        ``bind``, or (None) config.socket bound now."""
         loop = asyncio.get_running_loop()
         self.attach(loop)
         if sock is None:
-            sock, inode = bind_socket(self.config, self.section)
-            self._bound = (self.config.socket, inode)
+            sock = self.bind()
         if sock.family == socket.AF_UNIX:
             self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock, backlog=4096)
         else:

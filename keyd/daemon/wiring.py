@@ -183,6 +183,7 @@ class Daemon:
         self.refresher.start()
         self._closers.add("the refresher", self.refresher.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self._closers.add("the SIGHUP grant reloads", self._cancel_grant_reloads)
         if inherited is not None:
             # systemd's socket: accept once the keys are loaded, so no connection queued across a
             # restart is answered 503, or after STARTUP_HOLD at the latest (Vault slow or down:
@@ -288,6 +289,15 @@ class Daemon:
         task = self._loop.create_task(self._reload_grants())
         self._grant_reloads.add(task)
         task.add_done_callback(self._grant_reloads.discard)
+
+    async def _cancel_grant_reloads(self) -> None:
+        """At shutdown: a grant re-read still running (a SIGHUP just before) is abandoned."""
+        tasks = list(self._grant_reloads)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _reload_grants(self) -> None:
         """Re-read the [[grant]] tables (only those) from the config file, off the event loop.

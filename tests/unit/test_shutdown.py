@@ -167,6 +167,37 @@ def test_every_part_closes_in_reverse_of_its_start(short_dir: Path, monkeypatch:
     assert audit_subs(short_dir) == ["user-0"]
 
 
+def test_a_grant_reload_still_running_at_shutdown_is_cancelled(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = daemon_in(short_dir)
+    ended: list[str] = []
+
+    async def slow_reread() -> str:
+        try:
+            await asyncio.sleep(3600)  # a config file on a hung network mount
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+        return ""
+
+    monkeypatch.setattr(daemon, "_reread_grants", slow_reread)
+
+    async def main() -> None:
+        task = asyncio.create_task(daemon.run())
+        while daemon.server._server is None:
+            assert not task.done(), task.exception()
+            await asyncio.sleep(0.01)
+        daemon._reload_grants_soon()  # what SIGHUP starts
+        await asyncio.sleep(0.05)
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+        # Checked here: asyncio.run would cancel a leftover task itself on the way out.
+        assert ended == ["cancelled"] and not daemon._grant_reloads
+
+    asyncio.run(main())
+
+
 def test_a_start_that_fails_half_way_closes_what_had_started(short_dir: Path) -> None:
     """The socket cannot be bound (a file is in the way): the metrics listener that was already up
     closes, the audit log closes, and the refresher never started (Vault is not asked)."""

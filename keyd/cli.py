@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from keyd import __version__
+from keyd import __version__, config_files
 from keyd import config as configuration
 from keyd.errors import ClientError, ConfigError, KeydError, StartupError
 
@@ -86,7 +86,7 @@ def _err(message: str) -> None:
 def _load_checked(path: str) -> configuration.Config:
     """The config at ``path``, with every file it names present (ConfigError otherwise)."""
     config = configuration.load(path)
-    problems = configuration.missing_files(config)
+    problems = config_files.missing_files(config)
     if problems:
         raise ConfigError(problems)
     return config
@@ -130,40 +130,18 @@ def _credentials_placeholder() -> str | None:
     return SYSTEMD_CREDENTIALS_DIR
 
 
-def _encrypted_credentials(config: configuration.Config, directory: str) -> dict[str, str]:
-    """Config key -> ``NAME.cred`` for each credential ``DIR/NAME`` that is not there but whose
-    encrypted form (``systemd-creds encrypt``, read by ``LoadCredentialEncrypted=``) is."""
-    found = {}
-    for key, file in configuration.needed_files(config):
-        if os.path.dirname(os.path.abspath(file)) == os.path.abspath(directory) and not os.path.lexists(file):
-            encrypted = file + ".cred"
-            if os.path.isfile(encrypted):
-                found[key] = encrypted
-    return found
-
-
-def _encrypted_problems(config: configuration.Config, encrypted: dict[str, str]) -> list[str]:
-    """An encrypted credential open to other users is a problem (systemd-creds writes 0644)."""
-    problems = []
-    for key, file in encrypted.items():
-        mode = os.stat(file).st_mode & 0o777
-        if mode & 0o077:
-            problems.append(
-                f"{config.source}: {key}: encrypted credential {file!r} is mode {mode:04o}, "
-                f"readable by other users: chmod 0600 {file}"
-            )
-    return problems
-
-
 def cmd_check_config(args: argparse.Namespace) -> int:
     if args.credentials_dir:
         os.environ["CREDENTIALS_DIRECTORY"] = args.credentials_dir
     placeholder = _credentials_placeholder()
     config = configuration.load(args.config)
-    encrypted = _encrypted_credentials(config, args.credentials_dir) if args.credentials_dir else {}
-    problems = configuration.missing_files(config, skip=frozenset(encrypted))
+    encrypted = {}
+    if args.credentials_dir:
+        encrypted = config_files.encrypted_credentials(config, args.credentials_dir)
+    problems = config_files.missing_files(config, skip=frozenset(encrypted))
     unchecked = [p for p in problems if placeholder and f"file '{placeholder}/" in p]
-    problems = [p for p in problems if p not in unchecked] + _encrypted_problems(config, encrypted)
+    problems = [p for p in problems if p not in unchecked]
+    problems += config_files.encrypted_problems(config, encrypted)
     if problems:
         raise ConfigError(problems)
     from keyd.ops import grants  # noqa: PLC0415
@@ -319,9 +297,14 @@ def _vault_setup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="keyd's config file")
     parser.add_argument("--role", default="keyd", help="AppRole (or cert) role name (default keyd)")
     parser.add_argument("--policy", default="keyd", help="policy name (default keyd)")
-    parser.add_argument("--token-ttl", type=_any_duration, default=3600.0, help="keyd's token TTL (default 1h)")
     parser.add_argument(
-        "--token-max-ttl", type=_any_duration, default=86400.0, help="its max TTL, then keyd logs in again (24h)"
+        "--token-ttl", type=_any_duration, default=3600.0, help="keyd's token TTL (default 1h)"
+    )
+    parser.add_argument(
+        "--token-max-ttl",
+        type=_any_duration,
+        default=86400.0,
+        help="its max TTL, then keyd logs in again (24h)",
     )
     parser.add_argument(
         "--secret-id-ttl",

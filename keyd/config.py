@@ -15,7 +15,6 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
@@ -901,49 +900,3 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
     return parse(data, source)
 
-
-def needed_files(config: Config) -> list[tuple[str, str]]:
-    """(config key, path) of every file the daemon reads at run time: credentials, CA files."""
-    auth = config.vault.auth
-    needed: list[tuple[str, str]] = []
-    if config.vault.ca_cert:
-        needed.append(("vault.ca_cert", config.vault.ca_cert))
-    for name, app in config.apps.items():
-        if app.rest.ca_file and config.rest_enabled:
-            needed.append((f"apps.{name}.rest.ca_file", app.rest.ca_file))
-    if auth.method == "token" and auth.token_file:
-        needed.append(("vault.auth.token_file", auth.token_file))
-    if auth.method == "approle":
-        needed += [
-            ("vault.auth.role_id_file", auth.role_id_file),
-            ("vault.auth.secret_id_file", auth.secret_id_file),
-        ]
-    if auth.method == "cert":
-        needed += [
-            ("vault.auth.client_cert", auth.client_cert),
-            ("vault.auth.client_key", auth.client_key),
-        ]
-    if auth.method in JWT_AUTH_METHODS:
-        needed.append(("vault.auth.jwt_file", auth.jwt_file))
-    return needed
-
-
-def missing_files(config: Config, skip: frozenset[str] = frozenset()) -> list[str]:
-    """Problems with the files the daemon reads at run time (credentials, CA, audit directory);
-    the config keys in ``skip`` are not checked (keyd check-config's encrypted credentials)."""
-    auth = config.vault.auth
-    problems = []
-    for key, file in needed_files(config):
-        if key in skip:
-            continue
-        if not os.path.isfile(file):
-            problems.append(f"{config.source}: {key}: file {file!r} does not exist")
-        elif not os.access(file, os.R_OK):
-            problems.append(f"{config.source}: {key}: file {file!r} is not readable")
-    if auth.method == "token" and not auth.token_file and not os.environ.get("VAULT_TOKEN"):
-        problems.append(f"{config.source}: vault.auth.token_file: is empty and VAULT_TOKEN is not set")
-    if config.audit.file and not Path(config.audit.file).parent.is_dir():
-        problems.append(
-            f"{config.source}: audit.file: directory {str(Path(config.audit.file).parent)!r} does not exist"
-        )
-    return problems

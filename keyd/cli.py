@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from keyd import __version__
+from keyd import __version__, config_files
 from keyd import config as configuration
 from keyd.errors import ClientError, ConfigError, KeydError, StartupError
 
@@ -86,7 +86,7 @@ def _err(message: str) -> None:
 def _load_checked(path: str) -> configuration.Config:
     """The config at ``path``, with every file it names present (ConfigError otherwise)."""
     config = configuration.load(path)
-    problems = configuration.missing_files(config)
+    problems = config_files.missing_files(config)
     if problems:
         raise ConfigError(problems)
     return config
@@ -130,40 +130,18 @@ def _credentials_placeholder() -> str | None:
     return SYSTEMD_CREDENTIALS_DIR
 
 
-def _encrypted_credentials(config: configuration.Config, directory: str) -> dict[str, str]:
-    """Config key -> ``NAME.cred`` for each credential ``DIR/NAME`` that is not there but whose
-    encrypted form (``systemd-creds encrypt``, read by ``LoadCredentialEncrypted=``) is."""
-    found = {}
-    for key, file in configuration.needed_files(config):
-        if os.path.dirname(os.path.abspath(file)) == os.path.abspath(directory) and not os.path.lexists(file):
-            encrypted = file + ".cred"
-            if os.path.isfile(encrypted):
-                found[key] = encrypted
-    return found
-
-
-def _encrypted_problems(config: configuration.Config, encrypted: dict[str, str]) -> list[str]:
-    """An encrypted credential open to other users is a problem (systemd-creds writes 0644)."""
-    problems = []
-    for key, file in encrypted.items():
-        mode = os.stat(file).st_mode & 0o777
-        if mode & 0o077:
-            problems.append(
-                f"{config.source}: {key}: encrypted credential {file!r} is mode {mode:04o}, "
-                f"readable by other users: chmod 0600 {file}"
-            )
-    return problems
-
-
 def cmd_check_config(args: argparse.Namespace) -> int:
     if args.credentials_dir:
         os.environ["CREDENTIALS_DIRECTORY"] = args.credentials_dir
     placeholder = _credentials_placeholder()
     config = configuration.load(args.config)
-    encrypted = _encrypted_credentials(config, args.credentials_dir) if args.credentials_dir else {}
-    problems = configuration.missing_files(config, skip=frozenset(encrypted))
+    encrypted = {}
+    if args.credentials_dir:
+        encrypted = config_files.encrypted_credentials(config, args.credentials_dir)
+    problems = config_files.missing_files(config, skip=frozenset(encrypted))
     unchecked = [p for p in problems if placeholder and f"file '{placeholder}/" in p]
-    problems = [p for p in problems if p not in unchecked] + _encrypted_problems(config, encrypted)
+    problems = [p for p in problems if p not in unchecked]
+    problems += config_files.encrypted_problems(config, encrypted)
     if problems:
         raise ConfigError(problems)
     from keyd.ops import grants  # noqa: PLC0415
@@ -305,6 +283,89 @@ def _duration(value: str) -> float:
     return seconds
 
 
+def _any_duration(value: str) -> float:
+    """A duration that may be zero (`keyd vault setup --secret-id-ttl 0`: unlimited)."""
+    try:
+        return configuration.parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _vault_setup_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `keyd vault setup`, here rather than in keyd.ops.vault_setup: every command
+    builds the whole parser, and `keyd run` must not import an operator module to do it."""
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="keyd's config file")
+    parser.add_argument("--role", default="keyd", help="AppRole (or cert) role name (default keyd)")
+    parser.add_argument("--policy", default="keyd", help="policy name (default keyd)")
+    parser.add_argument(
+        "--token-ttl", type=_any_duration, default=3600.0, help="keyd's token TTL (default 1h)"
+    )
+    parser.add_argument(
+        "--token-max-ttl",
+        type=_any_duration,
+        default=86400.0,
+        help="its max TTL, then keyd logs in again (24h)",
+    )
+    parser.add_argument(
+        "--secret-id-ttl",
+        type=_any_duration,
+        default=30 * 86400.0,
+        help="secret_id lifetime; 0 = unlimited (30d)",
+    )
+    parser.add_argument(
+        "--cidr",
+        action="append",
+        default=[],
+        help="bind the secret_id and tokens to this CIDR (repeatable), e.g. 10.0.3.7/32",
+    )
+    parser.add_argument(
+        "--wrap-ttl",
+        type=_any_duration,
+        help="response-wrap the secret_id for this long (needs vault.auth.secret_id_wrapped = true; "
+        "default 60s when that is set)",
+    )
+    parser.add_argument(
+        "--new-secret-id", action="store_true", help="issue a fresh secret_id even if the file's is valid"
+    )
+    parser.add_argument(
+        "--store-key", metavar="APP", help="store the TalkJS secret key read from standard input for APP"
+    )
+    parser.add_argument(
+        "--client-ca", default="", help='method = "cert": PEM CA that signs keyd\'s client certificates'
+    )
+    parser.add_argument(
+        "--service-account",
+        action="append",
+        default=[],
+        metavar="NAMESPACE/NAME",
+        help='method = "kubernetes" or "jwt": the service account keyd\'s role is bound to (repeatable)',
+    )
+    parser.add_argument("--audience", default="vault", help='method = "jwt": the bound audience (vault)')
+    parser.add_argument("--kubernetes-host", default="", help="Kubernetes auth: write the mount's API URL")
+    parser.add_argument("--kubernetes-ca", default="", help="Kubernetes auth: PEM CA of that API")
+    parser.add_argument(
+        "--jwt-pubkey", action="append", default=[], help="JWT auth: write the issuer's PEM public key(s)"
+    )
+    parser.add_argument("--jwt-issuer", default="", help="JWT auth: the bound issuer (iss)")
+    parser.add_argument(
+        "--credentials-dir",
+        default="/etc/keyd",
+        help="what ${CREDENTIALS_DIRECTORY} in the config means when it is not set (default /etc/keyd, "
+        "where keyd.service's LoadCredential= reads from)",
+    )
+    parser.add_argument(
+        "--print-policy", action="store_true", help="print the policy for the config and exit (no Vault)"
+    )
+    parser.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a Vault node to use instead of the config's vault.address list (repeatable, in order "
+        "of preference; the next one is tried when a node cannot serve)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keyd",
@@ -379,14 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help=SOCKET_HELP)
     p.add_argument("--json", action="store_true", help="print the health document as JSON, for scripts")
 
-    from keyd.ops.vault_setup import add_arguments as add_vault_setup_arguments  # noqa: PLC0415 - stdlib only
-
     vault_actions = sub.add_parser("vault", help="prepare Vault for keyd (run by a Vault operator)")
     actions = vault_actions.add_subparsers(dest="vault_command", required=True, metavar="ACTION")
     text = "enable AppRole, write keyd's policy and role, write its role_id/secret_id files (VAULT_TOKEN)"
     p = actions.add_parser("setup", help=text, description=text)
     p.set_defaults(func=cmd_vault_setup)
-    add_vault_setup_arguments(p)
+    _vault_setup_arguments(p)
 
     p = add("bench", cmd_bench, "load-test keyd; --compare adds Vault Transit, PyJWT and a bare server")
     p.add_argument("--socket", help="benchmark the keyd on this socket (default: start OpenBao dev + keyd)")

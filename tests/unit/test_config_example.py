@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from keyd import config
+from keyd import config, config_values
 from tests.helpers import ROOT
 
 EXAMPLE = ROOT / "config.example.toml"
@@ -38,15 +38,15 @@ def _section(prefix: str) -> str:
 def _keys_the_parser_reads(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, str]]:
     """Every (section, key) the parser looks up while reading the example (and a full grant)."""
     read: set[tuple[str, str]] = set()
-    real_get = config._Reader.get
+    real_get = config_values.Reader.get
 
     def get(self: Any, name: str, default: Any, convert: Any) -> Any:
         read.add((_section(self.prefix), name))
         return real_get(self, name, default, convert)
 
-    monkeypatch.setattr(config._Reader, "get", get)
+    monkeypatch.setattr(config_values.Reader, "get", get)
     config.load(EXAMPLE)
-    # Keys read outside _Reader.get: vault.address / vault.addresses (one or a list of nodes).
+    # Keys read outside Reader.get: vault.address / vault.addresses (one or a list of nodes).
     read |= {("vault", "address"), ("vault", "addresses")}
     return read
 

@@ -110,3 +110,23 @@ def test_read_key_strips_the_newline_and_rejects_junk() -> None:
         read_key(io.StringIO("\n"), "default")
     with pytest.raises(KeydError, match="whitespace"):
         read_key(io.StringIO("sk_test_a sk_test_b\n"), "default")
+
+
+def test_the_command_lines_defaults_are_setup_options_defaults() -> None:
+    """cli.py declares `keyd vault setup`'s options (so `keyd run` never imports this module);
+    what it defaults to is what SetupOptions does."""
+    from keyd.cli import build_parser
+    from keyd.ops.vault_setup import SetupOptions
+
+    args = build_parser().parse_args(["vault", "setup"])
+    defaults = SetupOptions()
+    given = (args.role, args.policy, args.token_ttl, args.token_max_ttl, args.secret_id_ttl, args.wrap_ttl)
+    assert given == (
+        defaults.role,
+        defaults.policy,
+        defaults.token_ttl,
+        defaults.token_max_ttl,
+        defaults.secret_id_ttl,
+        defaults.wrap_ttl,
+    )
+    assert build_parser().parse_args(["vault", "setup", "--secret-id-ttl", "0"]).secret_id_ttl == 0.0

@@ -210,7 +210,7 @@ def test_two_calls_may_be_in_flight_and_the_third_waits_for_one() -> None:
 def test_a_call_beside_one_in_flight_waits_for_min_parallel_inputs() -> None:
     async def scenario() -> None:
         fake = FakeTransit()
-        transit = _mac(fake, max_in_flight=4, min_parallel=3)
+        transit = _mac(fake, max_in_flight=4, min_parallel=3, parallel_after=3600.0)
         first = transit.mac(APP, b"a", finish)
         await settle()
         assert fake.calls == [[b"a"]]  # nothing in flight: out at once, alone
@@ -229,6 +229,58 @@ def test_a_call_beside_one_in_flight_waits_for_min_parallel_inputs() -> None:
         assert fake.calls[2:] == [[b"e"]]  # the calls ended: what waited goes out, however few
         fake.release()
         assert (await late)[1] == 7
+
+    asyncio.run(scenario())
+
+
+def test_a_stalled_call_holds_the_inputs_behind_it_only_parallel_after() -> None:
+    """A call in flight that does not come back (a dead keep-alive connection): the few inputs that
+    arrive meanwhile go out in a call of their own after parallel_after, not at the stalled call's
+    deadline with it (found by review: with min_parallel alone they all got 503)."""
+
+    async def scenario() -> None:
+        fake = FakeTransit()
+        transit = _mac(fake, timeout=5.0, max_in_flight=4, min_parallel=16, parallel_after=0.02)
+        stalled = transit.mac(APP, b"a", finish)
+        await settle()
+        assert fake.calls == [[b"a"]]
+        behind = [transit.mac(APP, b"b", finish), transit.mac(APP, b"c", finish)]
+        await settle()
+        assert len(fake.calls) == 1  # two inputs: they wait for the call in flight ...
+        await asyncio.sleep(0.1)
+        assert fake.calls[1:] == [[b"b", b"c"]]  # ... parallel_after at most, then go together
+        fake.gates[1].set()  # the second call answers; the first stays stalled
+        assert [r[1] for r in await asyncio.gather(*behind)] == [7, 7]
+        assert not stalled.done()
+        late = transit.mac(APP, b"d", finish)  # one call still in flight: the timer is armed again
+        await asyncio.sleep(0.1)
+        assert fake.calls[2:] == [[b"d"]]
+        fake.release()
+        assert (await late)[1] == 7 and (await stalled)[1] == 7
+        transit.close()
+
+    asyncio.run(scenario())
+
+
+def test_inputs_left_behind_a_full_set_of_calls_still_get_the_timer() -> None:
+    async def scenario() -> None:
+        fake = FakeTransit()
+        transit = _mac(fake, max_in_flight=2, min_parallel=16, parallel_after=0.02)
+        first = transit.mac(APP, b"a", finish)
+        await settle()
+        second = transit.mac(APP, b"b", finish)
+        await asyncio.sleep(0.1)
+        assert fake.calls == [[b"a"], [b"b"]]  # the second went out after parallel_after
+        third = transit.mac(APP, b"c", finish)  # two in flight: waits, no timer can help
+        await asyncio.sleep(0.1)
+        assert len(fake.calls) == 2
+        fake.gates[0].set()  # one call ends; one is still out and "c" is one input: the timer again
+        await first
+        await asyncio.sleep(0.1)
+        assert fake.calls[2:] == [[b"c"]]
+        fake.release()
+        await asyncio.gather(second, third)
+        transit.close()
 
     asyncio.run(scenario())
 

@@ -9,11 +9,14 @@ Batching, per Transit key: while a call is in flight, new inputs queue; when it 
 carries everything queued, up to ``MAX_BATCH`` inputs (OpenBao refuses very large JSON bodies; 1024
 items failed in a test, 256 is well inside). When nothing is in flight an input goes out on the
 loop's next turn (``call_soon``: the other requests parsed from the same reads join it), never after
-a timer. A second (up to ``MAX_IN_FLIGHT``-th) call goes out beside those in flight only once
-``MIN_PARALLEL`` inputs wait: Vault's cost is mostly per call (its token lookup, its request
-handling: about 400 µs of CPU on OpenBao against some 10 µs per input, docs/transit.md), so a call
-of three inputs beside one in flight costs Vault nearly what a full one does and delays the rest.
-Below that many, inputs wait for the first call to end, which is never longer than one call. A call is a coroutine on the event loop (keyd.daemon.keys.transit_client: pooled keep-alive
+a timer. A second (up to ``MAX_IN_FLIGHT``-th) call goes out beside those in flight once
+``MIN_PARALLEL`` inputs wait, or once the oldest waiting input has waited ``PARALLEL_AFTER``
+(5 ms): Vault's cost is mostly per call (its token lookup, its request handling: about 400 µs of
+CPU on OpenBao against some 10 µs per input, docs/transit.md), so a call of three inputs beside one
+in flight costs Vault nearly what a full one does and delays the rest; but a call that is stalled
+(a dead keep-alive connection, a node that stopped answering) must not hold the inputs behind it
+until its deadline, and Vault a few milliseconds away should not make every input wait a round
+trip more. So below ``MIN_PARALLEL`` inputs wait for a call in flight to end, or 5 ms at most. A call is a coroutine on the event loop (keyd.daemon.keys.transit_client: pooled keep-alive
 connections, keyd's token, TLS settings, node list and failover); no thread at all.
 
 Every input has a deadline of ``vault.timeout`` from when it was queued: a call that does not
@@ -45,6 +48,7 @@ log = logging.getLogger("keyd.transit")
 MAX_BATCH = 256
 MAX_IN_FLIGHT = 4  # calls out per Transit key: Vault computes batches while keyd collects the next
 MIN_PARALLEL = 16  # inputs waiting before a call goes out beside one already in flight
+PARALLEL_AFTER = 0.005  # seconds an input waits for a call in flight before it goes out beside it
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 PROBE_INPUT = b"keyd transit probe"
@@ -77,6 +81,7 @@ class _Queue:
     items: deque[_Item[Any]] = field(default_factory=deque)
     in_flight: int = 0  # calls sent and not answered (nor timed out)
     scheduled: bool = False  # a flush is due on the loop's next turn
+    late: asyncio.TimerHandle | None = None  # the flush PARALLEL_AFTER after an input had to wait
 
 
 class TransitStats:
@@ -154,6 +159,7 @@ class TransitMac:
         max_batch: int = MAX_BATCH,
         max_in_flight: int = MAX_IN_FLIGHT,
         min_parallel: int = MIN_PARALLEL,
+        parallel_after: float = PARALLEL_AFTER,
         clock: Callable[[], float] = time.monotonic,
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
@@ -164,6 +170,7 @@ class TransitMac:
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._min_parallel = min_parallel
+        self._parallel_after = parallel_after
         self._clock = clock
         self._queues: dict[tuple[str, str], _Queue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -182,33 +189,47 @@ class TransitMac:
             queue = self._queues[where] = _Queue(*where)
         answer: asyncio.Future[T] = loop.create_future()
         queue.items.append(_Item(app.name, data, finish, answer, self._clock() + self._timeout))
-        if not queue.scheduled and self._may_send(queue):
+        if queue.scheduled:
+            pass  # a flush is due on the loop's next turn: it sends this input or arms the timer
+        elif self._may_send(queue):
             queue.scheduled = True
             loop.call_soon(self._flush, queue)
+        elif queue.late is None and queue.in_flight < self._max_in_flight:  # too few to go out yet
+            queue.late = loop.call_later(self._parallel_after, self._flush_late, queue)
         return answer
 
-    def _may_send(self, queue: _Queue) -> bool:
+    def _may_send(self, queue: _Queue, late: bool = False) -> bool:
         """A call may go out now: none is in flight, or fewer than max_in_flight are and at least
-        min_parallel inputs wait (see the module docstring)."""
+        min_parallel inputs wait or the oldest has waited parallel_after (``late``)."""
         return queue.in_flight == 0 or (
-            queue.in_flight < self._max_in_flight and len(queue.items) >= self._min_parallel
+            queue.in_flight < self._max_in_flight and (late or len(queue.items) >= self._min_parallel)
         )
 
-    def _flush(self, queue: _Queue) -> None:
+    def _flush_late(self, queue: _Queue) -> None:
+        queue.late = None
+        self._flush(queue, late=True)
+
+    def _flush(self, queue: _Queue, late: bool = False) -> None:
         """Send what is queued, in calls of at most max_batch, while ``_may_send`` allows."""
         queue.scheduled = False
-        while queue.items and self._may_send(queue):
+        while queue.items and self._may_send(queue, late):
             items: list[_Item[Any]] = []
             while queue.items and len(items) < self._max_batch:
                 item = queue.items.popleft()
                 if not item.answer.done():  # a caller that went away (its connection closed) drops out
                     items.append(item)
             if not items:
-                return
+                continue  # only callers gone: look at what is queued behind them
             queue.in_flight += 1
             task = asyncio.get_running_loop().create_task(self._call(queue, items))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if not queue.items:
+            if queue.late is not None:  # nothing waits any more
+                queue.late.cancel()
+                queue.late = None
+        elif queue.late is None and queue.in_flight < self._max_in_flight:  # too few to go out yet
+            queue.late = asyncio.get_running_loop().call_later(self._parallel_after, self._flush_late, queue)
 
     async def _call(self, queue: _Queue, items: list[_Item[Any]]) -> None:
         started = self._clock()
@@ -265,5 +286,9 @@ class TransitMac:
             item.answer.set_exception(exc)
 
     def close(self) -> None:
+        for queue in self._queues.values():
+            if queue.late is not None:
+                queue.late.cancel()
+                queue.late = None
         for task in self._tasks:
             task.cancel()

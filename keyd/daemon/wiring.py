@@ -305,12 +305,15 @@ class Daemon:
         They decide from the next request on, on every connection, kept-alive ones included. A
         file with problems changes nothing: the grants in use stay.
         """
-        error = ""
         try:
             error = await self._reread_grants()
-        finally:
-            self.reloads.grants_read(error)
-            self._finish_reload()
+        except asyncio.CancelledError:
+            raise  # shutdown: this reload has no verdict (keyd is stopping, nothing was installed)
+        except Exception as exc:  # never leave the reload open: systemctl reload waits for it
+            log.exception("SIGHUP: grants not reloaded, keeping those in use")
+            error = f"the grants could not be reloaded ({type(exc).__name__})"
+        self.reloads.grants_read(error)
+        self._finish_reload()
 
     async def _reread_grants(self) -> str:
         """Install the file's grants; why they were not taken ("" when they were)."""

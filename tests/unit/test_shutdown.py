@@ -188,12 +188,23 @@ def test_a_grant_reload_still_running_at_shutdown_is_cancelled(
         while daemon.server._server is None:
             assert not task.done(), task.exception()
             await asyncio.sleep(0.01)
-        daemon._reload_grants_soon()  # what SIGHUP starts
-        await asyncio.sleep(0.05)
+        scheduler = daemon.refresher._scheduler
+        assert isinstance(scheduler, FakeScheduler)
+
+        async def read_keys() -> None:
+            for job in list(scheduler.pending):
+                scheduler.run(job)
+            await asyncio.sleep(0.05)
+
+        await read_keys()  # the first read: keyd is ready
+        daemon.reload()  # what SIGHUP does: the keys are re-read (a fake Vault), the grants hang
+        await read_keys()
+        assert daemon.reloads.last is None  # the reload waits for its grants
         daemon.stop()
         await asyncio.wait_for(task, 10)
         # Checked here: asyncio.run would cancel a leftover task itself on the way out.
         assert ended == ["cancelled"] and not daemon._grant_reloads
+        assert daemon.reloads.last is None  # an abandoned reload is no verdict, least of all "ok"
 
     asyncio.run(main())
 

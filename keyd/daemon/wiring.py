@@ -257,11 +257,22 @@ class Daemon:
                 self.handover.stash()  # first: a slow drain below must not cost the next start its keys
             except Exception:  # cleanup failures are logged, not raised
                 log.exception("could not hand the keys to systemd's fd store")
+        # A second SIGTERM or Ctrl-C (or a SIGHUP) while the parts close must not cut the closing
+        # short (Python's default SIGINT would raise in the middle of it, and the audit log closes
+        # last): it is logged and ignored. The drain is bounded (server.shutdown_timeout); SIGKILL
+        # ends keyd at once.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            self._loop.remove_signal_handler(sig)
-        await self._closers.close_all()
+            self._loop.add_signal_handler(sig, self._signal_while_stopping, sig)
+        try:
+            await self._closers.close_all()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                self._loop.remove_signal_handler(sig)
         if self._serving:
             log.info("stopped")
+
+    def _signal_while_stopping(self, sig: signal.Signals) -> None:
+        log.warning("%s while stopping: ignored (keyd is closing its parts; SIGKILL ends it now)", sig.name)
 
     def stop(self) -> None:
         if self._stop is not None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -226,3 +228,25 @@ def test_a_start_that_fails_half_way_closes_what_had_started(short_dir: Path) ->
     assert daemon.audit._fd == -1
     scheduler = daemon.refresher._scheduler
     assert isinstance(scheduler, FakeScheduler) and scheduler.scheduled == []
+
+
+def test_a_second_ctrl_c_while_closing_does_not_cut_the_closing_short(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review finding: the signal handlers went before the parts closed, so a second Ctrl-C raised
+    KeyboardInterrupt in the middle of closing and the buffered audit lines were lost."""
+    daemon = daemon_in(short_dir)
+    real_close = daemon.vault.close
+
+    def close_with_signals() -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # the operator presses Ctrl-C again
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.05)  # Python runs a signal's handler between bytecodes: it would raise here
+        real_close()
+
+    monkeypatch.setattr(daemon.vault, "close", close_with_signals)
+    with caplog.at_level(logging.INFO, logger="keyd"):
+        raised = serve_then_stop(daemon, lines=2)
+    assert raised is None
+    assert audit_subs(short_dir) == ["user-0", "user-1"]
+    assert caplog.records[-1].getMessage() == "stopped"

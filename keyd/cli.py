@@ -141,7 +141,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     problems = config_files.missing_files(config, skip=frozenset(encrypted))
     unchecked = [p for p in problems if placeholder and f"file '{placeholder}/" in p]
     problems = [p for p in problems if p not in unchecked]
-    problems += config_files.encrypted_problems(config, encrypted)
+    if args.credentials_dir:
+        problems += config_files.credential_mode_problems(config, args.credentials_dir, encrypted)
     if problems:
         raise ConfigError(problems)
     from keyd.ops import grants  # noqa: PLC0415
@@ -158,7 +159,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for key, file in encrypted.items():
         print(
             f"{config.source}: {key}: encrypted credential {file} (LoadCredentialEncrypted=): "
-            "present and 0600; only systemd decrypts it, at keyd's start",
+            "present and closed to other users; only systemd decrypts it, at keyd's start",
             file=sys.stderr,
         )
     print(f"{args.config}: ok ({len(config.apps)} app(s): {', '.join(config.apps)})")

@@ -60,26 +60,57 @@ def missing_files(config: Config, skip: frozenset[str] = frozenset()) -> list[st
     return problems
 
 
+# The files systemd hands keyd as credentials (LoadCredential=, LoadCredentialEncrypted=), and of
+# those the ones that are secrets. Not the CA files, nor a Kubernetes service account token
+# (jwt_file: a projected volume, 0644 by Kubernetes' default and not a systemd credential).
+CREDENTIAL_KEYS = frozenset(
+    {
+        "vault.auth.token_file",
+        "vault.auth.role_id_file",
+        "vault.auth.secret_id_file",
+        "vault.auth.client_cert",
+        "vault.auth.client_key",
+    }
+)
+SECRET_KEYS = frozenset({"vault.auth.token_file", "vault.auth.secret_id_file", "vault.auth.client_key"})
+
+
+def _credentials_in(config: Config, directory: str) -> list[tuple[str, str]]:
+    """(config key, path) of the credentials the config reads from ``directory``."""
+    where = os.path.abspath(directory)
+    return [
+        (key, file)
+        for key, file in needed_files(config)
+        if key in CREDENTIAL_KEYS and os.path.dirname(os.path.abspath(file)) == where
+    ]
+
+
 def encrypted_credentials(config: Config, directory: str) -> dict[str, str]:
     """Config key -> ``NAME.cred`` for each credential ``DIR/NAME`` that is not there but whose
     encrypted form (``systemd-creds encrypt``, read by ``LoadCredentialEncrypted=``) is."""
     found = {}
-    for key, file in needed_files(config):
-        if os.path.dirname(os.path.abspath(file)) == os.path.abspath(directory) and not os.path.lexists(file):
-            encrypted = file + ".cred"
-            if os.path.isfile(encrypted):
-                found[key] = encrypted
+    for key, file in _credentials_in(config, directory):
+        encrypted = file + ".cred"
+        if not os.path.lexists(file) and os.path.isfile(encrypted):
+            found[key] = encrypted
     return found
 
 
-def encrypted_problems(config: Config, encrypted: dict[str, str]) -> list[str]:
-    """An encrypted credential open to other users is a problem (systemd-creds writes 0644)."""
+def credential_mode_problems(config: Config, directory: str, encrypted: dict[str, str]) -> list[str]:
+    """The credentials in ``directory`` that other users may read or write: a secret (the plain
+    secret_id, token or client key) or any encrypted credential (systemd-creds writes 0644)."""
     problems = []
-    for key, file in encrypted.items():
-        mode = os.stat(file).st_mode & 0o777
+    checked = [(key, file, "file") for key, file in _credentials_in(config, directory) if key in SECRET_KEYS]
+    checked = [item for item in checked if item[0] not in encrypted]
+    checked += [(key, file, "encrypted credential") for key, file in encrypted.items()]
+    for key, file, what in checked:
+        try:
+            mode = os.stat(file).st_mode & 0o777
+        except OSError:
+            continue  # missing_files reports it
         if mode & 0o077:
             problems.append(
-                f"{config.source}: {key}: encrypted credential {file!r} is mode {mode:04o}, "
-                f"readable by other users: chmod 0600 {file}"
+                f"{config.source}: {key}: {what} {file!r} is mode {mode:04o}, open to other users: "
+                f"chmod 0600 {file}"
             )
     return problems

@@ -215,6 +215,12 @@ def test_check_config_and_grants_need_no_credential_files(tmp_path: Path) -> Non
     assert done.returncode == 2 and f"file '{creds}/role-id' does not exist" in done.stderr, done.stderr
     (creds / "role-id").write_text("r")
     (creds / "secret-id").write_text("s")
+    (creds / "secret-id").chmod(0o644)  # a secret_id other users can read: refused, with the fix
+    done = keyd_cli("check-config", "-c", str(config), "--credentials-dir", str(creds), env=clean_env())
+    assert done.returncode == 2, done
+    assert f"vault.auth.secret_id_file: file '{creds}/secret-id' is mode 0644, open to other users" in done.stderr
+    assert f"chmod 0600 {creds}/secret-id" in done.stderr
+    (creds / "secret-id").chmod(0o600)
     done = keyd_cli("check-config", "-c", str(config), "--credentials-dir", str(creds), env=clean_env())
     assert done.returncode == 0 and "not checked here" not in done.stderr, done.stderr
     # deploy.md section 3's encrypted secret_id: secret-id gone, secret-id.cred in its place (a
@@ -235,6 +241,7 @@ def test_check_config_and_grants_need_no_credential_files(tmp_path: Path) -> Non
     done = keyd_cli("check-config", "-c", str(config), "--credentials-dir", str(creds), env=clean_env())
     assert done.returncode == 2 and f"file '{creds}/secret-id' does not exist" in done.stderr, done.stderr
     (creds / "secret-id").write_text("s")
+    (creds / "secret-id").chmod(0o600)
     # Under systemd (CREDENTIALS_DIRECTORY set) nothing is left unchecked.
     done = keyd_cli(
         "check-config", "-c", str(config), env={**clean_env(), "CREDENTIALS_DIRECTORY": str(creds)}

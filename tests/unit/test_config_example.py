@@ -139,6 +139,7 @@ def test_the_example_passes_check_config_with_credential_paths_as_packaged(tmp_p
         assert f'"/etc/keyd/{name}"' in text
         text = text.replace(f'"/etc/keyd/{name}"', f'"${{CREDENTIALS_DIRECTORY}}/{name}"')
         (tmp_path / name).write_text("x")
+        (tmp_path / name).chmod(0o600)  # as keyd vault setup writes them (check-config checks)
     path = tmp_path / "config.toml"
     path.write_text(text)
     env = {"PATH": "/usr/bin:/bin"}
@@ -182,6 +183,7 @@ def test_the_packaged_config_loads_with_its_example_grants_commented_out(tmp_pat
     path.write_text(packaged.replace('"/var/log/keyd/audit.log"', f'"{tmp_path}/audit.log"'))
     for name in ("role-id", "secret-id"):
         (tmp_path / name).write_text("x")
+        (tmp_path / name).chmod(0o600)  # as keyd vault setup writes them (check-config checks)
     run = subprocess.run(
         [sys.executable, "-m", "keyd", "check-config", "-c", str(path), "--credentials-dir", str(tmp_path)],
         capture_output=True,

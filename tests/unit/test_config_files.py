@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +100,40 @@ def test_an_encrypted_credential_stands_for_a_missing_one_and_must_be_0600(tmp_p
     encrypted = config_files.encrypted_credentials(cfg, str(tmp_path))
     assert encrypted == {"vault.auth.secret_id_file": str(tmp_path / "secret-id.cred")}
     assert config_files.missing_files(cfg, skip=frozenset(encrypted)) == []
-    assert config_files.encrypted_problems(cfg, encrypted) == [
+    assert config_files.credential_mode_problems(cfg, str(tmp_path), encrypted) == [
         f"{tmp_path / 'keyd.toml'}: vault.auth.secret_id_file: encrypted credential "
-        f"{str(tmp_path / 'secret-id.cred')!r} is mode 0644, readable by other users: "
+        f"{str(tmp_path / 'secret-id.cred')!r} is mode 0644, open to other users: "
         f"chmod 0600 {tmp_path / 'secret-id.cred'}"
     ]
-    (tmp_path / "secret-id.cred").chmod(0o600)
-    assert config_files.encrypted_problems(cfg, encrypted) == []
+    (tmp_path / "secret-id.cred").chmod(0o400)
+    assert config_files.credential_mode_problems(cfg, str(tmp_path), encrypted) == []
     assert config_files.encrypted_credentials(cfg, str(tmp_path / "elsewhere")) == {}
+
+
+def test_a_plain_secret_open_to_other_users_is_a_problem_a_role_id_is_not(tmp_path: Path) -> None:
+    for name in ("role-id", "secret-id"):
+        (tmp_path / name).write_text("x")
+        (tmp_path / name).chmod(0o644)
+    cfg = approle_config(
+        tmp_path, role_id_file=str(tmp_path / "role-id"), secret_id_file=str(tmp_path / "secret-id")
+    )
+    assert config_files.credential_mode_problems(cfg, str(tmp_path), {}) == [
+        f"{tmp_path / 'keyd.toml'}: vault.auth.secret_id_file: file {str(tmp_path / 'secret-id')!r} is "
+        f"mode 0644, open to other users: chmod 0600 {tmp_path / 'secret-id'}"
+    ]
+    (tmp_path / "secret-id").chmod(0o600)
+    assert config_files.credential_mode_problems(cfg, str(tmp_path), {}) == []
+
+
+def test_only_a_credential_has_an_encrypted_stand_in(tmp_path: Path) -> None:
+    """A CA file the config names in the same directory is no systemd credential: its .cred is not
+    taken for it (systemd would decrypt nothing for keyd there)."""
+    (tmp_path / "role-id").write_text("r")
+    (tmp_path / "secret-id").write_text("s")
+    (tmp_path / "ca.pem.cred").write_text("sealed")
+    cfg = approle_config(
+        tmp_path, role_id_file=str(tmp_path / "role-id"), secret_id_file=str(tmp_path / "secret-id")
+    )
+    cfg = replace(cfg, vault=replace(cfg.vault, ca_cert=str(tmp_path / "ca.pem")))
+    assert config_files.encrypted_credentials(cfg, str(tmp_path)) == {}
+    assert f"vault.ca_cert: file {str(tmp_path / 'ca.pem')!r} does not exist" in config_files.missing_files(cfg)[0]

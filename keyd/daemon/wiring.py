@@ -177,7 +177,11 @@ class Daemon:
         # an upgrade), or bound here first, so a socket in use fails the start before Vault is
         # asked and READY=1 (sent once the keys load) never comes before keyd listens. Either way
         # the kernel queues connections until the server accepts them below.
-        listening = inherited if inherited is not None else self.server.bind()
+        if inherited is not None:
+            listening = inherited
+        else:
+            listening = self.server.bind()
+            self._closers.add("the socket file", self.server.unbind)  # a start failing below
         self.notifier.notify("STATUS=waiting for Vault")
         self._closers.add("the Vault client", self.vault.close)
         self.refresher.start()

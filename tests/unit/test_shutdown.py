@@ -250,3 +250,23 @@ def test_a_second_ctrl_c_while_closing_does_not_cut_the_closing_short(
     assert raised is None
     assert audit_subs(short_dir) == ["user-0", "user-1"]
     assert caplog.records[-1].getMessage() == "stopped"
+
+
+def test_a_start_that_fails_after_binding_leaves_no_socket_file(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = daemon_in(short_dir)
+
+    def fail() -> None:
+        assert (short_dir / "keyd.sock").is_socket()  # bound, listening, not served yet
+        raise RuntimeError("the scheduler would not start")
+
+    monkeypatch.setattr(daemon.refresher, "start", fail)
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="would not start"):
+            await daemon.run()
+
+    asyncio.run(main())
+    assert not (short_dir / "keyd.sock").exists()
+    assert daemon.audit._fd == -1

@@ -71,6 +71,7 @@ class Server:
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._bound: tuple[str, int] | None = None  # (path, inode) of the socket file keyd made
+        self._unserved: socket.socket | None = None  # bound by ``bind``, until ``start`` serves it
         # The clock for deadlines (monotonic, full resolution: uvloop's loop.time() counts
         # milliseconds). Deadlines are read from it when the bytes they concern arrive, and the
         # sweeper compares them with it every interval: never early, at most one interval late
@@ -161,7 +162,18 @@ class Server:
         them. ``shutdown`` removes the file (if it is still keyd's)."""
         sock, inode = bind_socket(self.config, self.section)
         self._bound = (self.config.socket, inode)
+        self._unserved = sock
         return sock
+
+    def unbind(self) -> None:
+        """After a start that failed between ``bind`` and ``start``: the socket file goes and the
+        listening socket closes. Nothing once ``shutdown`` has run (it removed the file)."""
+        if self._bound is not None:
+            remove_socket_file(*self._bound)
+            self._bound = None
+        if self._unserved is not None and self._server is None:
+            self._unserved.close()
+        self._unserved = None
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Serve on a listening socket: inherited (Unix or, for the metrics listener, TCP), from

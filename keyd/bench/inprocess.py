@@ -105,10 +105,10 @@ async def _best(feed: Callable[[bytes], None], requests: Sequence[bytes], total:
 async def warm_identity(daemon: Daemon, sock: socket.socket) -> None:
     """Have keyd know this process's uid before the feed: a new uid's first bytes are held until its
     names are looked up (in a worker thread), and the feed does not wait for that."""
-    caller, known = daemon.server.identities.identify(sock)
-    if not known:
+    _, naming = daemon.server.identities.identify(sock)
+    if naming is not None:
         named: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        daemon.server.identities.when_named(caller, named.set_result)
+        naming(named.set_result)
         await named
 
 

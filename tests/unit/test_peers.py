@@ -273,11 +273,11 @@ def test_identify_takes_names_from_the_cache_and_looks_up_the_rest_in_a_thread()
     ids = Identities(lookup=lookup, root="/")
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with a, b:
-        first, known = ids.identify(a)
-        assert not known and first.user == ""
-        wait_for(lambda: calls and ids.identify(a)[1])
-        again, known = ids.identify(a)
-        assert known and again.user == "me" and again.gids == frozenset({os.getgid(), *os.getgroups()})
+        first, naming = ids.identify(a)
+        assert naming is not None and first.user == ""
+        wait_for(lambda: calls and ids.identify(a)[1] is None)
+        again, naming = ids.identify(a)
+        assert naming is None and again.user == "me" and again.gids == frozenset({os.getgid(), *os.getgroups()})
         assert again.groups == frozenset(f"g{g}" for g in again.gids)
         assert calls == [os.getuid()]
 
@@ -293,10 +293,10 @@ def test_a_slow_name_lookup_does_not_stall_the_event_loop() -> None:
         ids = Identities(lookup=slow, wait=5.0, root="/")
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with a, b:
-            caller, known = ids.identify(a)
-            assert not known
+            _, naming = ids.identify(a)
+            assert naming is not None
             named: asyncio.Future[Caller] = asyncio.get_running_loop().create_future()
-            ids.when_named(caller, named.set_result)
+            naming(named.set_result)
             started = time.monotonic()
             for _ in range(20):
                 await asyncio.sleep(0.005)  # the loop keeps turning while NSS hangs
@@ -321,9 +321,10 @@ def test_a_hung_name_lookup_gives_up_waiting_after_a_while() -> None:
         ids = Identities(lookup=hung, wait=0.1, root="/")
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with a, b:
-            caller, _ = ids.identify(a)
+            _, naming = ids.identify(a)
+            assert naming is not None
             named: asyncio.Future[Caller] = asyncio.get_running_loop().create_future()
-            ids.when_named(caller, named.set_result)
+            naming(named.set_result)
             return await asyncio.wait_for(named, 5)
 
     try:
@@ -342,8 +343,8 @@ def test_an_identity_expires_after_the_cache_time_and_is_resolved_again() -> Non
         caller, _ = ids.identify(a)
         assert caller.expires == clock.now + 5.0
         clock.now += 6
-        fresh = ids.refresh(caller, a)
-        assert fresh is not caller and fresh.expires == clock.now + 5.0
+        fresh, naming = ids.identify(a, caller)
+        assert naming is None and fresh is not caller and fresh.expires == clock.now + 5.0
         assert (fresh.pid, fresh.uid, fresh.gids) == (caller.pid, caller.uid, caller.gids)
 
 

@@ -19,6 +19,7 @@ from keyd.daemon.callers import names
 from keyd.daemon.callers.caller import Caller
 from keyd.daemon.callers.names import Identities
 from keyd.daemon.http.connection import Connection
+from keyd.daemon.http.limits import Limits
 from keyd.daemon.http.server import Server
 from keyd.daemon.http.types import Response, deferred
 
@@ -84,9 +85,8 @@ def sock() -> Iterator[socket.socket]:
 class KnownIdentities(Identities):
     """Names count as cached: outside a running event loop nothing could look them up."""
 
-    def identify(self, sock: socket.socket) -> tuple[Caller, bool]:
-        caller, _ = super().identify(sock)
-        return caller, True
+    def identify(self, sock: socket.socket, previous: Caller | None = None) -> tuple[Caller, None]:
+        return super().identify(sock, previous)[0], None
 
 
 def make(sock: socket.socket, clock: Clock | None = None, **config: Any) -> tuple[Server, Clock]:
@@ -533,6 +533,24 @@ def test_connections_beyond_max_connections_are_503(sock: socket.socket) -> None
     assert server.refused_connections == 1 and len(server.connections) == 2
 
 
+def test_every_limit_is_read_from_the_config_once_into_one_value(sock: socket.socket) -> None:
+    limits: dict[str, Any] = {
+        "request_timeout": 8.0,
+        "idle_timeout": 30.0,
+        "first_byte_timeout": 3.0,
+        "max_body": 99,
+        "max_connections": 7,
+        "max_connections_per_uid": 5,
+        "max_connections_without_grant": 2,
+        "shutdown_timeout": 4.0,
+    }
+    server, _ = make(sock, **limits)
+    assert server.limits == Limits(**limits)
+    assert server.limits.sweep_interval == 0.75  # a quarter of the shortest timeout
+    conn, _ = connect(server, sock)
+    assert conn.limits is server.limits
+
+
 # -- answers that come later (Deferred) --------------------------------------------------------
 
 
@@ -619,18 +637,15 @@ def test_shutdown_answers_requests_in_progress_and_half_closes_idle_ones(sock: s
 
 
 class PendingNames(Identities):
-    """Names never cached: ``when_named`` keeps the callback for the test to call."""
+    """Names never cached: the callback given to the naming is kept for the test to call."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.waiting: list[Any] = []
 
-    def identify(self, sock: socket.socket) -> tuple[Caller, bool]:
-        caller, _ = super().identify(sock)
-        return caller, False
-
-    def when_named(self, caller: Caller, done: Any) -> None:
-        self.waiting.append((caller, done))
+    def identify(self, sock: socket.socket, previous: Caller | None = None) -> tuple[Caller, Any]:
+        caller = super().identify(sock, previous)[0]
+        return caller, lambda done: self.waiting.append((caller, done))
 
 
 def test_a_request_that_arrives_before_the_callers_names_waits_for_them(sock: socket.socket) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import grp
 import pwd
 import socket
@@ -59,17 +60,29 @@ class Identities:
         self._lock = threading.Lock()
         self._workers = _Workers()
 
-    def identify(self, sock: socket.socket) -> tuple[Caller, bool]:
+    def identify(
+        self, sock: socket.socket, previous: Caller | None = None
+    ) -> tuple[Caller, Callable[[Callable[[Caller], None]], None] | None]:
         """The Caller at the other end of ``sock`` (kernel facts now, names as far as cached), and
-        whether every name was in the cache (else ``when_named`` completes them)."""
+        None when every name was in the cache, else what completes them (``when_named``, for
+        this caller). keyd.daemon.http.types.Identify describes the contract.
+
+        ``previous``: the connection's Caller once its identity expired: the unit and names
+        resolved again (the uid and groups are the kernel's record of the connect and do not
+        change), never waited for.
+        """
+        if previous is not None:
+            return self._refresh(previous, sock), None
         pid, uid, gid = peer_credentials(sock)
         groups = peer_groups(sock)
         if groups is None:  # before Linux 4.13: the process's own list, read like its cgroup
             groups = _status_groups(process_file(sock, pid, "status"))
         unit, user_unit = units_of(process_file(sock, pid, "cgroup"), uid, self.root)
         gids = frozenset((*groups, gid))
+        # Before _named, which may start a lookup that fills the cache meanwhile.
         known = uid in self._users and all(g in self._groups for g in gids)
-        return self._named(pid, uid, gid, gids, unit, user_unit), known
+        caller = self._named(pid, uid, gid, gids, unit, user_unit)
+        return caller, None if known else functools.partial(self.when_named, caller)
 
     def _named(self, pid: int, uid: int, gid: int, gids: frozenset[int], unit: str, user_unit: str) -> Caller:
         now = self.clock()
@@ -146,9 +159,7 @@ class Identities:
 
         self._workers.submit(job)
 
-    def refresh(self, caller: Caller, sock: socket.socket) -> Caller:
-        """The connection's identity once it has expired: unit and names resolved again (the
-        uid and groups are the kernel's record of the connect and do not change)."""
+    def _refresh(self, caller: Caller, sock: socket.socket) -> Caller:
         text = process_file(sock, caller.pid, "cgroup")
         unit, user_unit = units_of(text, caller.uid, self.root)
         return self._named(caller.pid, caller.uid, caller.gid, caller.gids, unit, user_unit)

@@ -22,11 +22,10 @@ from typing import Any, Protocol
 
 import httptools
 
-from keyd.config import ServerConfig
 from keyd.daemon.callers.caller import Caller
-from keyd.daemon.callers.names import Identities
+from keyd.daemon.http.limits import Limits
 from keyd.daemon.http.outbox import Outbox
-from keyd.daemon.http.types import Deferred, Dispatch, Response, encode, error_body
+from keyd.daemon.http.types import Deferred, Dispatch, Identify, Response, encode, error_body
 
 log = logging.getLogger("keyd.server")
 
@@ -62,21 +61,15 @@ SHUTTING_DOWN = error_answer(503, "shutting_down", "keyd is shutting down")
 class Host(Protocol):
     """What a connection uses of the server that accepted it (keyd.daemon.http.server.Server)."""
 
-    config: ServerConfig
-    identities: Identities
+    limits: Limits
+    identities: Identify
     dispatch: Dispatch
     outbox: Outbox
-    connections: set[Connection]
     closing: bool  # answers carry "Connection: close"
-    stopped: bool  # new connections are turned away
-    refused_connections: int
-    request_timeout: float
-    idle_timeout: float
-    first_byte_timeout: float
-    max_body: int
 
     def now(self) -> float: ...
     def body_limit(self, target: bytes, caller: Caller | None) -> int: ...
+    def turn_away(self) -> bytes | None: ...
     def admit(self, conn: Connection, caller: Caller) -> bool: ...
     def refused(self, caller: Caller) -> bool: ...
     def release(self, conn: Connection) -> None: ...
@@ -147,6 +140,7 @@ class Connection(asyncio.Protocol):
         "caller",
         "deadline",
         "flow",
+        "limits",
         "parser",
         "received",
         "server",
@@ -157,6 +151,9 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: Host) -> None:
         self.server = server
+        # The server's limits (one value for all its connections), held here so that the hot path
+        # reads self.limits.x rather than self.server.limits.x.
+        self.limits = server.limits
         self.transport: Any = None
         self.parser: Any = None  # None once nothing more is read from this connection
         self.caller: Caller | None = None
@@ -194,15 +191,12 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         self.flow = FlowControl(transport)
         server = self.server
-        if server.stopped:
-            self._turn_away(SHUTTING_DOWN)
-            return
-        if len(server.connections) >= server.config.max_connections:
-            server.refused_connections += 1
-            self._turn_away(TOO_MANY)
+        refusal = server.turn_away()
+        if refusal is not None:
+            self._turn_away(refusal)
             return
         try:
-            self.caller, known = server.identities.identify(transport.get_extra_info("socket"))
+            self.caller, naming = server.identities.identify(transport.get_extra_info("socket"))
         except OSError:
             transport.close()
             return
@@ -211,15 +205,15 @@ class Connection(asyncio.Protocol):
             return
         self.parser = httptools.HttpRequestParser(self)
         # A fresh connection must start its request soon: holding idle slots costs a caller this.
-        self.deadline = server.now() + server.first_byte_timeout
-        if not known:
+        self.deadline = server.now() + self.limits.first_byte_timeout
+        if naming is not None:
             # A uid keyd has not seen: its names are looked up in a worker thread (NSS may block),
             # and only this connection waits for them. Pausing here is not enough: uvloop starts
             # reading right after connection_made returns, so what arrives first is held in
             # _early (data_received pauses then) and parsed once the names are in.
             self._early = bytearray()
             self.flow.pause("names")
-            server.identities.when_named(self.caller, self._named)
+            naming(self._named)
 
     def _turn_away(self, answer: bytes) -> None:
         """Refuse a connection before reading from it."""
@@ -231,7 +225,7 @@ class Connection(asyncio.Protocol):
         early, self._early = self._early, None
         if self.parser is not None and not self.transport.is_closing():
             if not self.busy:  # the first-byte deadline counts from when keyd starts reading
-                self.deadline = self.server.now() + self.server.first_byte_timeout
+                self.deadline = self.server.now() + self.limits.first_byte_timeout
             assert self.flow is not None  # noqa: S101 - set in connection_made
             self.flow.resume("names")
             if early:
@@ -254,7 +248,7 @@ class Connection(asyncio.Protocol):
         self.received = now = self.server.now()
         if not self.busy:  # the first byte of a request, even one the parser will refuse
             self.busy = True
-            self.deadline = now + self.server.request_timeout
+            self.deadline = now + self.limits.request_timeout
         if self._early is not None:
             # The caller's names are not in yet (connection_made): hold the bytes; the request's
             # deadline runs already (a 408, not a silent close).
@@ -327,7 +321,7 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if not self.busy:  # a pipelined request that began in the same read as the last one ended
             self.busy = True
-            self.deadline = self.received + self.server.request_timeout
+            self.deadline = self.received + self.limits.request_timeout
         self._url = b""
         self._headers = {}
         self._header_bytes = 0
@@ -361,12 +355,12 @@ class Connection(asyncio.Protocol):
                 )
             self._headers = _SealedHeaders(headers)  # trailers, if any, are ignored
         length = headers.get(b"content-length")
-        # server.max_body holds for every path and is compared here, inline: the usual body is
+        # limits.max_body holds for every path and is compared here, inline: the usual body is
         # under it and costs no call; only a longer one asks about its target's own limit.
         if (
             length is not None
             and length.isdigit()
-            and int(length) > self.server.max_body
+            and int(length) > self.limits.max_body
             and self._beyond_target_limit(int(length))
         ):
             self._too_large()
@@ -391,15 +385,16 @@ class Connection(asyncio.Protocol):
             self._body = bytearray(self._body) + body
         else:
             self._body += body
-        if len(self._body) > self.server.max_body and self._beyond_target_limit(len(self._body)):
-            self._too_large()  # as in on_headers_complete: server.max_body first, inline
+        if len(self._body) > self.limits.max_body and self._beyond_target_limit(len(self._body)):
+            self._too_large()  # as in on_headers_complete: limits.max_body first, inline
 
     def on_message_complete(self) -> None:
         server = self.server
         caller = self.caller
         assert caller is not None  # noqa: S101 - set in connection_made before parsing
         if caller.expires < self.received:  # bounded by the identity cache time: resolved again
-            caller = self.caller = server.identities.refresh(caller, self.transport.get_extra_info("socket"))
+            sock = self.transport.get_extra_info("socket")
+            caller = self.caller = server.identities.identify(sock, caller)[0]
         method = self.parser.get_method()
         try:
             body = self._body
@@ -418,7 +413,7 @@ class Connection(asyncio.Protocol):
         else:
             self._send(encode(response, keep_alive, with_body))
         self.busy = False
-        self.deadline = self.received + server.idle_timeout
+        self.deadline = self.received + self.limits.idle_timeout
         self.turn += 1
         if not keep_alive:
             self._close()
@@ -427,12 +422,12 @@ class Connection(asyncio.Protocol):
     # -- limits ------------------------------------------------------------------------------
 
     def _beyond_target_limit(self, length: int) -> bool:
-        """Asked only about a body over server.max_body: whether it is over its target's own limit
+        """Asked only about a body over limits.max_body: whether it is over its target's own limit
         too (the API may allow more on some paths to some callers: the REST proxy)."""
         return length > self.server.body_limit(self._url, self.caller)
 
     def _too_large(self) -> None:
-        limit = max(self.server.max_body, self.server.body_limit(self._url, self.caller))
+        limit = max(self.limits.max_body, self.server.body_limit(self._url, self.caller))
         self._reject(413, "body_too_large", f"the request body exceeds {limit} bytes", linger=True)
         raise _Stop
 
@@ -514,7 +509,7 @@ class Connection(asyncio.Protocol):
         if not held:
             self._held = None
             if not self.busy:
-                self.deadline = server.now() + server.idle_timeout
+                self.deadline = server.now() + self.limits.idle_timeout
         if paused and len(held) <= MAX_HELD and self.flow is not None:
             self.flow.resume("held")
 
@@ -556,7 +551,7 @@ class Connection(asyncio.Protocol):
         server.outbox.flush()
         if self._held is not None and not self.busy and not self.transport.is_closing():
             # Idle only while a deferred answer is pending: that answer has its own timeout.
-            self.deadline = server.now() + server.idle_timeout
+            self.deadline = server.now() + self.limits.idle_timeout
             return
         if self.transport.is_closing():
             self.transport.abort()

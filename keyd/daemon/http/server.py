@@ -19,10 +19,11 @@ from collections.abc import Callable
 from keyd.config import ServerConfig
 from keyd.daemon.callers.caller import Caller
 from keyd.daemon.callers.names import Identities
-from keyd.daemon.http.connection import CLOSE_GRACE, Connection
+from keyd.daemon.http.connection import CLOSE_GRACE, SHUTTING_DOWN, TOO_MANY, Connection
+from keyd.daemon.http.limits import Limits
 from keyd.daemon.http.outbox import Outbox
 from keyd.daemon.http.socketfile import bind_socket, remove_socket_file
-from keyd.daemon.http.types import Dispatch
+from keyd.daemon.http.types import Dispatch, Identify
 
 log = logging.getLogger("keyd.server")
 
@@ -43,7 +44,7 @@ class Server:
         self,
         config: ServerConfig,
         dispatch: Dispatch,
-        identities: Identities | None = None,
+        identities: Identify | None = None,
         clock: Callable[[], float] = time.monotonic,
         body_limit: Callable[[bytes, Caller | None], int] | None = None,
         has_grant: Callable[[Caller], bool] | None = None,
@@ -52,14 +53,14 @@ class Server:
         self.config = config
         self.section = section  # the config section errors about config.socket name
         self.dispatch = dispatch
-        self.identities = identities or Identities(config.identity_cache, clock=clock)
+        self.identities: Identify = identities or Identities(config.identity_cache, clock=clock)
+        # Every limit, read from the config once; each connection reads this same value.
+        self.limits = Limits.of(config)
         self.connections: set[Connection] = set()
-        # uid -> connections it holds now (server.max_connections_per_uid caps each)
+        # uid -> connections it holds now (limits.max_connections_per_uid caps each)
         self.uid_connections: dict[int, int] = {}
-        self.max_per_uid = config.max_connections_per_uid
         # A caller no grant matches may only be refused: its uid's cap is the low
-        # server.max_connections_without_grant (Api.has_grant tells; everyone has one without it).
-        self.max_without_grant = config.max_connections_without_grant
+        # limits.max_connections_without_grant (Api.has_grant tells; everyone has one without it).
         self.has_grant: Callable[[Caller], bool] = has_grant or (lambda caller: True)
         self._refusals: dict[int, list[float]] = {}  # uid -> [tokens left, when last refused]
         self.closing = False  # shutdown began: answers carry "Connection: close"
@@ -77,16 +78,9 @@ class Server:
         # sweeper compares them with it every interval: never early, at most one interval late
         # (plus however long the event loop itself was stalled).
         self.now = clock
-        self.request_timeout = config.request_timeout
-        self.idle_timeout = config.idle_timeout
-        self.first_byte_timeout = config.first_byte_timeout
-        self.max_body = config.max_body
         # A larger body limit for some targets (Api.body_limit: the REST proxy), 0 for none; asked
-        # only about a body over max_body.
+        # only about a body over limits.max_body.
         self.body_limit: Callable[[bytes, Caller | None], int] = body_limit or (lambda target, caller: 0)
-        self._interval = min(
-            1.0, config.request_timeout / 4, config.idle_timeout / 4, config.first_byte_timeout / 4
-        )
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Flush the outbox on ``loop``. start() does this; `keyd bench --inprocess` calls it alone,
@@ -96,6 +90,16 @@ class Server:
     def count_rejection(self, code: str) -> None:
         """A request refused by the connection, before the API (for the metrics)."""
         self.rejections[code] = self.rejections.get(code, 0) + 1
+
+    def turn_away(self) -> bytes | None:
+        """The answer that turns a new connection away before it is read from (shutdown drained,
+        or max_connections reached), None to go on: to identify its caller, then ``admit``."""
+        if self.stopped:
+            return SHUTTING_DOWN
+        if len(self.connections) >= self.limits.max_connections:
+            self.refused_connections += 1
+            return TOO_MANY
+        return None
 
     def admit(self, conn: Connection, caller: Caller) -> bool:
         """Count a new connection against its uid's cap; False (not counted) when the cap is reached.
@@ -107,8 +111,9 @@ class Server:
         """
         uid = caller.uid
         held = self.uid_connections.get(uid, 0)
-        if held >= self.max_per_uid or (
-            held >= self.max_without_grant and (self.refusing(uid) or not self.has_grant(caller))
+        limits = self.limits
+        if held >= limits.max_connections_per_uid or (
+            held >= limits.max_connections_without_grant and (self.refusing(uid) or not self.has_grant(caller))
         ):
             self.refused_connections += 1
             return False
@@ -189,7 +194,7 @@ class Server:
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        interval = self._interval
+        interval = self.limits.sweep_interval
         while True:
             await asyncio.sleep(interval)
             self.expire_due()
@@ -225,8 +230,8 @@ class Server:
             remove_socket_file(*self._bound)
             self._bound = None
         self.outbox.flush()
-        deadline = self.now() + self.config.shutdown_timeout
-        await asyncio.sleep(min(DRAIN_SECONDS, self.config.shutdown_timeout / 2))
+        deadline = self.now() + self.limits.shutdown_timeout
+        await asyncio.sleep(min(DRAIN_SECONDS, self.limits.shutdown_timeout / 2))
         for _ in range(3):  # after a stall the timer can fire before the I/O poll: poll too
             await asyncio.sleep(0)
         self.stopped = True

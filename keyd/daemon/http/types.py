@@ -1,4 +1,6 @@
-"""What the socket layer and the API share: responses, their encoding, the JSON error body."""
+"""What the socket layer and the API share: responses, their encoding, the JSON error body; and
+the socket layer's two seams, ``Dispatch`` (where a parsed request goes) and ``Identify`` (who sent
+it)."""
 
 from __future__ import annotations
 
@@ -7,13 +9,13 @@ import json
 import json.scanner
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
 from http import HTTPStatus
+from typing import TYPE_CHECKING, Protocol
 
 from keyd.daemon.callers.caller import Caller
+
+if TYPE_CHECKING:
+    import socket
 
 JSON = b"application/json"
 
@@ -50,6 +52,24 @@ _JSON_HEADS = {status: line + b"Content-Type: " + JSON + b"\r\nContent-Length: "
 # Where a parsed request goes (Api.dispatch: caller, method, target, headers, body); it never
 # raises for a bad request.
 Dispatch = Callable[[Caller, bytes, bytes, Mapping[bytes, bytes], bytes], Response]
+# A caller's names still to come: called with a callback, it calls that with the named Caller
+# once they are in (on the event loop).
+Naming = Callable[[Callable[[Caller], None]], None]
+
+
+class Identify(Protocol):
+    """Who is at the other end of a connection: keyd.daemon.callers.names.Identities for the
+    socket, one anonymous caller for the metrics' TCP listener."""
+
+    def identify(self, sock: socket.socket, previous: Caller | None = None) -> tuple[Caller, Naming | None]:
+        """The Caller at the other end of ``sock``, and None, or a ``Naming`` when some of its
+        names are still being looked up (the Caller has those it could name already).
+
+        ``previous``: the connection's Caller, whose identity expired: resolved again from the
+        kernel's record of the connect (the pid, uid and groups stay), never waited for.
+        Raises OSError when the socket has no peer to ask about.
+        """
+        ...
 
 
 def encode(response: Response, keep_alive: bool, with_body: bool = True) -> bytes:

@@ -31,7 +31,6 @@ from prometheus_client.process_collector import ProcessCollector
 
 from keyd.config import ServerConfig
 from keyd.daemon.callers.caller import Caller
-from keyd.daemon.callers.names import Identities
 from keyd.daemon.http.server import Server
 from keyd.daemon.http.types import Response
 from keyd.daemon.keys.health import Health, ReloadHealth, VaultHealth
@@ -381,11 +380,12 @@ LISTENER_CONFIG = ServerConfig(
 _TCP_PEER = Caller(pid=0, uid=-1, gid=-1, user="", groups=frozenset(), gids=frozenset(), unit="")
 
 
-class _TcpPeers(Identities):
-    """Identities for TCP connections: all the same anonymous caller, nothing to look up."""
+class _TcpPeers:
+    """Who is at the other end of a TCP connection (an ``Identify``): the one anonymous caller,
+    nothing to look up; it never expires, so it is never resolved again."""
 
-    def identify(self, sock: socket.socket) -> tuple[Caller, bool]:
-        return _TCP_PEER, True
+    def identify(self, sock: socket.socket, previous: Caller | None = None) -> tuple[Caller, None]:
+        return _TCP_PEER, None
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -416,7 +416,7 @@ class TcpListener:
 
     async def start(self) -> None:
         if self.unix is not None:
-            self._server = Server(self.unix, self.dispatch, identities=_TcpPeers(root="/"), section="metrics")
+            self._server = Server(self.unix, self.dispatch, identities=_TcpPeers(), section="metrics")
             await self._server.start()
             log.info("serving metrics on unix:%s (GET /metrics)", self.unix.socket)
             return
@@ -424,7 +424,7 @@ class TcpListener:
         sock = socket.create_server((self.host, self.port), family=family, backlog=64)
         sock.setblocking(False)
         self.port = int(sock.getsockname()[1])
-        self._server = Server(LISTENER_CONFIG, self.dispatch, identities=_TcpPeers(root="/"))
+        self._server = Server(LISTENER_CONFIG, self.dispatch, identities=_TcpPeers())
         await self._server.start(sock)
         log.info("serving metrics on http://%s:%d/metrics", self.host, self.port)
 

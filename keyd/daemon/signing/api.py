@@ -114,7 +114,8 @@ _SIGNATURE_FIELDS = frozenset({"user_id", "app", "uppercase"})
 
 
 class Api:
-    """Routes requests to handlers. ``handle`` never raises: every failure becomes a Response."""
+    """Routes requests to handlers. ``dispatch`` and ``handle`` never raise: every failure becomes
+    a Response."""
 
     def __init__(
         self,
@@ -143,12 +144,20 @@ class Api:
         self._app_json = {
             name: (json.dumps(name), json.dumps(app.app_id)) for name, app in config.apps.items()
         }
-        self._routes: dict[bytes, dict[bytes, Callable[[Request], Response]]] = {
-            b"/v1/tokens": {b"POST": self.post_tokens},
-            b"/v1/health": {b"GET": self.health},
-            b"/v1/signatures": {b"POST": self.signatures},
-            b"/v1/webhooks/verify": {b"POST": self.verify_webhook},
-        }
+        # path -> method -> route: the handler as ``_recorded`` wraps it, or one that records its
+        # own metrics. Metric label per known path (_endpoints); anything else is "other", so no
+        # caller text becomes a label.
+        self._routes: dict[bytes, dict[bytes, Callable[[Request], Response]]] = {}
+        self._endpoints: dict[bytes, str] = {}
+        self.add_route(
+            TOKENS_PATH,
+            b"POST",
+            lambda request: self.issue(request.caller, request.body, request.content_type),
+            records_metrics=True,
+        )
+        self.add_route(b"/v1/health", b"GET", self.health)
+        self.add_route(b"/v1/signatures", b"POST", self.signatures)
+        self.add_route(b"/v1/webhooks/verify", b"POST", self.verify_webhook)
         # What follows the token in a 200 from /v1/tokens, up to expires_at, per (app, type).
         self._token_fields = {
             name: {
@@ -158,17 +167,38 @@ class Api:
             }
             for name, (app_json, app_id_json) in self._app_json.items()
         }
-        # Metric label per known path; anything else is "other", so no caller text becomes a label.
-        self._endpoints = {path: path.decode() for path in self._routes}
         # Path prefixes whose handler may answer later (the REST proxy): see add_prefix.
         self._prefixes: list[tuple[bytes, Callable[[Request], Response]]] = []
         # prefix -> its own body limit, and which callers it applies to
         self._body_limits: list[tuple[bytes, int, Callable[[Caller], bool]]] = []
 
-    def add_route(self, path: bytes, method: bytes, handler: Callable[[Request], Response]) -> None:
-        """Extension point for optional endpoints (metrics)."""
-        self._routes.setdefault(path, {})[method] = handler
-        self._endpoints[path] = path.decode()
+    def add_route(
+        self, path: bytes, method: bytes, handler: Callable[[Request], Response], records_metrics: bool = False
+    ) -> None:
+        """A route (and the extension point for optional endpoints: metrics). ``handler`` may raise
+        ApiError; its answer and time are counted under ``path`` unless it ``records_metrics``
+        itself (``issue``: one stats call per token) and never raises."""
+        endpoint = path.decode()
+        self._routes.setdefault(path, {})[method] = handler if records_metrics else self._recorded(endpoint, handler)
+        self._endpoints[path] = endpoint
+
+    def _recorded(self, endpoint: str, handler: Callable[[Request], Response]) -> Callable[[Request], Response]:
+        """``handler`` as a route: an ApiError it raises becomes the answer, and the answer is
+        counted under ``endpoint`` (a Deferred, status 0, counts its own once it is answered)."""
+        stats = self._stats
+
+        def route(request: Request) -> Response:
+            started = _perf_counter()
+            try:
+                response = handler(request)
+            except ApiError as exc:
+                stats.error(exc.code)
+                response = error_response(exc)
+            if response.status:
+                stats.request(endpoint, response.status, _perf_counter() - started)
+            return response
+
+        return route
 
     def add_prefix(
         self,
@@ -209,7 +239,8 @@ class Api:
         """Every request the server parsed; never raises for a bad request.
 
         ``POST /v1/tokens`` goes straight to ``issue``: keyd's hot path (docs/benchmarks.md) builds no
-        Request and takes no route lookup. Everything else becomes a Request for ``handle``.
+        Request and takes no route lookup. Everything else becomes a Request for ``handle``, whose
+        route for the same path calls the same ``issue``.
         """
         if target == TOKENS_PATH and method == b"POST":
             return self.issue(caller, body, headers.get(b"content-type"))
@@ -220,12 +251,10 @@ class Api:
         return self.handle(Request(method, path, query, headers, body, caller, raw_query))
 
     def handle(self, request: Request) -> Response:
-        """One parsed request: route, run the handler, turn an ApiError into its answer."""
-        if request.path == TOKENS_PATH and request.method == b"POST":
-            return self.post_tokens(request)  # records its own metrics, as dispatch's direct call does
-        started = _perf_counter()
+        """One parsed request: its route (which records its metrics), or a 404 or 405."""
         methods = self._routes.get(request.path)
         if methods is None:
+            started = _perf_counter()
             for prefix, prefixed in self._prefixes:
                 if request.path.startswith(prefix):
                     return prefixed(request)
@@ -236,23 +265,18 @@ class Api:
         method = request.method
         if method == b"HEAD" and b"GET" in methods:
             method = b"GET"  # the server leaves the body out
-        handler = methods.get(method)
-        if handler is None:
-            allowed = ",".join(m.decode() for m in methods) + (",HEAD" if b"GET" in methods else "")
-            response = Response(
-                405,
-                error_body("method_not_allowed", f"use {allowed} for {request.path_text}"),
-                headers=((b"Allow", allowed.encode()),),
-            )
-            self._stats.error("method_not_allowed")
-        else:
-            try:
-                response = handler(request)
-            except ApiError as exc:
-                self._stats.error(exc.code)
-                response = error_response(exc)
-        if response.status:  # a Deferred (transit mode) records its own when it is answered
-            self._stats.request(self._endpoints[request.path], response.status, _perf_counter() - started)
+        route = methods.get(method)
+        if route is not None:
+            return route(request)
+        started = _perf_counter()
+        allowed = ",".join(m.decode() for m in methods) + (",HEAD" if b"GET" in methods else "")
+        response = Response(
+            405,
+            error_body("method_not_allowed", f"use {allowed} for {request.path_text}"),
+            headers=((b"Allow", allowed.encode()),),
+        )
+        self._stats.error("method_not_allowed")
+        self._stats.request(self._endpoints[request.path], 405, _perf_counter() - started)
         return response
 
     # -- helpers ---------------------------------------------------------------------------
@@ -288,15 +312,13 @@ class Api:
 
     # -- routes ----------------------------------------------------------------------------
 
-    def post_tokens(self, request: Request) -> Response:
-        """POST /v1/tokens for ``handle``; ``issue`` does the work and records its own metrics."""
-        return self.issue(request.caller, request.body, request.content_type)
-
     def issue(self, caller: Caller, body: bytes, content_type: bytes | None) -> Response:
         """``POST /v1/tokens``: the token, or the error. Never raises ApiError.
 
-        ``dispatch`` calls this directly, without the generic Request and routing ``handle`` uses: it
-        is keyd's hot path (docs/benchmarks.md), hence one function and one metrics call per token.
+        The one way into token issuing: ``dispatch`` calls it directly, without the generic
+        Request and routing ``handle`` uses, and the route table's entry calls it for a Request.
+        It is keyd's hot path (docs/benchmarks.md), hence one function and one metrics call per
+        token.
         """
         started = _perf_counter()
         try:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
-
-import re2
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -326,8 +325,15 @@ class UserIdPattern(Protocol):
     def fullmatch(self, text: str) -> object | None: ...
 
 
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False  # the ValueError below says it, naming the file and the grant
+@functools.cache
+def _re2() -> tuple[Any, Any]:
+    """google-re2 and its options, imported when a config first has a pattern: the CLI's client
+    commands (`keyd health`, `keyd token`) then run where only the keyd package is on the path."""
+    import re2  # noqa: PLC0415
+
+    options = re2.Options()
+    options.log_errors = False  # the ValueError below says it, naming the file and the grant
+    return re2, options
 
 
 def user_id_pattern(value: Any) -> UserIdPattern:
@@ -335,8 +341,9 @@ def user_id_pattern(value: Any) -> UserIdPattern:
     an operator's ``^(a+)+$`` cannot let one crafted user_id stall the event loop for every caller.
     RE2 has no backreferences or lookaround (refused here), and its \\w, \\d, \\s are ASCII."""
     text = nonempty(value)
+    re2, options = _re2()
     try:
-        compiled: UserIdPattern = re2.compile(text, _RE2_OPTIONS)
+        compiled: UserIdPattern = re2.compile(text, options)
     except re2.error as exc:
         reason = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         raise ValueError(

@@ -91,6 +91,26 @@ def test_keyd_run_imports_no_operator_benchmark_or_client_module(tmp_path: Path)
     assert loaded == ""
 
 
+def test_the_clis_client_commands_need_only_the_standard_library(tmp_path: Path) -> None:
+    """`keyd health`, `keyd token` and `keyd status` as another user, where the checkout's venv is
+    out of reach (a 0700 clone) and only the keyd package is on the path: no third-party module
+    may be imported on the way (google-re2 was, through the config parser: a CI run from a
+    `mktemp -d` clone failed on it). ``-S``: no site-packages at all."""
+    socket_path = tmp_path / "none.sock"
+    for command in (["health"], ["token", "--user-id", "alice"], ["status"]):
+        done = subprocess.run(
+            [sys.executable, "-S", "-m", "keyd", *command, "--socket", str(socket_path)],
+            capture_output=True,
+            text=True,
+            env={"PYTHONPATH": str(ROOT.parent), "PATH": "/usr/bin:/bin"},
+            cwd=tmp_path,
+            check=False,
+        )
+        # keyd status exits 2 for an unreachable keyd (README, "Monitoring"), the others 1.
+        assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done
+        assert f"no keyd socket at {socket_path}" in done.stdout + done.stderr, done
+
+
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}
     stack: list[str] = []

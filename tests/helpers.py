@@ -11,10 +11,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from keyd import http1
+from keyd.config import AppConfig, Config, GrantConfig, RefreshConfig, ServerConfig, VaultConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +53,28 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
         for item in items:
             out += f"\n[[{name}]]\n" + to_toml(item, name)
     return out
+
+
+def minimal_config(**apps_extra: Any) -> dict[str, Any]:
+    """The smallest config dict keyd.config.parse accepts: one app `default` (tApp), with
+    ``apps_extra`` in its table. Config parsing tests add the sections they test."""
+    return {"apps": {"default": {"app_id": "tApp", **apps_extra}}}
+
+
+def built_config(
+    *apps: AppConfig, grants: Iterable[GrantConfig] = (), server: ServerConfig | None = None, source: str = "test.toml"
+) -> Config:
+    """A keyd Config made from dataclasses, not TOML: default server (unless given), vault and
+    refresh sections, ``apps`` by name, ``grants`` in order. For unit tests of the parts that take a
+    parsed config (policy, check-config warnings, audit)."""
+    return Config(
+        source=source,
+        server=server or ServerConfig(),
+        vault=VaultConfig(),
+        refresh=RefreshConfig(),
+        apps={app.name: app for app in apps},
+        grants=tuple(grants),
+    )
 
 
 class Http:

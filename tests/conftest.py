@@ -14,6 +14,7 @@ import hvac
 import pytest
 
 from keyd.ops.dev import BaoServer
+from tests.adversarial.support_peers import Cgroups
 from tests.helpers import KeydProcess
 from tests.integration.sysusers import SysUsers, sysusers
 
@@ -113,3 +114,14 @@ def users() -> Iterator[SysUsers]:
     skips unless root). Tests run clients as them with setpriv (SysUsers.as_user, SysUsers.client)."""
     with sysusers() as created:
         yield created
+
+
+@pytest.fixture
+def cgroups() -> Iterator[Cgroups]:
+    """Cgroups a test creates under every systemd hierarchy (Cgroups.make), removed after it: the
+    peer-identity attacks and the pod tests place clients in them."""
+    made = Cgroups()
+    try:
+        yield made
+    finally:
+        made.cleanup()

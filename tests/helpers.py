@@ -11,10 +11,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from keyd import http1
+from keyd.config import AppConfig, Config, GrantConfig, RefreshConfig, ServerConfig, VaultConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +53,28 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
         for item in items:
             out += f"\n[[{name}]]\n" + to_toml(item, name)
     return out
+
+
+def minimal_config(**apps_extra: Any) -> dict[str, Any]:
+    """The smallest config dict keyd.config.parse accepts: one app `default` (tApp), with
+    ``apps_extra`` in its table. Config parsing tests add the sections they test."""
+    return {"apps": {"default": {"app_id": "tApp", **apps_extra}}}
+
+
+def built_config(
+    *apps: AppConfig, grants: Iterable[GrantConfig] = (), server: ServerConfig | None = None, source: str = "test.toml"
+) -> Config:
+    """A keyd Config made from dataclasses, not TOML: default server (unless given), vault and
+    refresh sections, ``apps`` by name, ``grants`` in order. For unit tests of the parts that take a
+    parsed config (policy, check-config warnings, audit)."""
+    return Config(
+        source=source,
+        server=server or ServerConfig(),
+        vault=VaultConfig(),
+        refresh=RefreshConfig(),
+        apps={app.name: app for app in apps},
+        grants=tuple(grants),
+    )
 
 
 class Http:
@@ -222,7 +246,7 @@ class RecordingHttp(Http):
         return status, hdrs, data
 
 
-class Eof(Exception):
+class Eof(EOFError):
     """The connection closed before a whole answer; ``args[0]`` holds the bytes that came."""
 
     @property
@@ -238,29 +262,67 @@ class RawResponse(NamedTuple):
     closes: bool  # the server closes the connection after this answer
 
 
+class RawReader:
+    """HTTP/1.1 answers with a Content-Length read one after another from a raw socket, for tests
+    that speak HTTP by hand (pipelining, half-sent requests, floods): the bytes after one answer
+    stay in ``buffer`` for the next. The head is parsed by keyd.http1, as the load generator does."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def fill(self) -> bool:
+        """Receive once into ``buffer``; False when the peer closed."""
+        chunk = self.sock.recv(65536)
+        self.buffer += chunk
+        return bool(chunk)
+
+    def response(self) -> RawResponse:
+        """The next answer; raises Eof when the connection closes first."""
+        while b"\r\n\r\n" not in self.buffer:
+            if not self.fill():
+                raise Eof(self.buffer)
+        head = self.buffer.partition(b"\r\n\r\n")[0]
+        parsed = http1.parse_response_head(head)
+        length = parsed.length if parsed.length is not None and parsed.length >= 0 else 0
+        while len(self.buffer) - len(head) - 4 < length:
+            if not self.fill():
+                raise Eof(self.buffer)
+        rest = self.buffer[len(head) + 4 :]
+        self.buffer = rest[length:]
+        headers = {}
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        return RawResponse(parsed.status, headers, rest[:length], not parsed.keep_alive)
+
+    def closed_by_peer(self) -> bool:
+        """Nothing more is buffered and the peer has closed (or reset) the connection."""
+        try:
+            return not self.buffer and not self.fill()
+        except ConnectionResetError:
+            return True
+
+
+class RawConnection(RawReader):
+    """A raw Unix-socket connection of its own: send bytes, read whole answers (RawReader)."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(path)
+        super().__init__(sock)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def read_response(sock: socket.socket) -> RawResponse:
-    """One HTTP/1.1 answer with a Content-Length read from a raw socket, for tests that speak HTTP
-    by hand (pipelining, half-sent requests, floods). The head is parsed by keyd.http1, as the load
-    generator does; raises Eof when the connection closes first."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise Eof(data)
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    parsed = http1.parse_response_head(head)
-    length = parsed.length if parsed.length is not None and parsed.length >= 0 else 0
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise Eof(data + rest)
-        rest += chunk
-    headers = {}
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip()
-    return RawResponse(parsed.status, headers, rest[:length], not parsed.keep_alive)
+    """One answer read from ``sock`` (RawReader.response); any bytes after it are dropped."""
+    return RawReader(sock).response()
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what: str = "") -> None:

@@ -14,10 +14,10 @@ before it, every one of these requests reached the stand-in (or was signed for t
 from __future__ import annotations
 
 import json
-import socket
 
 import jwt
 
+from tests.helpers import RawConnection
 from tests.integration.test_rest_proxy import Start, standin, start  # noqa: F401 - fixtures
 from tests.talkjs_standin import StandIn
 
@@ -25,26 +25,13 @@ RULES = ["GET /users/*", "GET /users/**", "POST /conversations/*/messages", "PUT
 
 
 def _send(path: str, raw: bytes) -> tuple[int, dict[str, object]]:
-    with socket.socket(socket.AF_UNIX) as conn:
-        conn.settimeout(10)
-        conn.connect(path)
-        conn.sendall(raw)
-        answer = b""
-        while True:
-            head, sep, body = answer.partition(b"\r\n\r\n")
-            if sep:
-                length = next(
-                    (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
-                    0,
-                )
-                if len(body) >= length:
-                    break
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), (json.loads(body) if body else {})
+    conn = RawConnection(path, timeout=10)
+    try:
+        conn.send(raw)
+        status, _, body, _ = conn.response()
+    finally:
+        conn.close()
+    return status, (json.loads(body) if body else {})
 
 
 def _request(method: str, url: str, body: bytes = b"", content_type: str | None = "application/json") -> bytes:

@@ -212,15 +212,6 @@ def host_pid(leader: int, inner: int) -> int:
     raise AssertionError(f"no process numbered {inner} in {leader}'s PID namespace")
 
 
-@pytest.fixture
-def cgroups() -> Iterator[Cgroups]:
-    made = Cgroups()
-    try:
-        yield made
-    finally:
-        made.cleanup()
-
-
 class Login:
     """A jwt login for keyd: the mount, and the token file in a directory podman mounts where the
     kubelet would project the service account token."""

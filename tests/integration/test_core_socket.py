@@ -23,48 +23,15 @@ import pytest
 
 from keyd.ops.dev import BaoServer
 from tests.conftest import base_config, new_key
-from tests.helpers import KeydProcess, wait_until
+from tests.helpers import KeydProcess, RawConnection, wait_until
 
 
-class Raw:
-    """One raw Unix-socket connection: send bytes, read whole HTTP responses by Content-Length."""
+class Raw(RawConnection):
+    """A raw connection whose answers are JSON: ``answer()`` gives (status, str headers, document)."""
 
-    def __init__(self, path: str, timeout: float = 5.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self.buffer = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> bool:
-        chunk = self.sock.recv(65536)
-        self.buffer += chunk
-        return bool(chunk)
-
-    def response(self) -> tuple[int, dict[str, str], Any]:
-        while b"\r\n\r\n" not in self.buffer:
-            if not self._fill():
-                raise EOFError(f"connection closed; got {self.buffer!r}")
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-        length = int(headers["content-length"])
-        while len(self.buffer) < length:
-            if not self._fill():
-                raise EOFError("connection closed mid-body")
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
-        return int(lines[0].split()[1]), headers, json.loads(body)
-
-    def closed_by_peer(self) -> bool:
-        try:
-            return not self.buffer and not self._fill()
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
+    def answer(self) -> tuple[int, dict[str, str], Any]:
+        status, headers, body, _ = self.response()
+        return status, {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}, json.loads(body)
 
 
 def post(body: bytes, extra: bytes = b"", version: bytes = b"1.1") -> bytes:
@@ -120,12 +87,12 @@ def test_keep_alive_serves_many_requests_on_one_connection(keyd: KeydProcess, ke
     raw = Raw(keyd.socket)
     for i in range(5):
         raw.send(post(b'{"user_id": "u%d"}' % i))
-        status, headers, doc = raw.response()
+        status, headers, doc = raw.answer()
         assert status == 200
         assert "connection" not in headers
         assert sub_of(doc, key) == f"u{i}"
     raw.send(b"GET /v1/health HTTP/1.1\r\nHost: keyd\r\n\r\n")
-    assert raw.response()[2]["status"] == "ok"
+    assert raw.answer()[2]["status"] == "ok"
     raw.close()
 
 
@@ -138,7 +105,7 @@ def test_tokens_over_the_socket_are_pyjwts_byte_for_byte(keyd: KeydProcess, key:
     for i in range(300):
         user_id = "".join(rng.choice(alphabet[:95] if i % 2 else alphabet) for _ in range(rng.randint(1, 64)))
         raw.send(post(json.dumps({"user_id": user_id}).encode()))
-        status, _, doc = raw.response()
+        status, _, doc = raw.answer()
         assert status == 200, (user_id, doc)
         claims = jwt.decode(doc["token"], key, algorithms=["HS256"])
         assert claims["sub"] == user_id
@@ -154,7 +121,7 @@ def test_pipelined_requests_in_one_write_are_answered_in_order(keyd: KeydProcess
         + post(b'{"user_id": ""}')
         + post(b'{"user_id": "four"}')
     )
-    answers = [raw.response() for _ in range(4)]
+    answers = [raw.answer() for _ in range(4)]
     assert [a[0] for a in answers] == [200, 404, 422, 200]
     assert sub_of(answers[0][2], key) == "one"
     assert answers[1][2]["error"]["code"] == "not_found"
@@ -168,7 +135,7 @@ def test_answers_queued_for_a_burst_precede_a_rejection(keyd: KeydProcess, key: 
     # still come after the answers to the requests before it.
     raw = Raw(keyd.socket)
     raw.send(post(b'{"user_id": "one"}') + post(b'{"user_id": "two"}') + b"\x16\x03\x01 not http\r\n\r\n")
-    answers = [raw.response() for _ in range(3)]
+    answers = [raw.answer() for _ in range(3)]
     assert [a[0] for a in answers] == [200, 200, 400]
     assert [sub_of(a[2], key) for a in answers[:2]] == ["one", "two"]
     assert answers[2][1]["connection"] == "close"
@@ -179,14 +146,14 @@ def test_request_split_into_tiny_writes(keyd: KeydProcess, key: str) -> None:
     raw = Raw(keyd.socket)
     for byte in post(b'{"user_id": "slow"}'):
         raw.send(bytes([byte]))
-    status, _, doc = raw.response()
+    status, _, doc = raw.answer()
     assert status == 200 and sub_of(doc, key) == "slow"
 
 
 def test_connection_close_is_honoured(keyd: KeydProcess) -> None:
     raw = Raw(keyd.socket)
     raw.send(post(b'{"user_id": "a"}', b"Connection: close\r\n"))
-    status, headers, _ = raw.response()
+    status, headers, _ = raw.answer()
     assert (status, headers["connection"]) == (200, "close")
     assert raw.closed_by_peer()
 
@@ -194,7 +161,7 @@ def test_connection_close_is_honoured(keyd: KeydProcess) -> None:
 def test_http_1_0_closes_after_one_response(keyd: KeydProcess) -> None:
     raw = Raw(keyd.socket)
     raw.send(post(b'{"user_id": "a"}', version=b"1.0"))
-    assert raw.response()[0] == 200
+    assert raw.answer()[0] == 200
     assert raw.closed_by_peer()
 
 
@@ -212,7 +179,7 @@ def test_http_1_0_closes_after_one_response(keyd: KeydProcess) -> None:
 def test_bad_http_gets_400_and_a_close(keyd: KeydProcess, garbage: bytes) -> None:
     raw = Raw(keyd.socket)
     raw.send(garbage)
-    status, headers, doc = raw.response()
+    status, headers, doc = raw.answer()
     assert status == 400, doc
     assert doc["error"]["code"] == "bad_request"
     assert headers["connection"] == "close"
@@ -225,7 +192,7 @@ def test_oversize_body_by_content_length_is_413_before_the_body_arrives(keyd: Ke
     raw.send(
         b"POST /v1/tokens HTTP/1.1\r\nHost: k\r\nContent-Type: application/json\r\nContent-Length: 16385\r\n\r\n"
     )
-    status, headers, doc = raw.response()
+    status, headers, doc = raw.answer()
     assert (status, doc["error"]["code"], headers["connection"]) == (413, "body_too_large", "close")
     assert "16384" in doc["error"]["message"]
 
@@ -233,7 +200,7 @@ def test_oversize_body_by_content_length_is_413_before_the_body_arrives(keyd: Ke
 def test_oversize_body_sent_in_full_still_gets_its_413(keyd: KeydProcess) -> None:
     raw = Raw(keyd.socket)
     raw.send(post(b'{"user_id": "' + b"x" * 40000 + b'"}'))
-    status, _, doc = raw.response()
+    status, _, doc = raw.answer()
     assert (status, doc["error"]["code"]) == (413, "body_too_large")
 
 
@@ -244,11 +211,11 @@ def test_expect_100_continue_is_answered_before_the_body(keyd: KeydProcess) -> N
     raw = Raw(keyd.socket)
     raw.send(request[: -len(body)])  # the headers only
     while b"\r\n\r\n" not in raw.buffer:
-        assert raw._fill(), "closed before 100 Continue"
+        assert raw.fill(), "closed before 100 Continue"
     assert raw.buffer.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
     raw.buffer = raw.buffer[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
     raw.send(body)
-    assert raw.response()[0] == 200
+    assert raw.answer()[0] == 200
 
 
 def test_body_at_the_limit_is_accepted(keyd: KeydProcess) -> None:
@@ -256,7 +223,7 @@ def test_body_at_the_limit_is_accepted(keyd: KeydProcess) -> None:
     assert len(body) == 16384
     raw = Raw(keyd.socket)
     raw.send(post(body))
-    assert raw.response()[0] == 200
+    assert raw.answer()[0] == 200
 
 
 def test_chunked_request_body(keyd: KeydProcess, key: str) -> None:
@@ -268,25 +235,25 @@ def test_chunked_request_body(keyd: KeydProcess, key: str) -> None:
         + b"%x\r\n%s\r\n" % (len(body) - 5, body[5:])
         + b"0\r\n\r\n"
     )
-    status, _, doc = raw.response()
+    status, _, doc = raw.answer()
     assert status == 200 and sub_of(doc, key) == "chunky"
 
 
 def test_huge_headers_and_url(keyd: KeydProcess) -> None:
     raw = Raw(keyd.socket)
     raw.send(b"GET /v1/health HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
-    status, _, doc = raw.response()
+    status, _, doc = raw.answer()
     assert (status, doc["error"]["code"]) == (431, "headers_too_large")
     raw = Raw(keyd.socket)
     raw.send(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n")
-    status, _, doc = raw.response()
+    status, _, doc = raw.answer()
     assert (status, doc["error"]["code"]) == (414, "uri_too_long")
 
 
 def test_incomplete_request_times_out_with_408(keyd: KeydProcess) -> None:
     raw = Raw(keyd.socket)
     raw.send(b"POST /v1/tokens HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
-    status, headers, doc = raw.response()  # request_timeout is 1 s in this fixture
+    status, headers, doc = raw.answer()  # request_timeout is 1 s in this fixture
     assert (status, doc["error"]["code"], headers["connection"]) == (408, "request_timeout", "close")
 
 
@@ -294,7 +261,7 @@ def test_many_connections_at_once(keyd: KeydProcess) -> None:
     conns = [Raw(keyd.socket) for _ in range(50)]
     for i, raw in enumerate(conns):
         raw.send(post(b'{"user_id": "c%d"}' % i))
-    assert all(raw.response()[0] == 200 for raw in conns)
+    assert all(raw.answer()[0] == 200 for raw in conns)
     for raw in conns:
         raw.close()
 
@@ -413,14 +380,14 @@ def test_sigterm_finishes_a_request_in_flight(own_keyd: KeydProcess, secret_path
     raw.send(request[:-5])  # headers and most of the body
     idle = Raw(keyd.socket)
     idle.send(post(b'{"user_id": "idle"}'))
-    assert idle.response()[0] == 200
+    assert idle.answer()[0] == 200
     keyd.signal(signal.SIGTERM)
     wait_until(lambda: not os.path.exists(keyd.socket), timeout=5, what="socket removed at shutdown")
     assert idle.closed_by_peer()  # idle keep-alive connections are closed at once
     with pytest.raises((FileNotFoundError, ConnectionRefusedError)):
         Raw(keyd.socket)  # no new connections
     raw.send(request[-5:])
-    status, headers, doc = raw.response()
+    status, headers, doc = raw.answer()
     assert status == 200 and sub_of(doc, key) == "in-flight"
     assert headers["connection"] == "close"
     assert keyd.process is not None and keyd.process.wait(10) == 0

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import base_config
-from tests.helpers import Http, KeydProcess
+from tests.helpers import Eof, Http, KeydProcess, RawConnection
 from tests.integration.sysusers import SysUsers
 from tests.talkjs_standin import Action, StandIn
 
@@ -326,24 +326,17 @@ def test_body_limits_both_ways(start: Start, standin: StandIn) -> None:
 
 def _raw_pipeline(path: str, requests: list[bytes], timeout: float = 10.0) -> list[int]:
     """Send every request at once on one connection; the statuses in the order they came back."""
-    conn = socket.socket(socket.AF_UNIX)
-    conn.settimeout(timeout)
-    conn.connect(path)
-    conn.sendall(b"".join(requests))
-    data = b""
+    conn = RawConnection(path, timeout)
     statuses: list[int] = []
-    while len(statuses) < len(requests):
-        chunk = conn.recv(65536)
-        assert chunk, f"connection closed after {statuses}"
-        data += chunk
-        while b"\r\n\r\n" in data:
-            head, rest = data.split(b"\r\n\r\n", 1)
-            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
-            if len(rest) < length:
-                break
-            statuses.append(int(head.split(b" ", 2)[1]))
-            data = rest[length:]
-    conn.close()
+    try:
+        conn.send(b"".join(requests))
+        while len(statuses) < len(requests):
+            try:
+                statuses.append(conn.response().status)
+            except Eof:
+                raise AssertionError(f"connection closed after {statuses}") from None
+    finally:
+        conn.close()
     return statuses
 
 

@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from keyd.ops.dev import BaoServer, free_port
 from tests.bao import ConfiguredBao
-from tests.conftest import new_key
+from tests.conftest import config_at, new_key
 from tests.helpers import KeydProcess, run_vault_setup, wait_until
 
 
@@ -182,21 +182,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsWorld]:
 
 
 def cert_config(world: TlsWorld, socket_dir: Path, ca_cert: str) -> dict[str, Any]:
-    return {
-        "server": {"socket": str(socket_dir / "keyd.sock"), "socket_mode": "0600"},
-        "vault": {
-            "address": world.bao.address,
-            "ca_cert": ca_cert,
-            "timeout": "2s",
-            "auth": {
-                "method": "cert",
-                "client_cert": str(world.client.cert),
-                "client_key": str(world.client.key),
-            },
-        },
-        "refresh": {"interval": "30s", "max_stale": "1h", "retry_min": "0.2s", "retry_max": "1s"},
-        "apps": {"default": {"app_id": "tTlsApp", "path": world.path}},
+    """config_at's keyd on the TLS OpenBao, trusting ``ca_cert``, logging in with the client cert."""
+    config = config_at(world.bao.address, socket_dir, world.path, "tTlsApp")
+    config["vault"]["ca_cert"] = ca_cert
+    config["vault"]["auth"] = {
+        "method": "cert",
+        "client_cert": str(world.client.cert),
+        "client_key": str(world.client.key),
     }
+    return config
 
 
 def start(keyd_procs: list[KeydProcess], directory: Path, config: dict[str, Any], ready: bool) -> KeydProcess:

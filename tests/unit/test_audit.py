@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from keyd.config import AppConfig, AuditConfig, Config, GrantConfig, RefreshConfig, ServerConfig, VaultConfig
+from keyd.config import AppConfig, AuditConfig, GrantConfig
 from keyd.daemon.callers.caller import Caller
 from keyd.daemon.keys.health import Health
 from keyd.daemon.keys.keystore import KeySnapshot, SecretKey
@@ -22,6 +22,7 @@ from keyd.daemon.policy.grants import Policy
 from keyd.daemon.signing.api import Api, Request
 from keyd.daemon.signing.decisions import Decision
 from keyd.errors import StartupError
+from tests.helpers import built_config
 
 CALLER = Caller(
     pid=4242,
@@ -248,13 +249,10 @@ class OneKey:
 
 def test_api_decisions_are_audited_without_secrets(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    cfg = Config(
-        source="t",
-        server=ServerConfig(),
-        vault=VaultConfig(),
-        refresh=RefreshConfig(),
-        apps={"default": AppConfig(name="default", app_id="tA")},
+    cfg = built_config(
+        AppConfig(name="default", app_id="tA"),
         grants=(GrantConfig(index=0, types=("user", "signature"), max_ttl=600),),
+        source="t",
     )
     audit = AuditLog(AuditConfig(file=str(path)))
     api = Api(cfg, OneKey(), Policy(cfg.grants), audit)

@@ -9,21 +9,15 @@ from pathlib import Path
 import pytest
 
 from keyd import cli
-from keyd.config import AppConfig, Config, GrantConfig, RefreshConfig, ServerConfig, VaultConfig
+from keyd.config import AppConfig, Config, GrantConfig, ServerConfig
 from keyd.ops import grants
+from tests.helpers import built_config
 
 APP = AppConfig(name="default", app_id="tA", path="talkjs/a")
 
 
 def config(*grant_list: GrantConfig, socket_mode: int = 0o660) -> Config:
-    return Config(
-        source="test.toml",
-        server=replace(ServerConfig(), socket_mode=socket_mode),
-        vault=VaultConfig(),
-        refresh=RefreshConfig(),
-        apps={"default": APP},
-        grants=tuple(grant_list),
-    )
+    return built_config(APP, grants=grant_list, server=replace(ServerConfig(), socket_mode=socket_mode))
 
 
 def one(found: list[str]) -> str:

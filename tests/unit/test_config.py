@@ -12,13 +12,9 @@ import pytest
 
 from keyd import config
 from keyd.errors import ConfigError
-from tests.helpers import ROOT, to_toml
+from tests.helpers import ROOT, minimal_config, to_toml
 
 SOURCE = "/etc/keyd/test.toml"
-
-
-def minimal(**apps_extra: Any) -> dict[str, Any]:
-    return {"apps": {"default": {"app_id": "tApp", **apps_extra}}}
 
 
 def problems_of(data: dict[str, Any], source: str = SOURCE) -> list[str]:
@@ -84,7 +80,7 @@ def test_infinite_interval_in_a_file_names_the_key(tmp_path: Path) -> None:
 
 
 def test_bad_duration_in_a_file_names_the_key() -> None:
-    data = minimal()
+    data = minimal_config()
     data["refresh"] = {"interval": "5 minutes"}
     line = one_problem(data)
     assert line.startswith(f"{SOURCE}: refresh.interval: ")
@@ -92,7 +88,7 @@ def test_bad_duration_in_a_file_names_the_key() -> None:
 
 
 def test_zero_duration_is_rejected_where_it_must_be_positive() -> None:
-    data = minimal()
+    data = minimal_config()
     data["refresh"] = {"max_stale": 0}
     assert one_problem(data) == f"{SOURCE}: refresh.max_stale: must be greater than zero"
 
@@ -243,7 +239,7 @@ def test_every_key_type_is_parsed(tmp_path: Path) -> None:
 
 
 def test_config_is_frozen() -> None:
-    cfg = config.parse(minimal(), SOURCE)
+    cfg = config.parse(minimal_config(), SOURCE)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.server.socket = "/elsewhere"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -251,7 +247,7 @@ def test_config_is_frozen() -> None:
 
 
 def test_defaults_match_the_documented_contract() -> None:
-    cfg = config.parse(minimal(), SOURCE)
+    cfg = config.parse(minimal_config(), SOURCE)
     assert cfg.server.socket == "/run/keyd/keyd.sock"
     assert cfg.server.socket_mode == 0o660
     assert cfg.server.max_body == 16384
@@ -281,7 +277,7 @@ def test_defaults_match_the_documented_contract() -> None:
     ],
 )
 def test_unknown_keys_are_named_with_file_and_path(data: dict[str, Any], expected: str) -> None:
-    merged = {**minimal(), **data}
+    merged = {**minimal_config(), **data}
     if "apps" in data:
         merged["apps"] = data["apps"]
     assert one_problem(merged) == f"{SOURCE}: {expected}"
@@ -305,7 +301,7 @@ def test_unknown_keys_are_named_with_file_and_path(data: dict[str, Any], expecte
     ],
 )
 def test_wrong_types_are_named(section: str, key: str, value: object, text: str) -> None:
-    data = minimal()
+    data = minimal_config()
     data[section] = {key: value}
     line = one_problem(data)
     assert line.startswith(f"{SOURCE}: {section}.{key}: "), line
@@ -323,14 +319,14 @@ def test_wrong_types_are_named(section: str, key: str, value: object, text: str)
     ],
 )
 def test_wrong_auth_values_are_named(key: str, value: object, text: str) -> None:
-    data = minimal()
+    data = minimal_config()
     data["vault"] = {"auth": {key: value}}
     assert one_problem(data) == f"{SOURCE}: vault.auth.{key}: {text}"
 
 
 @pytest.mark.parametrize("method", ["kubernetes", "jwt"])
 def test_service_account_logins_need_a_role_and_default_to_the_pod_token(method: str) -> None:
-    data = minimal()
+    data = minimal_config()
     data["vault"] = {"auth": {"method": method}}
     assert one_problem(data) == (
         f'{SOURCE}: vault.auth.role: is required when method = "{method}" (the Vault role to log in to)'
@@ -360,14 +356,14 @@ def test_service_account_logins_need_a_role_and_default_to_the_pod_token(method:
     ],
 )
 def test_wrong_app_values_are_named(key: str, value: object, text: str) -> None:
-    line = one_problem(minimal(**{key: value}))
+    line = one_problem(minimal_config(**{key: value}))
     assert line.startswith(f"{SOURCE}: apps.default.{key}: "), line
     assert text in line
 
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_kv_version_one_and_two(version: int) -> None:
-    assert config.parse(minimal(kv_version=version), SOURCE).apps["default"].kv_version == version
+    assert config.parse(minimal_config(kv_version=version), SOURCE).apps["default"].kv_version == version
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -395,17 +391,17 @@ def test_every_problem_is_reported_at_once() -> None:
 )
 def test_default_ttl_above_its_maximum_is_rejected(extra: dict[str, Any], key: str, maximum: str) -> None:
     assert (
-        one_problem(minimal(**extra)) == f"{SOURCE}: apps.default.{key}: must not be greater than {maximum}"
+        one_problem(minimal_config(**extra)) == f"{SOURCE}: apps.default.{key}: must not be greater than {maximum}"
     )
 
 
 def test_ttl_equal_to_its_maximum_is_fine() -> None:
-    cfg = config.parse(minimal(user_ttl="1d", app_ttl="5m"), SOURCE)
+    cfg = config.parse(minimal_config(user_ttl="1d", app_ttl="5m"), SOURCE)
     assert cfg.apps["default"].user_ttl == cfg.apps["default"].max_user_ttl
 
 
 def test_retry_min_above_retry_max() -> None:
-    data = minimal()
+    data = minimal_config()
     data["refresh"] = {"retry_min": "10s", "retry_max": "5s"}
     assert one_problem(data) == f"{SOURCE}: refresh.retry_min: must not be greater than refresh.retry_max"
 
@@ -450,13 +446,13 @@ def test_default_app_choice() -> None:
 
 
 def test_grant_naming_an_unknown_app() -> None:
-    data = minimal()
+    data = minimal_config()
     data["grant"] = [{"apps": ["default", "nope"]}]
     assert one_problem(data) == f"{SOURCE}: grant[0].apps: names app 'nope', which has no [apps.nope] table"
 
 
 def test_grant_with_an_unknown_type_and_bad_rate() -> None:
-    data = minimal()
+    data = minimal_config()
     data["grant"] = [{"types": ["user", "admin"], "rate": "fast"}]
     assert problems_of(data) == [
         f"{SOURCE}: grant[0].types: 'admin' is not one of user, app, signature, webhook, rest",
@@ -470,10 +466,10 @@ def test_grant_with_an_unknown_type_and_bad_rate() -> None:
 def test_socket_group_by_name_number_and_unknown_name() -> None:
     existing = grp.getgrgid(os.getgid()).gr_name
     for value, expected in ((existing, existing), (0, "0"), ("0", "0")):
-        data = minimal()
+        data = minimal_config()
         data["server"] = {"socket_group": value}
         assert config.parse(data, SOURCE).server.socket_group == expected
-    data = minimal()
+    data = minimal_config()
     data["server"] = {"socket_group": "no-such-group-keyd"}
     assert (
         one_problem(data)
@@ -487,7 +483,7 @@ def test_socket_group_by_name_number_and_unknown_name() -> None:
 def test_env_vars_expand_in_file_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/keyd.service")
     monkeypatch.setenv("KEYD_RUN", "/run/keyd")
-    data = minimal()
+    data = minimal_config()
     data["vault"] = {"auth": {"secret_id_file": "${CREDENTIALS_DIRECTORY}/secret-id"}}
     data["server"] = {"socket": "${KEYD_RUN}/keyd.sock"}
     cfg = config.parse(data, SOURCE)
@@ -497,7 +493,7 @@ def test_env_vars_expand_in_file_paths(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unset_env_var_is_an_error_not_an_empty_string(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KEYD_UNSET_FOR_TEST", raising=False)
-    data = minimal()
+    data = minimal_config()
     data["vault"] = {"auth": {"role_id_file": "${KEYD_UNSET_FOR_TEST}/role-id"}}
     assert one_problem(data) == (
         f"{SOURCE}: vault.auth.role_id_file: refers to ${{KEYD_UNSET_FOR_TEST}}, which is not set in the environment"
@@ -505,7 +501,7 @@ def test_unset_env_var_is_an_error_not_an_empty_string(monkeypatch: pytest.Monke
 
 
 def test_dollar_without_braces_is_left_alone() -> None:
-    data = minimal()
+    data = minimal_config()
     data["vault"] = {"auth": {"token_file": "/etc/keyd/$HOME/token"}}
     assert config.parse(data, SOURCE).vault.auth.token_file == "/etc/keyd/$HOME/token"
 
@@ -530,7 +526,7 @@ def test_invalid_toml(tmp_path: Path) -> None:
 
 
 def test_round_trip_through_the_test_toml_writer(tmp_path: Path) -> None:
-    data = minimal(kv_version=1, user_ttl="5m")
+    data = minimal_config(kv_version=1, user_ttl="5m")
     data["grant"] = [{"uid": 0, "types": ["user", "app"]}]
     path = tmp_path / "c.toml"
     path.write_text(to_toml(data))
@@ -549,7 +545,7 @@ def test_the_example_config_loads() -> None:
 
 
 def test_cert_method_requires_its_files() -> None:
-    data = minimal()
+    data = minimal_config()
     data["vault"] = {"auth": {"method": "cert"}}
     assert problems_of(data) == [
         f'{SOURCE}: vault.auth.client_cert: is required when method = "cert"',
@@ -561,7 +557,7 @@ def test_cert_method_requires_its_files() -> None:
 
 
 def test_user_unit_needs_a_uid_or_user_in_the_same_grant() -> None:
-    data = minimal()
+    data = minimal_config()
     data["grant"] = [{"user_unit": "talkjs-sync.service", "types": ["app"]}]
     problem = one_problem(data)
     assert problem.startswith(f"{SOURCE}: grant[0].user_unit: must be combined with uid or user")
@@ -573,14 +569,14 @@ def test_user_unit_needs_a_uid_or_user_in_the_same_grant() -> None:
 @pytest.mark.parametrize("key", ["unit", "user_unit"])
 @pytest.mark.parametrize("name", ["talkjs-sync", "system.slice", "x@.service", "a b.service", ""])
 def test_unit_selectors_must_name_a_unit_with_processes(key: str, name: str) -> None:
-    data = minimal()
+    data = minimal_config()
     data["grant"] = [{key: name, "uid": 1}]
     problem = one_problem(data)
     assert problem.startswith(f"{SOURCE}: grant[0].{key}: ")
 
 
 def test_identity_cache_is_a_duration() -> None:
-    data = minimal()
+    data = minimal_config()
     data["server"] = {"identity_cache": "5s"}
     assert config.parse(data, SOURCE).server.identity_cache == 5.0
     data["server"] = {"identity_cache": "soon"}
@@ -588,10 +584,10 @@ def test_identity_cache_is_a_duration() -> None:
 
 
 def test_per_uid_connection_cap_defaults_to_a_quarter_of_a_small_max() -> None:
-    data = minimal()
+    data = minimal_config()
     data["server"] = {"max_connections": 10}
     assert config.parse(data, SOURCE).server.max_connections_per_uid == 2
-    assert config.parse(minimal(), SOURCE).server.max_connections_per_uid == 256
+    assert config.parse(minimal_config(), SOURCE).server.max_connections_per_uid == 256
     data["server"] = {"max_connections": 10, "max_connections_per_uid": 11}
     assert one_problem(data) == (
         f"{SOURCE}: server.max_connections_per_uid: must not be greater than server.max_connections"
@@ -601,7 +597,7 @@ def test_per_uid_connection_cap_defaults_to_a_quarter_of_a_small_max() -> None:
 
 @pytest.mark.parametrize("key", ["address", "addresses"])
 def test_vault_nodes_as_a_list_in_order_of_preference(key: str) -> None:
-    data = minimal()
+    data = minimal_config()
     data["vault"] = {key: ["https://v1:8200/", "https://v2:8200", " https://v3:8200 "], "probe_interval": "250ms"}
     cfg = config.parse(data, SOURCE)
     assert cfg.vault.nodes == ("https://v1:8200", "https://v2:8200", "https://v3:8200")
@@ -610,7 +606,7 @@ def test_vault_nodes_as_a_list_in_order_of_preference(key: str) -> None:
 
 
 def test_a_single_address_keeps_working() -> None:
-    data = minimal()
+    data = minimal_config()
     data["vault"] = {"address": "https://vault:8200"}
     cfg = config.parse(data, SOURCE)
     assert cfg.vault.nodes == ("https://vault:8200",) and cfg.vault.addresses == ()
@@ -634,7 +630,7 @@ def test_a_single_address_keeps_working() -> None:
     ],
 )
 def test_bad_vault_node_lists_name_the_file_and_key(vault: dict[str, Any], expected: str) -> None:
-    data = minimal()
+    data = minimal_config()
     data["vault"] = vault
     line = one_problem(data)
     assert line.startswith(f"{SOURCE}: {expected}"), line
@@ -659,10 +655,10 @@ def test_an_unknown_key_names_the_nearest_known_one() -> None:
 
 
 def test_transit_app_reads_its_mount_and_key() -> None:
-    cfg = config.parse(minimal(key_source="transit", transit_key="talkjs-live"), SOURCE)
+    cfg = config.parse(minimal_config(key_source="transit", transit_key="talkjs-live"), SOURCE)
     app = cfg.apps["default"]
     assert (app.transit, app.transit_mount, app.transit_key) == (True, "transit", "talkjs-live")
-    assert config.parse(minimal(), SOURCE).apps["default"].key_source == "kv"
+    assert config.parse(minimal_config(), SOURCE).apps["default"].key_source == "kv"
 
 
 @pytest.mark.parametrize(
@@ -683,5 +679,5 @@ def test_transit_app_reads_its_mount_and_key() -> None:
     ],
 )
 def test_transit_settings_are_checked_with_file_and_key(extra: dict[str, Any], expected: str) -> None:
-    problem = one_problem(minimal(**extra))
+    problem = one_problem(minimal_config(**extra))
     assert problem.startswith(f"{SOURCE}: {expected}"), problem

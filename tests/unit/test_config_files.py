@@ -10,16 +10,13 @@ from typing import Any
 import pytest
 
 from keyd import config, config_files
+from tests.helpers import minimal_config
 
 SOURCE = "/etc/keyd/test.toml"
 
 
-def minimal(**apps_extra: Any) -> dict[str, Any]:
-    return {"apps": {"default": {"app_id": "tApp", **apps_extra}}}
-
-
 def approle_config(tmp_path: Path, **auth: Any) -> config.Config:
-    data = minimal()
+    data = minimal_config()
     data["vault"] = {"auth": {"method": "approle", **auth}}
     return config.parse(data, str(tmp_path / "keyd.toml"))
 
@@ -36,7 +33,7 @@ def test_missing_files_names_each_absent_credential(tmp_path: Path) -> None:
 def test_missing_files_empty_when_all_present(tmp_path: Path) -> None:
     for name in ("role-id", "secret-id", "ca.pem"):
         (tmp_path / name).write_text("x")
-    data = minimal()
+    data = minimal_config()
     data["vault"] = {
         "ca_cert": str(tmp_path / "ca.pem"),
         "auth": {
@@ -51,7 +48,7 @@ def test_missing_files_empty_when_all_present(tmp_path: Path) -> None:
 
 def test_missing_ca_cert_and_audit_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VAULT_TOKEN", "unused")
-    data = minimal()
+    data = minimal_config()
     data["vault"] = {"ca_cert": str(tmp_path / "ca.pem"), "auth": {"method": "token"}}
     data["audit"] = {"file": str(tmp_path / "no-dir" / "audit.log")}
     assert config_files.missing_files(config.parse(data, SOURCE)) == [
@@ -63,7 +60,7 @@ def test_missing_ca_cert_and_audit_directory(tmp_path: Path, monkeypatch: pytest
 def test_token_method_needs_a_file_or_the_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    data = minimal()
+    data = minimal_config()
     data["vault"] = {"auth": {"method": "token"}}
     monkeypatch.delenv("VAULT_TOKEN", raising=False)
     assert config_files.missing_files(config.parse(data, SOURCE)) == [

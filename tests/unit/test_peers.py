@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from keyd import cli
-from keyd.config import AppConfig, Config, GrantConfig, RefreshConfig, ServerConfig, VaultConfig
+from keyd.config import AppConfig, Config, GrantConfig, ServerConfig
 from keyd.daemon.callers import credentials
 from keyd.daemon.callers.caller import Caller
 from keyd.daemon.callers.credentials import peer_credentials, peer_groups, process_file
@@ -37,6 +37,7 @@ from keyd.daemon.policy.grants import DEFAULT_GRANT, Policy, compile_selectors, 
 from keyd.daemon.policy.ratelimit import RateLimiter
 from keyd.errors import Forbidden, RateLimited
 from keyd.ops import grants
+from tests.helpers import built_config
 
 APP = AppConfig(name="default", app_id="tA")
 OTHER = AppConfig(name="other", app_id="tB")
@@ -72,14 +73,7 @@ class FakeClock:
 
 
 def config(*grant_list: GrantConfig, source: str = "test.toml") -> Config:
-    return Config(
-        source=source,
-        server=ServerConfig(),
-        vault=VaultConfig(),
-        refresh=RefreshConfig(),
-        apps={"default": APP, "other": OTHER},
-        grants=tuple(grant_list),
-    )
+    return built_config(APP, OTHER, grants=grant_list, source=source)
 
 
 # -- identity ------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ class _Connection(asyncio.Protocol):
     def __init__(self, max_body: int) -> None:
         self.max_body = max_body
         self.transport: Any = None
+        # Once per connection: asyncio.get_running_loop() makes a getpid() system call in 3.11.
+        self._loop = asyncio.get_running_loop()
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[UpstreamResponse] | None = None
         self.lost = False
@@ -98,7 +100,7 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def send(self, request: bytes) -> asyncio.Future[UpstreamResponse]:
-        self.waiter = asyncio.get_running_loop().create_future()
+        self.waiter = self._loop.create_future()
         self._received = False
         self._body = []
         self._size = 0

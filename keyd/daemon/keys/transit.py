@@ -174,6 +174,7 @@ class TransitMac:
         self._clock = clock
         self._queues: dict[tuple[str, str], _Queue] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop mac() runs on (see mac)
         self.last_ok: float | None = None  # monotonic time of the last call that answered
         self.last_error = ""
 
@@ -182,7 +183,11 @@ class TransitMac:
 
         ``finish`` gets the TransitItem (its ``error`` set when Vault refused this input) or a
         KeyUnavailable when the call failed or timed out; it runs on the event loop."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            # perf: asyncio.get_running_loop() makes a getpid() system call in Python 3.11 (its
+            # fork check): once per token it was 5 % of a transit keyd's event loop.
+            loop = self._loop = asyncio.get_running_loop()
         where = (app.transit_mount, app.transit_key)
         queue = self._queues.get(where)
         if queue is None:

@@ -11,9 +11,9 @@ items failed in a test, 256 is well inside). When nothing is in flight an input 
 loop's next turn (``call_soon``: the other requests parsed from the same reads join it), never after
 a timer. A second (up to ``MAX_IN_FLIGHT``-th) call goes out beside those in flight once
 ``MIN_PARALLEL`` inputs wait, or once the oldest waiting input has waited ``PARALLEL_AFTER``
-(5 ms): Vault's cost is mostly per call (its token lookup, its request handling: about 400 µs of
-CPU on OpenBao against some 10 µs per input, docs/transit.md), so a call of three inputs beside one
-in flight costs Vault nearly what a full one does and delays the rest; but a call that is stalled
+(5 ms): Vault's cost is mostly per call (its token lookup, its request handling: about 210 µs of
+CPU on OpenBao against some 25 µs per input, docs/transit.md), so a call of three inputs beside one
+in flight costs Vault half of what a call of sixteen does and delays the rest; but a call that is stalled
 (a dead keep-alive connection, a node that stopped answering) must not hold the inputs behind it
 until its deadline, and Vault a few milliseconds away should not make every input wait a round
 trip more. So below ``MIN_PARALLEL`` inputs wait for a call in flight to end, or 5 ms at most. A call is a coroutine on the event loop (keyd.daemon.keys.transit_client: pooled keep-alive

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,11 @@ def test_callers_from_another_pid_namespace_match_uid_grants_not_unit_grants(
     ]
     token = root.auth.token.create(policies=["root"], ttl="1h")["auth"]["client_token"]
     keyd = KeydProcess(
-        short_dir, config, {"VAULT_TOKEN": token}, prefix=("unshare", "--pid", "--fork", "--mount-proc")
+        short_dir,
+        config,
+        {"VAULT_TOKEN": token},
+        # --kill-child: keyd dies with unshare, should unshare ever be killed (it was left running).
+        prefix=("unshare", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"),
     )
     keyd_procs.append(keyd)
     keyd.start()
@@ -63,7 +68,13 @@ def test_callers_from_another_pid_namespace_match_uid_grants_not_unit_grants(
     (user_status, _), (app_status, app_doc) = result["results"]
     assert user_status == 200, "the uid grant matches"
     assert app_status == 403 and app_doc["error"]["code"] == "forbidden", "the unit grant does not"
-    keyd.stop()
+    # unshare ignores SIGTERM while it waits for its child: SIGTERM keyd itself (its namespace's
+    # PID 1, which takes the signal since it handles it), and unshare returns with it.
+    assert keyd.process is not None
+    unshare = keyd.process.pid
+    (child,) = Path(f"/proc/{unshare}/task/{unshare}/children").read_text().split()
+    os.kill(int(child), signal.SIGTERM)
+    assert keyd.stop() == 0
     lines = [json.loads(line) for line in (short_dir / "audit.log").read_text().splitlines()]
     mine = [line for line in lines if line.get("uid") == caller.pw_uid]
     assert mine and all(line["pid"] == 0 and line["unit"] == "" for line in mine), mine

@@ -330,7 +330,7 @@ class Stack:
     def close(self) -> None:
         _stop(self.reference)
         _stop(self.keyd)
-        _stop(self.keyd_transit)
+        self.stop_keyd_transit()  # and its delay proxy
         if self.bao is not None:
             self.bao.cleanup()
         shutil.rmtree(self.workdir, ignore_errors=True)

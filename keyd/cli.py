@@ -135,9 +135,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         os.environ["CREDENTIALS_DIRECTORY"] = args.credentials_dir
     placeholder = _credentials_placeholder()
     config = configuration.load(args.config)
-    encrypted = {}
-    if args.credentials_dir:
-        encrypted = config_files.encrypted_credentials(config, args.credentials_dir)
+    encrypted = config_files.encrypted_credentials(config, args.credentials_dir) if args.credentials_dir else {}
     problems = config_files.missing_files(config, skip=frozenset(encrypted))
     unchecked = [p for p in problems if placeholder and f"file '{placeholder}/" in p]
     problems = [p for p in problems if p not in unchecked]

@@ -100,8 +100,11 @@ def credential_mode_problems(config: Config, directory: str, encrypted: dict[str
     """The credentials in ``directory`` that other users may read or write: a secret (the plain
     secret_id, token or client key) or any encrypted credential (systemd-creds writes 0644)."""
     problems = []
-    checked = [(key, file, "file") for key, file in _credentials_in(config, directory) if key in SECRET_KEYS]
-    checked = [item for item in checked if item[0] not in encrypted]
+    checked = [
+        (key, file, "file")
+        for key, file in _credentials_in(config, directory)
+        if key in SECRET_KEYS and key not in encrypted
+    ]
     checked += [(key, file, "encrypted credential") for key, file in encrypted.items()]
     for key, file, what in checked:
         try:

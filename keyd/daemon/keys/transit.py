@@ -12,11 +12,14 @@ loop's next turn (``call_soon``: the other requests parsed from the same reads j
 a timer. A second (up to ``MAX_IN_FLIGHT``-th) call goes out beside those in flight once
 ``MIN_PARALLEL`` inputs wait, or once the oldest waiting input has waited ``PARALLEL_AFTER``
 (5 ms): Vault's cost is mostly per call (its token lookup, its request handling: about 210 µs of
-CPU on OpenBao against some 25 µs per input, docs/transit.md), so a call of three inputs beside one
-in flight costs Vault half of what a call of sixteen does and delays the rest; but a call that is stalled
-(a dead keep-alive connection, a node that stopped answering) must not hold the inputs behind it
-until its deadline, and Vault a few milliseconds away should not make every input wait a round
-trip more. So below ``MIN_PARALLEL`` inputs wait for a call in flight to end, or 5 ms at most. A call is a coroutine on the event loop (keyd.daemon.keys.transit_client: pooled keep-alive
+CPU on OpenBao against some 25 µs per input, docs/transit.md), so a call of three inputs beside
+one in flight costs Vault half of what a call of sixteen does and delays the rest; but a call
+that is stalled (a dead keep-alive connection, a node that stopped answering) must not hold the
+inputs behind it until its deadline, and Vault a few milliseconds away should not make every
+input wait a round trip more. So below ``MIN_PARALLEL`` inputs wait for a call in flight to end,
+or 5 ms at most.
+
+A call is a coroutine on the event loop (keyd.daemon.keys.transit_client: pooled keep-alive
 connections, keyd's token, TLS settings, node list and failover); no thread at all.
 
 Every input has a deadline of ``vault.timeout`` from when it was queued: a call that does not
@@ -199,9 +202,15 @@ class TransitMac:
         elif self._may_send(queue):
             queue.scheduled = True
             loop.call_soon(self._flush, queue)
-        elif queue.late is None and queue.in_flight < self._max_in_flight:  # too few to go out yet
-            queue.late = loop.call_later(self._parallel_after, self._flush_late, queue)
+        else:
+            self._send_late(queue, loop)
         return answer
+
+    def _send_late(self, queue: _Queue, loop: asyncio.AbstractEventLoop) -> None:
+        """Too few inputs wait to go out beside the calls in flight: send them parallel_after from
+        now anyway, unless a timer is set already or no call may be added."""
+        if queue.late is None and queue.in_flight < self._max_in_flight:
+            queue.late = loop.call_later(self._parallel_after, self._flush_late, queue)
 
     def _may_send(self, queue: _Queue, late: bool = False) -> bool:
         """A call may go out now: none is in flight, or fewer than max_in_flight are and at least
@@ -217,6 +226,8 @@ class TransitMac:
     def _flush(self, queue: _Queue, late: bool = False) -> None:
         """Send what is queued, in calls of at most max_batch, while ``_may_send`` allows."""
         queue.scheduled = False
+        loop = self._loop
+        assert loop is not None  # noqa: S101 - mac() set it before any flush was scheduled
         while queue.items and self._may_send(queue, late):
             items: list[_Item[Any]] = []
             while queue.items and len(items) < self._max_batch:
@@ -226,15 +237,14 @@ class TransitMac:
             if not items:
                 continue  # only callers gone: look at what is queued behind them
             queue.in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._call(queue, items))
+            task = loop.create_task(self._call(queue, items))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if not queue.items:
-            if queue.late is not None:  # nothing waits any more
-                queue.late.cancel()
-                queue.late = None
-        elif queue.late is None and queue.in_flight < self._max_in_flight:  # too few to go out yet
-            queue.late = asyncio.get_running_loop().call_later(self._parallel_after, self._flush_late, queue)
+        if queue.items:
+            self._send_late(queue, loop)
+        elif queue.late is not None:  # nothing waits any more
+            queue.late.cancel()
+            queue.late = None
 
     async def _call(self, queue: _Queue, items: list[_Item[Any]]) -> None:
         started = self._clock()
